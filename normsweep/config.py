@@ -1,0 +1,153 @@
+"""The typed config schema, where the configs live, and the value checks run before any training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A mistake in the user's config or command line, explained in the user's words."""
+
+
+def config_dir() -> str:
+    """The `conf/` folder: inside the installed package, or beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"normsweep's conf/ folder is missing next to {here}; the installation is broken")
+
+
+@dataclass
+class NormConfig:
+    name: str = MISSING
+    eps: float = 1e-5
+    affine: bool = True
+    momentum: float = 0.1  # bn only
+    groups: int = 8  # gn only
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING
+    lr: float = MISSING
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    schedule: str = "constant"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str = "data"
+    download: bool = False
+    crop_padding: int = 0
+    hflip: bool = False
+    test_fraction: float = 0.2  # digits only: it has no official test split
+    split_seed: int = 0
+
+
+@dataclass
+class Config:
+    """The top level. `model` stays a plain mapping: its keys are the model class's own arguments."""
+
+    model: Any = MISSING
+    norm: Any = MISSING
+    optimizer: Any = MISSING
+    dataset: Any = MISSING
+    seed: int = 0
+    epochs: int = 15
+    batch_size: int = 64
+    val_fraction: float = 0.2
+    device: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    """A validated, typed job config: what the rest of normsweep consumes."""
+
+    model_name: str
+    model: dict[str, Any]
+    norm: NormConfig
+    optimizer: OptimizerConfig
+    dataset: DatasetConfig
+    seed: int
+    epochs: int
+    batch_size: int
+    val_fraction: float
+    device: str
+
+
+NORMS = ("none", "bn", "ln", "in", "gn")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _typed(node: Any, schema: type, group: str) -> Any:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except OmegaConfBaseException as err:
+        key = f"{group}.{err.key}" if getattr(err, "key", None) else group
+        raise ConfigError(f"{key}: {err.msg if hasattr(err, 'msg') else err}") from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: DictConfig, model_name: str) -> RunConfig:
+    """Type and range checks on a composed config; raises ConfigError naming the key and the fix."""
+    norm = _typed(cfg.norm, NormConfig, "norm")
+    optimizer = _typed(cfg.optimizer, OptimizerConfig, "optimizer")
+    dataset = _typed(cfg.dataset, DatasetConfig, "dataset")
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    run = RunConfig(
+        model_name=model_name,
+        model=model,
+        norm=norm,
+        optimizer=optimizer,
+        dataset=dataset,
+        seed=int(cfg.seed),
+        epochs=int(cfg.epochs),
+        batch_size=int(cfg.batch_size),
+        val_fraction=float(cfg.val_fraction),
+        device=str(cfg.device),
+    )
+    _check(run.epochs >= 1, f"epochs={run.epochs}: train for at least one epoch (epochs=1 or more)")
+    _check(run.batch_size >= 1, f"batch_size={run.batch_size}: use a batch size of 1 or more")
+    _check(
+        0 < run.val_fraction < 1,
+        f"val_fraction={run.val_fraction}: it is the share of the training set held out for validation, "
+        "strictly between 0 and 1 (e.g. val_fraction=0.2)",
+    )
+    _check(norm.name in NORMS, f"norm.name={norm.name!r} is not one of {', '.join(NORMS)}")
+    _check(norm.eps > 0, f"norm.eps={norm.eps}: must be > 0")
+    _check(0 <= norm.momentum <= 1, f"norm.momentum={norm.momentum}: must be between 0 and 1")
+    _check(norm.groups >= 1, f"norm.groups={norm.groups}: must be 1 or more")
+    _check(optimizer.name in OPTIMIZERS, f"optimizer.name={optimizer.name!r} is not one of {OPTIMIZERS}")
+    _check(optimizer.lr > 0, f"optimizer.lr={optimizer.lr}: the learning rate must be > 0")
+    _check(optimizer.weight_decay >= 0, f"optimizer.weight_decay={optimizer.weight_decay}: must be >= 0")
+    _check(
+        optimizer.schedule in SCHEDULES,
+        f"optimizer.schedule={optimizer.schedule!r}: choose one of {', '.join(SCHEDULES)}",
+    )
+    _check(dataset.crop_padding >= 0, f"dataset.crop_padding={dataset.crop_padding}: must be >= 0")
+    _check(
+        0 < dataset.test_fraction < 1,
+        f"dataset.test_fraction={dataset.test_fraction}: must be strictly between 0 and 1",
+    )
+    _check("_target_" in model, f"model={model_name}: its YAML needs a _target_ naming the model class")
+    return run

@@ -1,0 +1,164 @@
+"""Data sets loaded once into uint8 tensors, split into train/val/test, and augmented in batches on the device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from normsweep.config import ConfigError, DatasetConfig
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8, (N, C, H, W)
+    labels: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class Data:
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    mean: torch.Tensor  # per channel, on the 0..1 scale, from the training split only
+    std: torch.Tensor
+    crop_padding: int
+    hflip: bool
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train.images.shape[1:]
+        return c, h, w
+
+    def to(self, device: torch.device) -> Data:
+        return Data(
+            self.train.to(device), self.val.to(device), self.test.to(device), self.num_classes,
+            self.mean.to(device), self.std.to(device), self.crop_padding, self.hflip,
+        )
+
+
+def _digits(cfg: DatasetConfig) -> tuple[Split, Split]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # Pixel values are counts 0..16; spread them over 0..255 like any 8-bit image.
+    images = torch.from_numpy(np.clip(bunch.images * 16, 0, 255).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.split_seed))
+    n_test = round(len(labels) * cfg.test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return Split(images[train], labels[train]), Split(images[test], labels[test])
+
+
+def _as_split(images: np.ndarray | torch.Tensor, labels: object, channels_last: bool) -> Split:
+    x = torch.as_tensor(np.asarray(images), dtype=torch.uint8)
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    elif channels_last:
+        x = x.permute(0, 3, 1, 2)
+    return Split(x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+
+
+def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tuple[Split, Split]]:
+    """A loader that runs torchvision's own file parsing, then keeps the raw uint8 arrays."""
+
+    def load(cfg: DatasetConfig) -> tuple[Split, Split]:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, class_name)
+        root = Path(cfg.root).expanduser().resolve()
+        splits = []
+        for train in (True, False):
+            which = {"train": train} if split_kw == "train" else {"split": "train" if train else "test"}
+            try:
+                ds = cls(root=str(root), download=cfg.download, **which)
+            except RuntimeError as err:
+                if "download=True" not in str(err):
+                    raise
+                raise ConfigError(
+                    f"dataset={cfg.name}: {class_name} is not in {root} (or its files are incomplete). "
+                    f"Either put the data set there or point dataset.root=/path/to/it at the folder that "
+                    f"holds it, or add dataset.download=true to download it."
+                ) from None
+            labels = getattr(ds, "targets", None)
+            if labels is None:
+                labels = ds.labels
+            # CIFAR keeps (N, H, W, C); SVHN (N, C, H, W); MNIST-likes (N, H, W).
+            splits.append(_as_split(ds.data, labels, channels_last=class_name.startswith("CIFAR")))
+        return splits[0], splits[1]
+
+    return load
+
+
+LOADERS: dict[str, Callable[[DatasetConfig], tuple[Split, Split]]] = {
+    "digits": _digits,
+    "mnist": _torchvision("MNIST", "train"),
+    "fashion_mnist": _torchvision("FashionMNIST", "train"),
+    "cifar10": _torchvision("CIFAR10", "train"),
+    "cifar100": _torchvision("CIFAR100", "train"),
+    "svhn": _torchvision("SVHN", "split"),
+}
+
+
+def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
+    """Load a data set and hold out a seeded `val_fraction` of its training split for validation."""
+    if cfg.name not in LOADERS:
+        raise ConfigError(f"dataset={cfg.name}: unknown data set; choose one of {', '.join(LOADERS)}")
+    full_train, test = LOADERS[cfg.name](cfg)
+    n_val = round(len(full_train) * val_fraction)
+    if n_val < 1 or len(full_train) - n_val < 2:
+        raise ConfigError(
+            f"val_fraction={val_fraction} leaves {len(full_train) - n_val} training and {n_val} validation "
+            f"images out of {len(full_train)}; choose a value that keeps at least two of each"
+        )
+    order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    train = Split(full_train.images[train_idx], full_train.labels[train_idx])
+    val = Split(full_train.images[val_idx], full_train.labels[val_idx])
+    pixels = train.images.float().div_(255)
+    num_classes = int(max(full_train.labels.max(), test.labels.max())) + 1
+    return Data(
+        train=train,
+        val=val,
+        test=test,
+        num_classes=num_classes,
+        mean=pixels.mean(dim=(0, 2, 3)),
+        std=pixels.std(dim=(0, 2, 3)).clamp_min(1e-6),
+        crop_padding=cfg.crop_padding,
+        hflip=cfg.hflip,
+    )
+
+
+def normalize(images: torch.Tensor, data: Data, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, C, H, W) → float, standardized per channel with the training split's statistics."""
+    x = images.to(dtype).div_(255)
+    return x.sub_(data.mean.view(1, -1, 1, 1)).div_(data.std.view(1, -1, 1, 1))
+
+
+def augment(images: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip for a whole uint8 batch, on its device."""
+    n, c, h, w = images.shape
+    device = images.device
+    if padding:
+        padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+        rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        chans = torch.arange(c, device=device)[None, :, None, None]
+        images = padded[batch, chans, rows, cols]
+    if hflip:
+        flip = torch.rand(n, device=device, generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    return images

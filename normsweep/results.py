@@ -1,0 +1,223 @@
+"""Job result files (written atomically) and the sweep aggregation into runs.csv, results.csv and curves.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+METRIC_COLUMNS = [
+    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
+]
+RESULT_COLUMNS = [
+    "runs", "val_acc_mean", "val_acc_std", "best_val_acc_mean", "test_acc_mean", "test_acc_std",
+    "val_loss_mean", "train_loss_mean", "sec_per_epoch_mean", "params", "status",
+]
+# runs.csv column ← summary.json key
+RUN_FIELDS = {
+    "status": "status",
+    "epochs_completed": "epochs_completed",
+    "val_acc": "final_val_acc",
+    "best_val_acc": "best_val_acc",
+    "test_acc": "test_acc",
+    "val_loss": "final_val_loss",
+    "test_loss": "test_loss",
+    "train_loss": "final_train_loss",
+    "train_acc": "final_train_acc",
+    "sec_per_epoch": "sec_per_epoch",
+    "params": "params",
+    "device": "device",
+    "wall_seconds": "wall_seconds",
+}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(Path(job_dir) / METRICS_FILE, pd.DataFrame(rows, columns=METRIC_COLUMNS).to_csv(index=False, float_format="%.6g"))
+
+
+def write_summary(job_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(Path(job_dir) / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
+
+
+def parse_overrides(lines: list[str]) -> dict[str, str]:
+    """Hydra override strings (`norm=bn`, `+x=1`, `optimizer.lr=0.01`) → {key: value}; deletions are skipped."""
+    parsed = {}
+    for line in lines:
+        if line.startswith("~") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        parsed[key.lstrip("+")] = value
+    return parsed
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    markers = list(sweep_dir.rglob(SUMMARY_FILE)) + [p.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")]
+    dirs = {p.parent for p in markers} - {sweep_dir}
+    return sorted(dirs, key=lambda p: [int(t) if t.isdigit() else t for t in p.relative_to(sweep_dir).parts])
+
+
+def _read_job(job_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    summary_file = job_dir / SUMMARY_FILE
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"status": "not started"}
+    if overrides_file.is_file():
+        overrides = parse_overrides(yaml.safe_load(overrides_file.read_text()) or [])
+    else:
+        overrides = dict(summary.get("overrides", {}))
+    return overrides, summary
+
+
+@dataclass
+class Report:
+    runs: pd.DataFrame  # one row per job
+    results: pd.DataFrame  # one row per configuration, best first
+    keys: list[str]  # the override keys that define a configuration (all but seed)
+    varying: list[str]  # the keys among them that take more than one value in this sweep
+    curves: pd.DataFrame  # per configuration and epoch, metrics averaged over seeds
+
+
+def _numeric(values: pd.Series) -> pd.Series:
+    converted = pd.to_numeric(values, errors="coerce")
+    return converted if converted.notna().sum() == values.notna().sum() else values
+
+
+def collect(sweep_dir: Path) -> Report:
+    """Read every job folder of a sweep into tidy tables."""
+    sweep_dir = Path(sweep_dir)
+    rows, curves, keys = [], [], []
+    for job_dir in _job_dirs(sweep_dir):
+        overrides, summary = _read_job(job_dir)
+        keys += [k for k in overrides if k != "seed" and k not in keys]
+        row = {"job": str(job_dir.relative_to(sweep_dir)), **overrides}
+        row["seed"] = summary.get("seed", overrides.get("seed"))
+        row.update({column: summary.get(field) for column, field in RUN_FIELDS.items()})
+        rows.append(row)
+        metrics_file = job_dir / METRICS_FILE
+        if metrics_file.is_file():
+            curves.append(pd.read_csv(metrics_file).assign(job=row["job"]))
+    runs = pd.DataFrame(rows, columns=["job", *keys, "seed", *RUN_FIELDS])
+    for key in [*keys, "seed"]:
+        runs[key] = _numeric(runs[key])
+    varying = [k for k in keys if runs[k].nunique(dropna=False) > 1]
+    per_epoch = pd.concat(curves) if curves else pd.DataFrame(columns=["job", *METRIC_COLUMNS])
+    per_epoch = per_epoch.merge(runs[["job", *keys]], on="job")
+    curve_means = per_epoch.groupby([*keys, "epoch"] if keys else "epoch", dropna=False)[
+        ["val_acc", "train_loss"]
+    ].mean().reset_index()
+    results = summarize(runs, keys) if len(runs) else pd.DataFrame(columns=[*keys, *RESULT_COLUMNS])
+    return Report(runs=runs, results=results, keys=keys, varying=varying, curves=curve_means)
+
+
+def _status(statuses: pd.Series) -> str:
+    counts = statuses.fillna("unknown").value_counts()
+    if len(counts) == 1:
+        return str(counts.index[0])
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
+def summarize(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per configuration (the jobs that differ only by seed), best mean validation accuracy first."""
+    frame = runs.assign(_all="all")
+    by = keys or ["_all"]
+    results = frame.groupby(by, dropna=False, sort=False).agg(
+        runs=("job", "size"),
+        val_acc_mean=("val_acc", "mean"),
+        val_acc_std=("val_acc", "std"),
+        best_val_acc_mean=("best_val_acc", "mean"),
+        test_acc_mean=("test_acc", "mean"),
+        test_acc_std=("test_acc", "std"),
+        val_loss_mean=("val_loss", "mean"),
+        train_loss_mean=("train_loss", "mean"),
+        sec_per_epoch_mean=("sec_per_epoch", "mean"),
+        params=("params", "first"),
+        status=("status", _status),
+    )
+    results = results.reset_index().drop(columns="_all", errors="ignore")
+    return results.sort_values("val_acc_mean", ascending=False, na_position="last", kind="stable").reset_index(
+        drop=True
+    )
+
+
+def _label(row: pd.Series, keys: list[str]) -> str:
+    return ", ".join(f"{k}={row[k]}" for k in keys) or "all runs"
+
+
+def plot_curves(report: Report, path: Path) -> None:
+    """Validation accuracy and training loss per epoch, one line per configuration (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    label_keys = report.varying or report.keys
+    curves = report.curves
+    configs = curves[report.keys].drop_duplicates() if report.keys else pd.DataFrame(index=[0])
+    for _, config in configs.iterrows():
+        mask = pd.Series(True, index=curves.index)
+        for key in report.keys:
+            mask &= (curves[key] == config[key]) | (curves[key].isna() & pd.isna(config[key]))
+        line = curves[mask].sort_values("epoch")
+        label = _label(config, label_keys)
+        ax_acc.plot(line["epoch"], line["val_acc"], marker="o", markersize=3, label=label)
+        ax_loss.plot(line["epoch"], line["train_loss"], marker="o", markersize=3, label=label)
+    n_seeds = report.runs["seed"].nunique()
+    suffix = f" (mean over {n_seeds} seeds)" if n_seeds > 1 else ""
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy" + suffix)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss" + suffix)
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_table(report: Report) -> str:
+    """The comparison table as printed at the end of a sweep: swept keys and the figures that matter."""
+    results = report.results
+    shown = [*report.varying, "runs", "val_acc_mean", "val_acc_std", "best_val_acc_mean", "test_acc_mean",
+             "test_acc_std", "sec_per_epoch_mean", "params", "status"]
+    if results["runs"].max() <= 1:
+        shown = [c for c in shown if not c.endswith("_std")]
+    lines = [results[shown].to_string(index=False, float_format=lambda v: f"{v:.2f}")]
+    fixed = [k for k in report.keys if k not in report.varying]
+    if fixed and len(results):
+        lines.append("same in every run: " + " ".join(f"{k}={results[k].iloc[0]}" for k in fixed))
+    return "\n".join(lines)
+
+
+def aggregate(sweep_dir: Path) -> Report:
+    """Write runs.csv, results.csv and curves.png into `sweep_dir` and return what was aggregated."""
+    sweep_dir = Path(sweep_dir)
+    report = collect(sweep_dir)
+    atomic_write_text(sweep_dir / "runs.csv", report.runs.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(sweep_dir / "results.csv", report.results.to_csv(index=False, float_format="%.6g"))
+    if len(report.curves):
+        plot_curves(report, sweep_dir / "curves.png")
+    return report
