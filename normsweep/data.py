@@ -42,12 +42,18 @@ class Data:
 
     def to(self, device: torch.device) -> Data:
         return Data(
-            self.train.to(device), self.val.to(device), self.test.to(device), self.num_classes,
-            self.mean.to(device), self.std.to(device), self.crop_padding, self.hflip,
+            self.train.to(device),
+            self.val.to(device),
+            self.test.to(device),
+            self.num_classes,
+            self.mean.to(device),
+            self.std.to(device),
+            self.crop_padding,
+            self.hflip,
         )
 
 
-def _digits(cfg: DatasetConfig) -> tuple[Split, Split]:
+def _digits(cfg: DatasetConfig) -> tuple[Split, Split, int]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -57,7 +63,7 @@ def _digits(cfg: DatasetConfig) -> tuple[Split, Split]:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.split_seed))
     n_test = round(len(labels) * cfg.test_fraction)
     test, train = order[:n_test], order[n_test:]
-    return Split(images[train], labels[train]), Split(images[test], labels[test])
+    return Split(images[train], labels[train]), Split(images[test], labels[test]), len(bunch.target_names)
 
 
 def _as_split(images: np.ndarray | torch.Tensor, labels: object, channels_last: bool) -> Split:
@@ -69,10 +75,10 @@ def _as_split(images: np.ndarray | torch.Tensor, labels: object, channels_last: 
     return Split(x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
 
-def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tuple[Split, Split]]:
+def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tuple[Split, Split, int]]:
     """A loader that runs torchvision's own file parsing, then keeps the raw uint8 arrays."""
 
-    def load(cfg: DatasetConfig) -> tuple[Split, Split]:
+    def load(cfg: DatasetConfig) -> tuple[Split, Split, int]:
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, class_name)
@@ -95,12 +101,14 @@ def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tu
                 labels = ds.labels
             # CIFAR keeps (N, H, W, C); SVHN (N, C, H, W); MNIST-likes (N, H, W).
             splits.append(_as_split(ds.data, labels, channels_last=class_name.startswith("CIFAR")))
-        return splits[0], splits[1]
+        # SVHN has no `classes` attribute: its labels are the ten digits.
+        return splits[0], splits[1], len(getattr(ds, "classes", range(10)))
 
     return load
 
 
-LOADERS: dict[str, Callable[[DatasetConfig], tuple[Split, Split]]] = {
+# name → loader returning (full training split, test split, number of classes)
+LOADERS: dict[str, Callable[[DatasetConfig], tuple[Split, Split, int]]] = {
     "digits": _digits,
     "mnist": _torchvision("MNIST", "train"),
     "fashion_mnist": _torchvision("FashionMNIST", "train"),
@@ -114,7 +122,7 @@ def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
     """Load a data set and hold out a seeded `val_fraction` of its training split for validation."""
     if cfg.name not in LOADERS:
         raise ConfigError(f"dataset={cfg.name}: unknown data set; choose one of {', '.join(LOADERS)}")
-    full_train, test = LOADERS[cfg.name](cfg)
+    full_train, test, num_classes = LOADERS[cfg.name](cfg)
     n_val = round(len(full_train) * val_fraction)
     if n_val < 1 or len(full_train) - n_val < 2:
         raise ConfigError(
@@ -126,7 +134,6 @@ def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
     train = Split(full_train.images[train_idx], full_train.labels[train_idx])
     val = Split(full_train.images[val_idx], full_train.labels[val_idx])
     pixels = train.images.float().div_(255)
-    num_classes = int(max(full_train.labels.max(), test.labels.max())) + 1
     return Data(
         train=train,
         val=val,

@@ -29,7 +29,11 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str]) -> dict[str, An
     data = datasets.load(run.dataset, run.val_fraction, run.seed)
     torch.manual_seed(run.seed)
     model = build_model(
-        run.model_name, run.model, *data.shape[:1], data.shape[1:], data.num_classes,
+        run.model_name,
+        run.model,
+        *data.shape[:1],
+        data.shape[1:],
+        data.num_classes,
         norm_factory(run.norm, run.model_name),
     )
     params = sum(p.numel() for p in model.parameters())
@@ -37,8 +41,20 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str]) -> dict[str, An
     log.info(
         "device %s | model=%s norm=%s optimizer=%s lr=%g | %s: %d train / %d val / %d test images, %dx%dx%d, "
         "%d classes | %d parameters",
-        device, run.model_name, run.norm.name, run.optimizer.name, run.optimizer.lr, run.dataset.name,
-        len(data.train), len(data.val), len(data.test), c, h, w, data.num_classes, params,
+        device,
+        run.model_name,
+        run.norm.name,
+        run.optimizer.name,
+        run.optimizer.lr,
+        run.dataset.name,
+        len(data.train),
+        len(data.val),
+        len(data.test),
+        c,
+        h,
+        w,
+        data.num_classes,
+        params,
     )
     data, model = data.to(device), model.to(device)
     rows: list[dict[str, Any]] = []
@@ -48,7 +64,13 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str]) -> dict[str, An
         write_metrics(job_dir, rows)
         log.info(
             "Epoch %d/%d train_loss %.4f train_acc %.2f%% val_loss %.4f val_acc %.2f%% (%.2f s, %.0f img/s)",
-            m.epoch, run.epochs, m.train_loss, m.train_acc, m.val_loss, m.val_acc, m.epoch_seconds,
+            m.epoch,
+            run.epochs,
+            m.train_loss,
+            m.train_acc,
+            m.val_loss,
+            m.val_acc,
+            m.epoch_seconds,
             m.images_per_second,
         )
 

@@ -27,7 +27,12 @@ class SimpleCNN(nn.Module):
     """conv3x3(32) → norm → ReLU → conv3x3(64) → norm → ReLU → maxpool 2 → fc(hidden) → ReLU → fc(classes)."""
 
     def __init__(
-        self, in_channels: int, image_size: Sequence[int], num_classes: int, norm: NormFactory, hidden: int = 128
+        self,
+        in_channels: int,
+        image_size: Sequence[int],
+        num_classes: int,
+        norm: NormFactory,
+        hidden: int = 128,
     ) -> None:
         super().__init__()
         h, w = (_conv_out(_conv_out(s, 3, 0), 3, 0) // 2 for s in image_size)
@@ -55,7 +60,12 @@ class DeepCNN(nn.Module):
     """Three stages of conv3x3(pad 1) → norm → ReLU → maxpool 2 (64, 128, 256), fc(hidden) → ReLU → fc(classes)."""
 
     def __init__(
-        self, in_channels: int, image_size: Sequence[int], num_classes: int, norm: NormFactory, hidden: int = 512
+        self,
+        in_channels: int,
+        image_size: Sequence[int],
+        num_classes: int,
+        norm: NormFactory,
+        hidden: int = 512,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -84,7 +94,12 @@ class MLP(nn.Module):
     """flatten → fc(hidden) → norm → ReLU → fc(classes)."""
 
     def __init__(
-        self, in_channels: int, image_size: Sequence[int], num_classes: int, norm: NormFactory, hidden: int = 128
+        self,
+        in_channels: int,
+        image_size: Sequence[int],
+        num_classes: int,
+        norm: NormFactory,
+        hidden: int = 128,
     ) -> None:
         super().__init__()
         h, w = image_size
@@ -116,7 +131,11 @@ def build_model(
         raise ConfigError(f"model={name}: cannot import _target_={spec['_target_']!r} ({err})") from None
     try:
         model = cls(
-            in_channels=in_channels, image_size=tuple(image_size), num_classes=num_classes, norm=norm, **kwargs
+            in_channels=in_channels,
+            image_size=tuple(image_size),
+            num_classes=num_classes,
+            norm=norm,
+            **kwargs,
         )
     except TypeError as err:
         raise ConfigError(f"model={name}: {err}") from None

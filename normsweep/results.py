@@ -15,11 +15,27 @@ import yaml
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 METRIC_COLUMNS = [
-    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second",
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "epoch_seconds",
+    "images_per_second",
 ]
 RESULT_COLUMNS = [
-    "runs", "val_acc_mean", "val_acc_std", "best_val_acc_mean", "test_acc_mean", "test_acc_std",
-    "val_loss_mean", "train_loss_mean", "sec_per_epoch_mean", "params", "status",
+    "runs",
+    "val_acc_mean",
+    "val_acc_std",
+    "best_val_acc_mean",
+    "test_acc_mean",
+    "test_acc_std",
+    "val_loss_mean",
+    "train_loss_mean",
+    "sec_per_epoch_mean",
+    "params",
+    "status",
 ]
 # runs.csv column ← summary.json key
 RUN_FIELDS = {
@@ -55,7 +71,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_metrics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(Path(job_dir) / METRICS_FILE, pd.DataFrame(rows, columns=METRIC_COLUMNS).to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(
+        Path(job_dir) / METRICS_FILE,
+        pd.DataFrame(rows, columns=METRIC_COLUMNS).to_csv(index=False, float_format="%.6g"),
+    )
 
 
 def write_summary(job_dir: Path, summary: dict[str, Any]) -> None:
@@ -124,9 +143,11 @@ def collect(sweep_dir: Path) -> Report:
     varying = [k for k in keys if runs[k].nunique(dropna=False) > 1]
     per_epoch = pd.concat(curves) if curves else pd.DataFrame(columns=["job", *METRIC_COLUMNS])
     per_epoch = per_epoch.merge(runs[["job", *keys]], on="job")
-    curve_means = per_epoch.groupby([*keys, "epoch"] if keys else "epoch", dropna=False)[
-        ["val_acc", "train_loss"]
-    ].mean().reset_index()
+    curve_means = (
+        per_epoch.groupby([*keys, "epoch"] if keys else "epoch", dropna=False)[["val_acc", "train_loss"]]
+        .mean()
+        .reset_index()
+    )
     results = summarize(runs, keys) if len(runs) else pd.DataFrame(columns=[*keys, *RESULT_COLUMNS])
     return Report(runs=runs, results=results, keys=keys, varying=varying, curves=curve_means)
 
@@ -201,8 +222,18 @@ def plot_curves(report: Report, path: Path) -> None:
 def format_table(report: Report) -> str:
     """The comparison table as printed at the end of a sweep: swept keys and the figures that matter."""
     results = report.results
-    shown = [*report.varying, "runs", "val_acc_mean", "val_acc_std", "best_val_acc_mean", "test_acc_mean",
-             "test_acc_std", "sec_per_epoch_mean", "params", "status"]
+    shown = [
+        *report.varying,
+        "runs",
+        "val_acc_mean",
+        "val_acc_std",
+        "best_val_acc_mean",
+        "test_acc_mean",
+        "test_acc_std",
+        "sec_per_epoch_mean",
+        "params",
+        "status",
+    ]
     if results["runs"].max() <= 1:
         shown = [c for c in shown if not c.endswith("_std")]
     lines = [results[shown].to_string(index=False, float_format=lambda v: f"{v:.2f}")]

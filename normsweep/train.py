@@ -40,11 +40,11 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"device={name}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and (
-        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
-    ):
-        raise ConfigError(f"device={name}: no such CUDA device here ({torch.cuda.device_count()} visible); "
-                          "use device=auto or device=cpu")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(
+            f"device={name}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+            "use device=auto or device=cpu"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={name}: MPS is not available here; use device=auto or device=cpu")
     return device
@@ -53,14 +53,19 @@ def resolve_device(name: str) -> torch.device:
 def build_optimizer(params: object, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
         )
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     if schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)

@@ -1,0 +1,130 @@
+"""End to end, as a user runs it: `python -m normsweep ...` in a fresh process, files checked on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import make_mnist, run_cli
+
+NORMS = ["none", "bn", "ln", "in", "gn"]
+
+
+@pytest.fixture(scope="module")
+def five_norm_sweep(tmp_path_factory: pytest.TempPathFactory):
+    cwd = tmp_path_factory.mktemp("user")
+    sweep = cwd / "sweep"
+    proc = run_cli(["-m", f"norm={','.join(NORMS)}", "seed=0,1", "epochs=2", f"hydra.sweep.dir={sweep}"], cwd=cwd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return sweep, proc
+
+
+def test_sweep_writes_results_with_one_row_per_norm(five_norm_sweep) -> None:
+    sweep, _ = five_norm_sweep
+    results = pd.read_csv(sweep / "results.csv")
+    assert sorted(results["norm"]) == sorted(NORMS)
+    assert list(results["runs"]) == [2] * 5
+    assert (results["status"] == "completed").all()
+    assert results["val_acc_mean"].is_monotonic_decreasing
+    assert results.set_index("norm").loc["bn", "test_acc_mean"] > 50  # chance is 10%
+    assert results["val_acc_std"].notna().all()
+
+
+def test_sweep_writes_runs_curves_and_per_job_files(five_norm_sweep) -> None:
+    sweep, _ = five_norm_sweep
+    runs = pd.read_csv(sweep / "runs.csv")
+    assert len(runs) == 10 and set(runs["seed"]) == {0, 1}
+    assert (sweep / "curves.png").stat().st_size > 10_000
+    for num in range(10):
+        job = sweep / str(num)
+        metrics = pd.read_csv(job / "metrics.csv")
+        assert list(metrics.columns) == [
+            "epoch",
+            "train_loss",
+            "train_acc",
+            "val_loss",
+            "val_acc",
+            "lr",
+            "epoch_seconds",
+            "images_per_second",
+        ]
+        assert list(metrics["epoch"]) == [1, 2]
+        assert metrics["val_acc"].between(0, 100).all()
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["epochs_completed"] == 2
+        assert summary["device"] == "cpu" and summary["params"] > 0
+        assert 0 <= summary["test_acc"] <= 100 and summary["test_loss"] > 0
+        assert summary["final_val_acc"] == pytest.approx(metrics["val_acc"].iloc[-1], rel=1e-5)
+        assert "Epoch 2/2 train_loss" in (job / "normsweep.log").read_text()
+
+
+def test_sweep_prints_the_table_and_where_it_is(five_norm_sweep) -> None:
+    sweep, proc = five_norm_sweep
+    assert "val_acc_mean" in proc.stdout and str(sweep / "results.csv") in proc.stdout
+    table = proc.stdout[proc.stdout.index("val_acc_mean") - 40 :]
+    for norm in NORMS:
+        assert f" {norm} " in table or f"\n{norm} " in table
+
+
+def test_overrides_from_the_shell_take_effect(tmp_path: Path) -> None:
+    proc = run_cli(
+        [
+            "optimizer=sgd",
+            "optimizer.lr=0.05",
+            "epochs=3",
+            "batch_size=32",
+            "model=mlp",
+            "norm=bn",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "run"
+    saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    assert saved["optimizer"]["name"] == "sgd" and saved["optimizer"]["lr"] == 0.05
+    assert (saved["epochs"], saved["batch_size"]) == (3, 32)
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3] and (metrics["lr"] == 0.05).all()
+    summary = json.loads((run / "summary.json").read_text())
+    # MLP on 8x8 digits: 64→128 linear, BatchNorm1d(128), 128→10 linear.
+    assert summary["params"] == (64 * 128 + 128) + 2 * 128 + (128 * 10 + 10)
+    assert summary["model"] == "mlp" and summary["optimizer"] == "sgd"
+
+
+def test_same_seed_same_metrics_run_after_run(tmp_path: Path) -> None:
+    def metrics(name: str) -> pd.DataFrame:
+        proc = run_cli(["epochs=2", "norm=gn", f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return pd.read_csv(tmp_path / name / "metrics.csv").drop(columns=["epoch_seconds", "images_per_second"])
+
+    pd.testing.assert_frame_equal(metrics("a"), metrics("b"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model=mlp", "norm=in"], "model=mlp norm=in"),
+        (["norm=gn", "norm.groups=5"], "norm.groups=5 does not divide the 32 channels of layer conv1"),
+        (["epochs=0"], "epochs=0"),
+        (["dataset=cifar10"], "dataset.download=true"),
+    ],
+)
+def test_user_errors_are_one_clear_line_without_traceback(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    output = proc.stdout + proc.stderr
+    assert message in output and "Traceback" not in output
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_torchvision_data_set_end_to_end(tmp_path: Path) -> None:
+    make_mnist(tmp_path / "data")
+    proc = run_cli(["dataset=mnist", "epochs=1", "model=deep_cnn", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dataset"] == "mnist" and summary["epochs_completed"] == 1
+    assert "96 train / 24 val / 40 test images, 1x28x28, 10 classes" in proc.stdout

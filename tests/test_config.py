@@ -1,0 +1,136 @@
+"""Every option of every config group composes and yields a model that trains; bad values are refused early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_cifar, make_mnist, make_svhn
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from normsweep.config import ConfigError, config_dir, validate
+from normsweep.data import load, normalize
+from normsweep.models import build_model
+from normsweep.norms import norm_factory
+from normsweep.train import build_optimizer
+
+CONF = Path(config_dir())
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_the_groups_offer_what_the_readme_lists() -> None:
+    assert options("model") == ["deep_cnn", "mlp", "simple_cnn"]
+    assert options("norm") == ["bn", "gn", "in", "ln", "none"]
+    assert options("optimizer") == ["adam", "adamw", "sgd"]
+    assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "mnist", "svhn"]
+
+
+def forward_backward(run, data) -> None:
+    torch.manual_seed(0)
+    model = build_model(
+        run.model_name,
+        run.model,
+        data.shape[0],
+        data.shape[1:],
+        data.num_classes,
+        norm_factory(run.norm, run.model_name),
+    )
+    optimizer = build_optimizer(model.parameters(), run.optimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = torch.nn.functional.cross_entropy(model(normalize(data.train.images[:8], data)), data.train.labels[:8])
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("norm", options("norm"))
+def test_model_and_norm_compose_and_train(compose_cfg, model: str, norm: str) -> None:
+    run = validate(compose_cfg([f"model={model}", f"norm={norm}"]), model)
+    data = load(run.dataset, run.val_fraction, run.seed)
+    if model == "mlp" and norm == "in":
+        with pytest.raises(ConfigError, match="model=mlp norm=in"):
+            forward_backward(run, data)
+    else:
+        forward_backward(run, data)
+
+
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+def test_optimizer_composes_and_steps(compose_cfg, optimizer: str) -> None:
+    run = validate(compose_cfg([f"optimizer={optimizer}", "optimizer.lr=0.01"]), "simple_cnn")
+    assert run.optimizer.name == optimizer and run.optimizer.lr == 0.01
+    forward_backward(run, load(run.dataset, run.val_fraction, run.seed))
+
+
+@pytest.mark.parametrize("dataset", options("dataset"))
+def test_dataset_composes_loads_and_trains(compose_cfg, tmp_path, monkeypatch, dataset: str) -> None:
+    writers = {
+        "mnist": lambda: make_mnist(tmp_path),
+        "fashion_mnist": lambda: make_mnist(tmp_path, folder="FashionMNIST"),
+        "cifar10": lambda: make_cifar(tmp_path, monkeypatch),
+        "cifar100": lambda: make_cifar(tmp_path, monkeypatch, hundred=True),
+        "svhn": lambda: make_svhn(tmp_path, monkeypatch),
+        "digits": lambda: None,
+    }
+    writers[dataset]()
+    run = validate(
+        compose_cfg([f"dataset={dataset}", f"dataset.root={tmp_path}"] if dataset != "digits" else ["dataset=digits"]),
+        "simple_cnn",
+    )
+    forward_backward(run, load(run.dataset, run.val_fraction, run.seed))
+
+
+def test_shell_overrides_take_effect(compose_cfg) -> None:
+    run = validate(
+        compose_cfg(
+            [
+                "optimizer=sgd",
+                "optimizer.lr=0.05",
+                "epochs=3",
+                "batch_size=32",
+                "model=mlp",
+                "norm=gn",
+                "norm.groups=4",
+                "seed=7",
+                "val_fraction=0.1",
+                "device=cpu",
+            ]
+        ),
+        "mlp",
+    )
+    assert (run.optimizer.name, run.optimizer.lr, run.optimizer.nesterov) == ("sgd", 0.05, True)
+    assert (run.epochs, run.batch_size, run.seed, run.val_fraction, run.device) == (3, 32, 7, 0.1, "cpu")
+    assert run.model["_target_"] == "normsweep.models.MLP" and run.norm.groups == 4
+
+
+def test_non_numeric_epochs_fails_at_composition(compose_cfg) -> None:
+    with pytest.raises((ConfigCompositionException, ValidationError), match="epochs"):
+        compose_cfg(["epochs=abc"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("epochs=0", "epochs=0"),
+        ("batch_size=0", "batch_size=0"),
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("val_fraction=1", "val_fraction=1"),
+        ("norm.eps=-1", "norm.eps"),
+        ("norm.momentum=abc", "norm.momentum"),
+        ("optimizer.schedule=step", "optimizer.schedule"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_named(compose_cfg, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_cfg([override]), "simple_cnn")
+
+
+def test_unknown_group_option_lists_the_available_ones(compose_cfg) -> None:
+    with pytest.raises(ConfigCompositionException, match=r"(?s)norm/foo.*Available options.*gn"):
+        compose_cfg(["norm=foo"])

@@ -1,0 +1,105 @@
+"""Data sets load into uint8 tensors through their real loaders; splits are seeded; augmentation is batched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_cifar, make_mnist, make_svhn
+
+from normsweep.config import ConfigError, DatasetConfig
+from normsweep.data import augment, load, normalize
+
+
+def test_digits_has_a_fixed_test_split_and_a_seeded_val_split() -> None:
+    a = load(DatasetConfig(name="digits"), val_fraction=0.2, seed=0)
+    b = load(DatasetConfig(name="digits"), val_fraction=0.2, seed=1)
+    assert a.shape == (1, 8, 8) and a.num_classes == 10
+    assert a.train.images.dtype == torch.uint8 and int(a.train.images.max()) > 200
+    assert len(a.train) + len(a.val) + len(a.test) == 1797
+    assert len(a.test) == round(1797 * 0.2) and len(a.val) == round((1797 - len(a.test)) * 0.2)
+    # The test split does not move with the seed; the validation split does.
+    assert torch.equal(a.test.images, b.test.images)
+    assert not torch.equal(a.val.labels, b.val.labels)
+    again = load(DatasetConfig(name="digits"), val_fraction=0.2, seed=0)
+    assert torch.equal(a.val.images, again.val.images)
+
+
+def test_normalization_uses_training_statistics_only() -> None:
+    data = load(DatasetConfig(name="digits"), val_fraction=0.2, seed=0)
+    x = normalize(data.train.images, data)
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-2
+
+
+def test_mnist_from_idx_files(tmp_path: Path) -> None:
+    make_mnist(tmp_path)
+    data = load(DatasetConfig(name="mnist", root=str(tmp_path)), val_fraction=0.25, seed=0)
+    assert data.shape == (1, 28, 28)
+    assert (len(data.train), len(data.val), len(data.test)) == (90, 30, 40)
+    assert data.crop_padding == 0 and data.hflip is False
+
+
+def test_fashion_mnist_from_idx_files(tmp_path: Path) -> None:
+    make_mnist(tmp_path, folder="FashionMNIST", n_train=50, n_test=20)
+    data = load(DatasetConfig(name="fashion_mnist", root=str(tmp_path)), val_fraction=0.2, seed=0)
+    assert data.shape == (1, 28, 28) and len(data.test) == 20
+
+
+@pytest.mark.parametrize("name, hundred", [("cifar10", False), ("cifar100", True)])
+def test_cifar_from_python_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, hundred: bool) -> None:
+    make_cifar(tmp_path, monkeypatch, hundred=hundred)
+    data = load(DatasetConfig(name=name, root=str(tmp_path)), val_fraction=0.2, seed=0)
+    assert data.shape == (3, 32, 32) and data.num_classes == (100 if hundred else 10)
+    assert len(data.train) + len(data.val) == (1 if hundred else 5) * 30 and len(data.test) == 30
+    # Channels come out in (N, C, H, W) order: the stored rows are R plane, G plane, B plane.
+    import pickle
+
+    with open(tmp_path / ("cifar-100-python/test" if hundred else "cifar-10-batches-py/test_batch"), "rb") as f:
+        raw = pickle.load(f)["data"]
+    assert torch.equal(data.test.images[0, 1].flatten(), torch.from_numpy(raw[0, 1024:2048]))
+
+
+def test_svhn_from_mat_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_svhn(tmp_path, monkeypatch)
+    data = load(DatasetConfig(name="svhn", root=str(tmp_path)), val_fraction=0.2, seed=0)
+    assert data.shape == (3, 32, 32) and len(data.test) == 60
+    assert int(data.train.labels.max()) <= 9 and int(data.train.labels.min()) >= 0
+
+
+def test_missing_data_set_names_the_folder_and_both_fixes(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(DatasetConfig(name="cifar10", root=str(tmp_path / "nowhere")), val_fraction=0.2, seed=0)
+    message = str(err.value)
+    assert str(tmp_path / "nowhere") in message
+    assert "dataset.root=" in message and "dataset.download=true" in message
+
+
+def test_val_fraction_that_empties_a_split_is_refused() -> None:
+    with pytest.raises(ConfigError, match="val_fraction=0.0001"):
+        load(DatasetConfig(name="digits"), val_fraction=0.0001, seed=0)
+
+
+def test_crop_is_a_shifted_window_of_the_padded_image() -> None:
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.int64).reshape(2, 3, 6, 6).to(torch.uint8)
+    out = augment(images, padding=2, hflip=False, generator=torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for n in range(2):
+        windows = [padded[n, :, dy : dy + 6, dx : dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[n], w) for w in windows)
+
+
+def test_flip_mirrors_about_half_the_images() -> None:
+    images = torch.randint(0, 255, (400, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = augment(images, padding=0, hflip=True, generator=torch.Generator().manual_seed(1))
+    flipped = torch.tensor([torch.equal(o, i.flip(2)) and not torch.equal(o, i) for o, i in zip(out, images)])
+    same = torch.tensor([torch.equal(o, i) for o, i in zip(out, images)])
+    assert bool((flipped | same).all()) and 150 < int(flipped.sum()) < 250
+
+
+def test_augmentation_is_seeded() -> None:
+    images = torch.randint(0, 255, (16, 3, 8, 8), dtype=torch.uint8)
+    a = augment(images, 2, True, torch.Generator().manual_seed(3))
+    b = augment(images, 2, True, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
