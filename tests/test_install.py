@@ -1,0 +1,47 @@
+"""A regular (non-editable) install ships conf/ inside the package and runs from any working directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def test_wheel_ships_the_configs_and_runs_from_elsewhere(tmp_path: Path) -> None:
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = tmp_path.glob("normsweep-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for config in ("config.yaml", "norm/gn.yaml", "model/deep_cnn.yaml", "hydra/default.yaml", "dataset/digits.yaml"):
+        assert f"normsweep/conf/{config}" in names
+
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # Only the unpacked wheel is importable: not the source checkout.
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
+    code = "import normsweep.config as c, sys; print(c.__file__); print(c.config_dir())"
+    where = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
+    module_file, conf = where.stdout.split()
+    assert module_file.startswith(str(site)) and conf == str(site / "normsweep" / "conf")
+
+    run = subprocess.run(
+        [sys.executable, "-m", "normsweep", "epochs=1", "norm=ln", "hydra.run.dir=run"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (elsewhere / "run" / "summary.json").is_file()
