@@ -100,7 +100,9 @@ def _typed(node: Any, schema: type, group: str) -> Any:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException as err:
         key = f"{group}.{err.key}" if getattr(err, "key", None) else group
-        raise ConfigError(f"{key}: {err.msg if hasattr(err, 'msg') else err}") from None
+        # OmegaConf appends "full_key: … object_type=…" lines: the first line is the message.
+        reason = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"{key}: {reason}") from None
 
 
 def _check(ok: bool, message: str) -> None:
@@ -139,6 +141,11 @@ def validate(cfg: DictConfig, model_name: str) -> RunConfig:
     _check(norm.groups >= 1, f"norm.groups={norm.groups}: must be 1 or more")
     _check(optimizer.name in OPTIMIZERS, f"optimizer.name={optimizer.name!r} is not one of {OPTIMIZERS}")
     _check(optimizer.lr > 0, f"optimizer.lr={optimizer.lr}: the learning rate must be > 0")
+    _check(
+        len(optimizer.betas) == 2 and all(0 <= b < 1 for b in optimizer.betas),
+        f"optimizer.betas={optimizer.betas}: give two values in [0, 1), e.g. optimizer.betas=[0.9,0.999]",
+    )
+    _check(0 <= optimizer.momentum < 1, f"optimizer.momentum={optimizer.momentum}: must be in [0, 1)")
     _check(optimizer.weight_decay >= 0, f"optimizer.weight_decay={optimizer.weight_decay}: must be >= 0")
     _check(
         optimizer.schedule in SCHEDULES,

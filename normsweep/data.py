@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +41,13 @@ class Data:
         return c, h, w
 
     def to(self, device: torch.device) -> Data:
-        return Data(
-            self.train.to(device),
-            self.val.to(device),
-            self.test.to(device),
-            self.num_classes,
-            self.mean.to(device),
-            self.std.to(device),
-            self.crop_padding,
-            self.hflip,
+        return replace(
+            self,
+            train=self.train.to(device),
+            val=self.val.to(device),
+            test=self.test.to(device),
+            mean=self.mean.to(device),
+            std=self.std.to(device),
         )
 
 
@@ -146,9 +144,9 @@ def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
     )
 
 
-def normalize(images: torch.Tensor, data: Data, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (N, C, H, W) → float, standardized per channel with the training split's statistics."""
-    x = images.to(dtype).div_(255)
+def normalize(images: torch.Tensor, data: Data) -> torch.Tensor:
+    """uint8 (N, C, H, W) → float32, standardized per channel with the training split's statistics."""
+    x = images.float().div_(255)
     return x.sub_(data.mean.view(1, -1, 1, 1)).div_(data.std.view(1, -1, 1, 1))
 
 

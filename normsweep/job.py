@@ -28,33 +28,13 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str]) -> dict[str, An
     device = resolve_device(run.device)
     data = datasets.load(run.dataset, run.val_fraction, run.seed)
     torch.manual_seed(run.seed)
-    model = build_model(
-        run.model_name,
-        run.model,
-        *data.shape[:1],
-        data.shape[1:],
-        data.num_classes,
-        norm_factory(run.norm, run.model_name),
-    )
-    params = sum(p.numel() for p in model.parameters())
     c, h, w = data.shape
+    model = build_model(run.model_name, run.model, c, (h, w), data.num_classes, norm_factory(run.norm, run.model_name))
+    params = sum(p.numel() for p in model.parameters())
     log.info(
-        "device %s | model=%s norm=%s optimizer=%s lr=%g | %s: %d train / %d val / %d test images, %dx%dx%d, "
-        "%d classes | %d parameters",
-        device,
-        run.model_name,
-        run.norm.name,
-        run.optimizer.name,
-        run.optimizer.lr,
-        run.dataset.name,
-        len(data.train),
-        len(data.val),
-        len(data.test),
-        c,
-        h,
-        w,
-        data.num_classes,
-        params,
+        f"device {device} | model={run.model_name} norm={run.norm.name} optimizer={run.optimizer.name} "
+        f"lr={run.optimizer.lr:g} | {run.dataset.name}: {len(data.train)} train / {len(data.val)} val / "
+        f"{len(data.test)} test images, {c}x{h}x{w}, {data.num_classes} classes | {params} parameters"
     )
     data, model = data.to(device), model.to(device)
     rows: list[dict[str, Any]] = []
@@ -63,15 +43,9 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str]) -> dict[str, An
         rows.append(asdict(m))
         write_metrics(job_dir, rows)
         log.info(
-            "Epoch %d/%d train_loss %.4f train_acc %.2f%% val_loss %.4f val_acc %.2f%% (%.2f s, %.0f img/s)",
-            m.epoch,
-            run.epochs,
-            m.train_loss,
-            m.train_acc,
-            m.val_loss,
-            m.val_acc,
-            m.epoch_seconds,
-            m.images_per_second,
+            f"Epoch {m.epoch}/{run.epochs} train_loss {m.train_loss:.4f} train_acc {m.train_acc:.2f}% "
+            f"val_loss {m.val_loss:.4f} val_acc {m.val_acc:.2f}% ({m.epoch_seconds:.2f} s, "
+            f"{m.images_per_second:.0f} img/s)"
         )
 
     history = fit(model, data, run.optimizer, run.epochs, run.batch_size, run.seed, on_epoch=record)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 from hydra.utils import get_class
@@ -15,6 +15,11 @@ from normsweep.norms import NormFactory
 
 def _conv_out(size: int, kernel: int, padding: int) -> int:
     return size + 2 * padding - kernel + 1
+
+
+def _check_width(hidden: int, model: str) -> None:
+    if hidden < 1:
+        raise ConfigError(f"model.hidden={hidden}: model={model} needs at least one hidden unit")
 
 
 def _flat_features(channels: int, height: int, width: int, model: str) -> int:
@@ -35,6 +40,7 @@ class SimpleCNN(nn.Module):
         hidden: int = 128,
     ) -> None:
         super().__init__()
+        _check_width(hidden, "simple_cnn")
         h, w = (_conv_out(_conv_out(s, 3, 0), 3, 0) // 2 for s in image_size)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, kernel_size=3),
@@ -68,6 +74,7 @@ class DeepCNN(nn.Module):
         hidden: int = 512,
     ) -> None:
         super().__init__()
+        _check_width(hidden, "deep_cnn")
         layers: list[nn.Module] = []
         channels = in_channels
         h, w = image_size
@@ -102,6 +109,7 @@ class MLP(nn.Module):
         hidden: int = 128,
     ) -> None:
         super().__init__()
+        _check_width(hidden, "mlp")
         h, w = image_size
         self.net = nn.Sequential(
             nn.Flatten(),
@@ -129,6 +137,13 @@ def build_model(
         cls = get_class(spec["_target_"])
     except Exception as err:
         raise ConfigError(f"model={name}: cannot import _target_={spec['_target_']!r} ({err})") from None
+    hints = get_type_hints(cls.__init__)
+    for key, value in kwargs.items():
+        expected = hints.get(key)
+        if expected in (int, float, bool) and not (
+            type(value) is expected or (expected is float and type(value) is int)
+        ):
+            raise ConfigError(f"model.{key}={value!r}: model={name} expects {expected.__name__} for {key}")
     try:
         model = cls(
             in_channels=in_channels,

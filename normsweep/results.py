@@ -24,6 +24,7 @@ METRIC_COLUMNS = [
     "epoch_seconds",
     "images_per_second",
 ]
+GROUPS = ("model", "norm", "optimizer", "dataset")  # the config groups, as named in summary.json
 RESULT_COLUMNS = [
     "runs",
     "val_acc_mean",
@@ -105,7 +106,7 @@ def _read_job(job_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
     if overrides_file.is_file():
         overrides = parse_overrides(yaml.safe_load(overrides_file.read_text()) or [])
     else:
-        overrides = dict(summary.get("overrides", {}))
+        overrides = parse_overrides(summary.get("overrides", []))
     return overrides, summary
 
 
@@ -115,6 +116,7 @@ class Report:
     results: pd.DataFrame  # one row per configuration, best first
     keys: list[str]  # the override keys that define a configuration (all but seed)
     varying: list[str]  # the keys among them that take more than one value in this sweep
+    fixed: dict[str, Any]  # what every job shared: group choices (model=…) and overrides that did not vary
     curves: pd.DataFrame  # per configuration and epoch, metrics averaged over seeds
 
 
@@ -126,9 +128,10 @@ def _numeric(values: pd.Series) -> pd.Series:
 def collect(sweep_dir: Path) -> Report:
     """Read every job folder of a sweep into tidy tables."""
     sweep_dir = Path(sweep_dir)
-    rows, curves, keys = [], [], []
+    rows, curves, keys, choices = [], [], [], []
     for job_dir in _job_dirs(sweep_dir):
         overrides, summary = _read_job(job_dir)
+        choices.append({group: summary.get(group) for group in GROUPS})
         keys += [k for k in overrides if k != "seed" and k not in keys]
         row = {"job": str(job_dir.relative_to(sweep_dir)), **overrides}
         row["seed"] = summary.get("seed", overrides.get("seed"))
@@ -141,6 +144,9 @@ def collect(sweep_dir: Path) -> Report:
     for key in [*keys, "seed"]:
         runs[key] = _numeric(runs[key])
     varying = [k for k in keys if runs[k].nunique(dropna=False) > 1]
+    shared = pd.DataFrame(choices, columns=list(GROUPS))
+    fixed = {g: shared[g].iloc[0] for g in GROUPS if g not in keys and shared[g].nunique() == 1}
+    fixed.update({k: runs[k].iloc[0] for k in keys if k not in varying})
     per_epoch = pd.concat(curves) if curves else pd.DataFrame(columns=["job", *METRIC_COLUMNS])
     per_epoch = per_epoch.merge(runs[["job", *keys]], on="job")
     curve_means = (
@@ -149,7 +155,7 @@ def collect(sweep_dir: Path) -> Report:
         .reset_index()
     )
     results = summarize(runs, keys) if len(runs) else pd.DataFrame(columns=[*keys, *RESULT_COLUMNS])
-    return Report(runs=runs, results=results, keys=keys, varying=varying, curves=curve_means)
+    return Report(runs=runs, results=results, keys=keys, varying=varying, fixed=fixed, curves=curve_means)
 
 
 def _status(statuses: pd.Series) -> str:
@@ -182,6 +188,10 @@ def summarize(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     )
 
 
+def _settings(values: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
 def _label(row: pd.Series, keys: list[str]) -> str:
     return ", ".join(f"{k}={row[k]}" for k in keys) or "all runs"
 
@@ -192,11 +202,13 @@ def plot_curves(report: Report, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
     label_keys = report.varying or report.keys
     curves = report.curves
-    configs = curves[report.keys].drop_duplicates() if report.keys else pd.DataFrame(index=[0])
+    # Legend in the order of results.csv: best first.
+    configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
     for _, config in configs.iterrows():
         mask = pd.Series(True, index=curves.index)
         for key in report.keys:
@@ -211,7 +223,10 @@ def plot_curves(report: Report, path: Path) -> None:
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss" + suffix)
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize="small")
+    if report.fixed:
+        fig.suptitle(_settings(report.fixed), fontsize="medium")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -237,9 +252,8 @@ def format_table(report: Report) -> str:
     if results["runs"].max() <= 1:
         shown = [c for c in shown if not c.endswith("_std")]
     lines = [results[shown].to_string(index=False, float_format=lambda v: f"{v:.2f}")]
-    fixed = [k for k in report.keys if k not in report.varying]
-    if fixed and len(results):
-        lines.append("same in every run: " + " ".join(f"{k}={results[k].iloc[0]}" for k in fixed))
+    if report.fixed:
+        lines.append("same in every run: " + _settings(report.fixed))
     return "\n".join(lines)
 
 

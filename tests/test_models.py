@@ -74,3 +74,18 @@ def test_unknown_model_argument_is_a_clear_error() -> None:
             10,
             norm_factory(NormConfig(name="none"), "mlp"),
         )
+
+
+@pytest.mark.parametrize(
+    "value, message", [("abc", "expects int for hidden"), (2.5, "expects int"), (0, "at least one")]
+)
+def test_bad_model_argument_values_are_clear_errors(value, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_model(
+            "mlp",
+            {"_target_": TARGETS["mlp"], "hidden": value},
+            1,
+            (8, 8),
+            10,
+            norm_factory(NormConfig(name="bn"), "mlp"),
+        )

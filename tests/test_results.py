@@ -56,6 +56,10 @@ def make_job(sweep: Path, num: int, overrides: list[str], val_acc: float, seed: 
         "wall_seconds": 2.0,
         "seed": seed,
         "overrides": overrides,
+        "model": "simple_cnn",
+        "norm": "bn",
+        "optimizer": "adam",
+        "dataset": "digits",
     }
     (job / "summary.json").write_text(json.dumps(summary))
     return job
@@ -114,7 +118,8 @@ def test_printed_table_shows_swept_keys_and_fixed_ones(sweep: Path) -> None:
     text = format_table(aggregate(sweep))
     header = text.splitlines()[0].split()
     assert header[:2] == ["norm", "runs"] and "val_acc_std" in header and "epochs" not in header
-    assert "same in every run: epochs=3" in text
+    # Group choices every job shared, then overrides that did not vary; the swept norm is not among them.
+    assert "same in every run: model=simple_cnn optimizer=adam dataset=digits epochs=3" in text
     assert text.index("bn") < text.index("none")
 
 
