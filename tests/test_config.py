@@ -135,3 +135,20 @@ def test_bad_values_are_refused_with_the_key_named(compose_cfg, override: str, m
 def test_unknown_group_option_lists_the_available_ones(compose_cfg) -> None:
     with pytest.raises(ConfigCompositionException, match=r"(?s)norm/foo.*Available options.*gn"):
         compose_cfg(["norm=foo"])
+
+
+@pytest.mark.parametrize(
+    "dataset, padding, flip",
+    [
+        ("digits", 1, False),
+        ("mnist", 2, False),
+        ("fashion_mnist", 2, True),
+        ("cifar10", 4, True),
+        ("cifar100", 4, True),
+        ("svhn", 4, False),
+    ],
+)
+def test_each_data_set_declares_its_train_augmentation(compose_cfg, dataset: str, padding: int, flip: bool) -> None:
+    run = validate(compose_cfg([f"dataset={dataset}"]), "simple_cnn")
+    assert (run.dataset.crop_padding, run.dataset.hflip) == (padding, flip)
+    assert run.dataset.download is False  # nothing is fetched unless the user asks
