@@ -251,7 +251,14 @@ def format_table(report: Report) -> str:
     ]
     if results["runs"].max() <= 1:
         shown = [c for c in shown if not c.endswith("_std")]
-    lines = [results[shown].to_string(index=False, float_format=lambda v: f"{v:.2f}")]
+    # Two decimals for the figures; swept values (a learning rate of 0.0003, say) as typed, in %g.
+    formats = {c: "{:.2f}" if c.endswith(("_mean", "_std")) else "{:g}" for c in shown}
+    formatters = {
+        c: (lambda v, f=f: "" if pd.isna(v) else f.format(v))
+        for c, f in formats.items()
+        if results[c].dtype.kind == "f"
+    }
+    lines = [results[shown].to_string(index=False, formatters=formatters)]
     if report.fixed:
         lines.append("same in every run: " + _settings(report.fixed))
     return "\n".join(lines)

@@ -174,3 +174,11 @@ def test_aggregate_command_on_a_missing_folder(tmp_path: Path, capsys: pytest.Ca
     with pytest.raises(SystemExit) as exit_:
         aggregate_main([str(tmp_path / "nope")])
     assert exit_.value.code == 2 and "is not a folder" in capsys.readouterr().err
+
+
+def test_printed_table_keeps_small_swept_values(tmp_path: Path) -> None:
+    for num, lr in enumerate(("1e-3", "1e-2", "3e-4")):
+        make_job(tmp_path, num, [f"optimizer.lr={lr}"], 90.0 + num, seed=0)
+    text = format_table(aggregate(tmp_path))
+    assert "0.001 " in text and "0.0003 " in text and "0.01 " in text
+    assert "92.00" in text
