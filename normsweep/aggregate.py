@@ -11,7 +11,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from normsweep.results import aggregate, format_table
+from normsweep.results import aggregate, format_table, job_dirs
 
 log = logging.getLogger("normsweep")
 
@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder")
+    if not job_dirs(args.sweep_dir):
+        parser.error(
+            f"no normsweep jobs in {args.sweep_dir}: a sweep folder holds one folder per job, each with "
+            ".hydra/overrides.yaml or summary.json (e.g. multirun/2026-11-27/10-00-00)"
+        )
     report(args.sweep_dir)
     return 0
 

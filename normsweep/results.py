@@ -93,7 +93,7 @@ def parse_overrides(lines: list[str]) -> dict[str, str]:
     return parsed
 
 
-def _job_dirs(sweep_dir: Path) -> list[Path]:
+def job_dirs(sweep_dir: Path) -> list[Path]:
     markers = list(sweep_dir.rglob(SUMMARY_FILE)) + [p.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")]
     dirs = {p.parent for p in markers} - {sweep_dir}
     return sorted(dirs, key=lambda p: [int(t) if t.isdigit() else t for t in p.relative_to(sweep_dir).parts])
@@ -129,7 +129,7 @@ def collect(sweep_dir: Path) -> Report:
     """Read every job folder of a sweep into tidy tables."""
     sweep_dir = Path(sweep_dir)
     rows, curves, keys, choices = [], [], [], []
-    for job_dir in _job_dirs(sweep_dir):
+    for job_dir in job_dirs(sweep_dir):
         overrides, summary = _read_job(job_dir)
         choices.append({group: summary.get(group) for group in GROUPS})
         keys += [k for k in overrides if k != "seed" and k not in keys]
@@ -145,7 +145,7 @@ def collect(sweep_dir: Path) -> Report:
         runs[key] = _numeric(runs[key])
     varying = [k for k in keys if runs[k].nunique(dropna=False) > 1]
     shared = pd.DataFrame(choices, columns=list(GROUPS))
-    fixed = {g: shared[g].iloc[0] for g in GROUPS if g not in keys and shared[g].nunique() == 1}
+    fixed = {g: shared[g].dropna().iloc[0] for g in GROUPS if g not in keys and shared[g].nunique() == 1}
     fixed.update({k: runs[k].iloc[0] for k in keys if k not in varying})
     per_epoch = pd.concat(curves) if curves else pd.DataFrame(columns=["job", *METRIC_COLUMNS])
     per_epoch = per_epoch.merge(runs[["job", *keys]], on="job")

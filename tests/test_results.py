@@ -182,3 +182,10 @@ def test_printed_table_keeps_small_swept_values(tmp_path: Path) -> None:
     text = format_table(aggregate(tmp_path))
     assert "0.001 " in text and "0.0003 " in text and "0.01 " in text
     assert "92.00" in text
+
+
+def test_aggregate_command_on_a_folder_without_jobs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        aggregate_main([str(tmp_path)])
+    assert exit_.value.code == 2 and "no normsweep jobs in" in capsys.readouterr().err
+    assert not (tmp_path / "results.csv").exists()
