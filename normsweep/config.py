@@ -135,6 +135,11 @@ def validate(cfg: DictConfig, model_name: str) -> RunConfig:
         f"val_fraction={run.val_fraction}: it is the share of the training set held out for validation, "
         "strictly between 0 and 1 (e.g. val_fraction=0.2)",
     )
+    _check(
+        norm.name != "bn" or run.batch_size >= 2,
+        f"norm=bn batch_size={run.batch_size}: BatchNorm takes its statistics over the batch and needs at least "
+        "2 images per batch; use batch_size=2 or more, or a per-sample norm (ln, in, gn)",
+    )
     _check(norm.name in NORMS, f"norm.name={norm.name!r} is not one of {', '.join(NORMS)}")
     _check(norm.eps > 0, f"norm.eps={norm.eps}: must be > 0")
     _check(0 <= norm.momentum <= 1, f"norm.momentum={norm.momentum}: must be between 0 and 1")

@@ -125,6 +125,7 @@ def test_non_numeric_epochs_fails_at_composition(compose_cfg) -> None:
         ("norm.momentum=abc", "norm.momentum"),
         ("optimizer.schedule=step", "optimizer.schedule"),
         ("optimizer.betas=[0.9]", "optimizer.betas"),
+        ("batch_size=1", "norm=bn batch_size=1"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(compose_cfg, override: str, message: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from conftest import make_cifar, make_mnist, make_svhn
 
 from normsweep.config import ConfigError, DatasetConfig
-from normsweep.data import augment, load, normalize
+from normsweep.data import augment, channel_stats, load, normalize
 
 
 def test_digits_has_a_fixed_test_split_and_a_seeded_val_split() -> None:
@@ -29,7 +29,19 @@ def test_digits_has_a_fixed_test_split_and_a_seeded_val_split() -> None:
 def test_normalization_uses_training_statistics_only() -> None:
     data = load(DatasetConfig(name="digits"), val_fraction=0.2, seed=0)
     x = normalize(data.train.images, data)
-    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-2
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-4
+    pixels = data.train.images.double() / 255
+    assert float(data.mean[0]) == pytest.approx(float(pixels.mean()), rel=1e-6)
+    assert float(data.std[0]) == pytest.approx(float(pixels.std()), rel=1e-6)
+
+
+def test_channel_statistics_are_per_channel() -> None:
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    images[:, 1] = 255
+    images[:2, 2] = 51
+    stats = channel_stats(images)
+    torch.testing.assert_close(stats["mean"], torch.tensor([0.0, 1.0, 0.1]))
+    assert float(stats["std"][2]) == pytest.approx(float((images[:, 2].double() / 255).std()), rel=1e-5)
 
 
 def test_mnist_from_idx_files(tmp_path: Path) -> None:
