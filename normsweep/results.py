@@ -237,18 +237,8 @@ def plot_curves(report: Report, path: Path) -> None:
 def format_table(report: Report) -> str:
     """The comparison table as printed at the end of a sweep: swept keys and the figures that matter."""
     results = report.results
-    shown = [
-        *report.varying,
-        "runs",
-        "val_acc_mean",
-        "val_acc_std",
-        "best_val_acc_mean",
-        "test_acc_mean",
-        "test_acc_std",
-        "sec_per_epoch_mean",
-        "params",
-        "status",
-    ]
+    # The losses stay in results.csv; the printed table keeps to what decides between configurations.
+    shown = [*report.varying, *(c for c in RESULT_COLUMNS if c not in ("val_loss_mean", "train_loss_mean"))]
     if results["runs"].max() <= 1:
         shown = [c for c in shown if not c.endswith("_std")]
     # Two decimals for the figures; swept values (a learning rate of 0.0003, say) as typed, in %g.
