@@ -50,6 +50,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
 def build_optimizer(params: object, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(
@@ -59,8 +62,10 @@ def build_optimizer(params: object, cfg: OptimizerConfig) -> torch.optim.Optimiz
             nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
         )
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    raise ConfigError(f"optimizer.name={cfg.name!r}: normsweep builds {', '.join(OPTIMIZERS)}")
 
 
 def build_scheduler(
