@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from normsweep.results import aggregate, format_table, job_dirs
-
-log = logging.getLogger("normsweep")
 
 
 def report(sweep_dir: Path) -> None:

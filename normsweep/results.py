@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -56,13 +57,13 @@ RUN_FIELDS = {
 }
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -72,14 +73,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_metrics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(
+    atomic_write(
         Path(job_dir) / METRICS_FILE,
         pd.DataFrame(rows, columns=METRIC_COLUMNS).to_csv(index=False, float_format="%.6g"),
     )
 
 
 def write_summary(job_dir: Path, summary: dict[str, Any]) -> None:
-    atomic_write_text(Path(job_dir) / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    atomic_write(Path(job_dir) / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
 
 
 def parse_overrides(lines: list[str]) -> dict[str, str]:
@@ -228,10 +229,10 @@ def plot_curves(report: Report, path: Path) -> None:
     if report.fixed:
         fig.suptitle(_settings(report.fixed), fontsize="medium")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, image.getvalue())
 
 
 def format_table(report: Report) -> str:
@@ -258,8 +259,8 @@ def aggregate(sweep_dir: Path) -> Report:
     """Write runs.csv, results.csv and curves.png into `sweep_dir` and return what was aggregated."""
     sweep_dir = Path(sweep_dir)
     report = collect(sweep_dir)
-    atomic_write_text(sweep_dir / "runs.csv", report.runs.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(sweep_dir / "results.csv", report.results.to_csv(index=False, float_format="%.6g"))
+    atomic_write(sweep_dir / "runs.csv", report.runs.to_csv(index=False, float_format="%.6g"))
+    atomic_write(sweep_dir / "results.csv", report.results.to_csv(index=False, float_format="%.6g"))
     if len(report.curves):
         plot_curves(report, sweep_dir / "curves.png")
     return report

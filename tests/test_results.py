@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from normsweep.aggregate import main as aggregate_main
-from normsweep.results import aggregate, atomic_write_text, format_table, parse_overrides
+from normsweep.results import aggregate, atomic_write, format_table, parse_overrides
 
 # val_acc per (norm, seed): bn is best on average, none worst.
 VAL = {
@@ -158,8 +158,8 @@ def test_overrides_parsing() -> None:
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
     target = tmp_path / "results.csv"
-    atomic_write_text(target, "old\n")
-    atomic_write_text(target, "new\n")
+    atomic_write(target, "old\n")
+    atomic_write(target, "new\n")
     assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
 
 
