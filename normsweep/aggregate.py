@@ -10,21 +10,35 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from normsweep.results import aggregate, format_table, job_dirs
+from normsweep.results import Report, aggregate, format_table, job_dirs, problems
 
 
-def report(sweep_dir: Path) -> None:
-    """Aggregate `sweep_dir` and print the comparison table with the path of results.csv."""
+def report(sweep_dir: Path) -> Report:
+    """Aggregate `sweep_dir`; print the comparison table, where results.csv is, and a line per job in trouble."""
     result = aggregate(sweep_dir)
     print(format_table(result), flush=True)
     print(f"\nresults: {Path(sweep_dir).resolve() / 'results.csv'}  ({len(result.runs)} jobs)", flush=True)
+    lines = problems(result)
+    if lines:
+        print("\n" + "\n".join(lines), flush=True)
+    return result
 
 
 class AggregateCallback(Callback):
-    """Runs the aggregator in the launcher process once every job of a multirun has ended."""
+    """Runs the aggregator in the launcher process once every job of a multirun has ended; the sweep then exits
+    with status 1 if any job failed (a diverged job is a result, not a failure)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        report(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        result = report(sweep_dir)
+        failed = int((result.runs["status"] == "failed").sum())
+        if failed:
+            print(
+                f"{failed} of {len(result.runs)} jobs failed; each job's log is {sweep_dir}/JOB/normsweep.log",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,28 @@ def config_dir() -> str:
         if (candidate / "config.yaml").is_file():
             return str(candidate)
     raise FileNotFoundError(f"normsweep's conf/ folder is missing next to {here}; the installation is broken")
+
+
+def new_dir(path: str) -> str:
+    """Claim a folder no other run has: `path` itself, or else `path-2`, `path-3`, … (an atomic mkdir decides).
+
+    The default run and sweep folders go through it (`${normsweep.new_dir:multirun/DATE/TIME}`), so two runs
+    started in the same second never share a folder, and a folder that already exists is only ever entered by
+    naming it (to resume it). Registered as a cached resolver, like Hydra's `now`: one claim per launch.
+    """
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return str(candidate)
+    raise AssertionError("unreachable")
+
+
+OmegaConf.register_new_resolver("normsweep.new_dir", new_dir, use_cache=True, replace=True)
 
 
 @dataclass

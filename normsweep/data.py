@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,6 +74,15 @@ def _as_split(images: np.ndarray | torch.Tensor, labels: object, channels_last: 
     return Split(x.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
 
+def _damaged(cfg: DatasetConfig, class_name: str, root: Path, err: Exception) -> ConfigError:
+    """Files that are there but that torchvision cannot parse: truncated, or from another version."""
+    return ConfigError(
+        f"dataset={cfg.name}: the {class_name} files in {root} cannot be read ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else 'no detail'}); they may be damaged or partial. Delete them and "
+        "download again (dataset.download=true), or point dataset.root at a good copy"
+    )
+
+
 def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tuple[Split, Split, int]]:
     """A loader that runs torchvision's own file parsing, then keeps the raw uint8 arrays."""
 
@@ -93,12 +103,14 @@ def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tu
                 ) from None
             except RuntimeError as err:
                 if "download=True" not in str(err):
-                    raise
+                    raise _damaged(cfg, class_name, root, err) from err
                 raise ConfigError(
                     f"dataset={cfg.name}: {class_name} is not in {root} (or its files are incomplete). "
                     f"Either put the data set there or point dataset.root=/path/to/it at the folder that "
                     f"holds it, or add dataset.download=true to download it."
                 ) from None
+            except (ValueError, EOFError, KeyError, IndexError, pickle.UnpicklingError) as err:
+                raise _damaged(cfg, class_name, root, err) from err
             labels = getattr(ds, "targets", None)
             if labels is None:
                 labels = ds.labels

@@ -1,8 +1,14 @@
-"""One training job from a validated config: data + model → train loop → metrics.csv and summary.json."""
+"""One training job in its folder: data + model → train loop → metrics.csv, checkpoint.pt and summary.json.
+
+A job resumes whatever its folder holds: a finished job is kept as it is, a stopped one continues from its last
+checkpoint, and a folder holding another job is refused before anything in it changes.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,20 +17,37 @@ from typing import Any
 import torch
 
 from normsweep import data as datasets
-from normsweep.config import RunConfig
+from normsweep.config import ConfigError, RunConfig
 from normsweep.models import build_model
 from normsweep.norms import norm_factory
-from normsweep.results import write_metrics, write_summary
+from normsweep.results import FINISHED, GROUPS, load_summary, write_metrics, write_summary
+from normsweep.resume import check_resumable, load_checkpoint, save_checkpoint
 from normsweep.train import EpochMetrics, evaluate, fit, resolve_device
 
 log = logging.getLogger("normsweep")
 
 
-def run_job(run: RunConfig, job_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """Train one configuration, writing metrics.csv after every epoch and summary.json at the end."""
+def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[str, Any]) -> dict[str, Any]:
+    """Train one configuration in `job_dir`, or finish it there; returns its summary.
+
+    `config` is the job's resolved config as the user wrote it: summary.json keeps it, and a later run in the
+    same folder must bring the same one.
+    """
     started = time.perf_counter()
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(job_dir, config)
+    previous = load_summary(job_dir)
+    if previous["status"] in FINISHED:
+        log.info(
+            "%s: kept from an earlier run (%s, %d epochs, val_acc %.2f%%)",
+            job_dir,
+            previous["status"],
+            previous.get("epochs_completed", 0),
+            previous.get("final_val_acc", float("nan")),
+        )
+        return previous
+
     device = resolve_device(run.device)
     data = datasets.load(run.dataset, run.val_fraction, run.seed)
     torch.manual_seed(run.seed)
@@ -37,9 +60,30 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str]) -> dict[str, An
         f"{len(data.test)} test images, {c}x{h}x{w}, {data.num_classes} classes | {params} parameters"
     )
     data, model = data.to(device), model.to(device)
-    rows: list[dict[str, Any]] = []
 
-    def record(m: EpochMetrics) -> None:
+    state = load_checkpoint(job_dir)
+    resumed_from = state["epoch"] if state else 0
+    rows: list[dict[str, Any]] = list(state["history"]) if state else []
+    if state:
+        log.info("resuming from the checkpoint of epoch %d/%d in %s", resumed_from, run.epochs, job_dir)
+        write_metrics(job_dir, rows)  # drops any row written after that checkpoint
+    identity = {
+        "seed": run.seed,
+        "model": run.model_name,
+        "norm": run.norm.name,
+        "optimizer": run.optimizer.name,
+        "dataset": run.dataset.name,
+        "overrides": overrides,
+        "config": config,
+    }
+    process = {"pid": os.getpid(), "host": socket.gethostname(), "device": str(device)}
+    write_summary(
+        job_dir, {"status": "running", "epochs_completed": resumed_from, "epochs": run.epochs, **process, **identity}
+    )
+
+    def record(m: EpochMetrics, snapshot: Any) -> None:
+        if m.finite:  # the checkpoint first: a kill between the two files loses nothing
+            save_checkpoint(job_dir, snapshot())
         rows.append(asdict(m))
         write_metrics(job_dir, rows)
         log.info(
@@ -48,14 +92,30 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str]) -> dict[str, An
             f"{m.images_per_second:.0f} img/s)"
         )
 
-    history = fit(model, data, run.optimizer, run.epochs, run.batch_size, run.seed, on_epoch=record)
+    try:
+        history = fit(model, data, run.optimizer, run.epochs, run.batch_size, run.seed, on_epoch=record, state=state)
+    except KeyboardInterrupt:
+        write_summary(
+            job_dir,
+            {"status": "incomplete", "epochs_completed": len(rows), "epochs": run.epochs, **process, **identity},
+        )
+        raise
+    last = history[-1]
+    diverged = not last.finite
+    if diverged:
+        log.warning(
+            "diverged: the loss is not finite in epoch %d (train_loss %s, val_loss %s); stopped there",
+            last.epoch,
+            last.train_loss,
+            last.val_loss,
+        )
     test_loss, test_acc = evaluate(model, data.test, data)
     best = max(history, key=lambda m: m.val_acc)
-    last = history[-1]
     summary = {
-        "status": "completed",
+        "status": "diverged" if diverged else "completed",
         "epochs_completed": len(history),
         "epochs": run.epochs,
+        "diverged_epoch": last.epoch if diverged else None,
         "final_val_acc": last.val_acc,
         "final_val_loss": last.val_loss,
         "best_val_acc": best.val_acc,
@@ -65,16 +125,33 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str]) -> dict[str, An
         "test_acc": test_acc,
         "test_loss": test_loss,
         "params": params,
-        "device": str(device),
         "sec_per_epoch": sum(m.epoch_seconds for m in history) / len(history),
         "wall_seconds": time.perf_counter() - started,
-        "seed": run.seed,
-        "model": run.model_name,
-        "norm": run.norm.name,
-        "optimizer": run.optimizer.name,
-        "dataset": run.dataset.name,
-        "overrides": overrides,
+        "resumed_from_epoch": resumed_from,
+        **process,
+        **identity,
     }
     write_summary(job_dir, summary)
     log.info("test_acc %.2f%% test_loss %.4f (final model, %d test images)", test_acc, test_loss, len(data.test))
+    return summary
+
+
+def record_failure(
+    job_dir: Path, error: Exception, overrides: list[str], config: dict[str, Any], choices: dict[str, str]
+) -> dict[str, Any]:
+    """Write summary.json for a job that raised: status `failed`, the error, and what the job was."""
+    message = str(error).strip() or type(error).__name__
+    if not isinstance(error, ConfigError):  # a ConfigError speaks for itself; anything else is named
+        message = f"{type(error).__name__}: {message}"
+    summary = {
+        "status": "failed",
+        "error": message,
+        "seed": config.get("seed"),
+        **{group: choices.get(group) for group in GROUPS},
+        "host": socket.gethostname(),
+        "overrides": overrides,
+        "config": config,
+    }
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    write_summary(job_dir, summary)
     return summary

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,17 @@ METRIC_COLUMNS = [
     "images_per_second",
 ]
 GROUPS = ("model", "norm", "optimizer", "dataset")  # the config groups, as named in summary.json
+# A job's status, as summary.json and the aggregator report it:
+#   not started   no summary.json yet
+#   running       training now (its process is alive, or it runs on another machine)
+#   incomplete    stopped before the end (killed, interrupted, preempted): resuming continues it
+#   completed     trained every epoch
+#   diverged      stopped early on a non-finite loss: a result, not an error
+#   failed        raised an error (message in `error`)
+#   corrupt       summary.json cannot be read
+FINISHED = ("completed", "diverged")  # the statuses whose results count and are kept on resume
+UNFINISHED = ("running", "incomplete", "failed")
+ATTENTION = ("failed", "incomplete", "corrupt")  # statuses that get a line of their own under the table
 RESULT_COLUMNS = [
     "runs",
     "val_acc_mean",
@@ -43,6 +56,7 @@ RESULT_COLUMNS = [
 RUN_FIELDS = {
     "status": "status",
     "epochs_completed": "epochs_completed",
+    "diverged_epoch": "diverged_epoch",
     "val_acc": "final_val_acc",
     "best_val_acc": "best_val_acc",
     "test_acc": "test_acc",
@@ -54,7 +68,15 @@ RUN_FIELDS = {
     "params": "params",
     "device": "device",
     "wall_seconds": "wall_seconds",
+    "error": "error",
 }
+
+
+def _file_mode() -> int:
+    """The permissions `open()` would give a new file: mkstemp's are owner-only, too strict for shared results."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -62,6 +84,7 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
@@ -75,12 +98,24 @@ def atomic_write(path: Path, data: str | bytes) -> None:
 def write_metrics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write(
         Path(job_dir) / METRICS_FILE,
-        pd.DataFrame(rows, columns=METRIC_COLUMNS).to_csv(index=False, float_format="%.6g"),
+        pd.DataFrame(rows, columns=METRIC_COLUMNS).to_csv(index=False, float_format="%.6g", na_rep="nan"),
     )
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity (a diverged loss) become null: summary.json stays standard JSON for any reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_summary(job_dir: Path, summary: dict[str, Any]) -> None:
-    atomic_write(Path(job_dir) / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
+    atomic_write(Path(job_dir) / SUMMARY_FILE, text + "\n")
 
 
 def parse_overrides(lines: list[str]) -> dict[str, str]:
@@ -97,18 +132,70 @@ def parse_overrides(lines: list[str]) -> dict[str, str]:
 def job_dirs(sweep_dir: Path) -> list[Path]:
     markers = list(sweep_dir.rglob(SUMMARY_FILE)) + [p.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")]
     dirs = {p.parent for p in markers} - {sweep_dir}
-    return sorted(dirs, key=lambda p: [int(t) if t.isdigit() else t for t in p.relative_to(sweep_dir).parts])
+    # Job 10 after job 9: numeric names by value, any other name after them, alphabetically.
+    return sorted(
+        dirs, key=lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in p.relative_to(sweep_dir).parts]
+    )
 
 
-def _read_job(job_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+def _alive(summary: dict[str, Any]) -> bool:
+    """Whether the process that wrote a `running` summary still runs (a job on another host is given the benefit)."""
+    if summary.get("host") != socket.gethostname() or not isinstance(summary.get("pid"), int):
+        return True
+    try:
+        os.kill(summary["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load_summary(job_dir: Path) -> dict[str, Any]:
+    """A job's summary.json, or what can be said without one; never raises, whatever state the folder is in."""
+    path = Path(job_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return {"status": "not started"}
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        reason = "it is empty" if not path.stat().st_size else f"it is not valid JSON ({err})"
+        return {"status": "corrupt", "error": f"{SUMMARY_FILE} cannot be read: {reason}"}
+    if not isinstance(summary, dict) or not isinstance(summary.get("status"), str):
+        return {"status": "corrupt", "error": f"{SUMMARY_FILE} holds no job status"}
+    if summary["status"] == "running" and not _alive(summary):
+        summary["status"] = "incomplete"
+    return summary
+
+
+def _read_metrics(job_dir: Path) -> tuple[pd.DataFrame | None, str | None]:
+    path = job_dir / METRICS_FILE
+    if not path.is_file():
+        return None, None
+    try:
+        metrics = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # pandas' parser errors are ValueErrors
+        return None, f"{METRICS_FILE} cannot be read: {str(err).splitlines()[0] if str(err) else 'it is empty'}"
+    if not set(METRIC_COLUMNS) <= set(metrics.columns):
+        return None, f"{METRICS_FILE} lacks the columns {', '.join(sorted(set(METRIC_COLUMNS) - set(metrics.columns)))}"
+    return metrics, None
+
+
+def _read_job(job_dir: Path) -> tuple[dict[str, str], dict[str, Any], pd.DataFrame | None]:
+    summary = load_summary(job_dir)
+    metrics, metrics_error = _read_metrics(job_dir)
+    if metrics_error and not summary.get("error"):
+        summary["error"] = metrics_error
+    if metrics is not None and (summary.get("epochs_completed") is None or summary["status"] in UNFINISHED):
+        summary["epochs_completed"] = len(metrics)  # a job still going (or stopped) counts its metrics rows
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
-    summary_file = job_dir / SUMMARY_FILE
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"status": "not started"}
+    overrides_list: Any = summary.get("overrides") if isinstance(summary.get("overrides"), list) else []
     if overrides_file.is_file():
-        overrides = parse_overrides(yaml.safe_load(overrides_file.read_text()) or [])
-    else:
-        overrides = parse_overrides(summary.get("overrides", []))
-    return overrides, summary
+        try:
+            overrides_list = yaml.safe_load(overrides_file.read_text()) or []
+        except (OSError, yaml.YAMLError):
+            pass
+    return parse_overrides([str(o) for o in overrides_list]), summary, metrics
 
 
 @dataclass
@@ -131,16 +218,16 @@ def collect(sweep_dir: Path) -> Report:
     sweep_dir = Path(sweep_dir)
     rows, curves, keys, choices = [], [], [], []
     for job_dir in job_dirs(sweep_dir):
-        overrides, summary = _read_job(job_dir)
+        overrides, summary, metrics = _read_job(job_dir)
         choices.append({group: summary.get(group) for group in GROUPS})
         keys += [k for k in overrides if k != "seed" and k not in keys]
         row = {"job": str(job_dir.relative_to(sweep_dir)), **overrides}
         row["seed"] = summary.get("seed", overrides.get("seed"))
         row.update({column: summary.get(field) for column, field in RUN_FIELDS.items()})
         rows.append(row)
-        metrics_file = job_dir / METRICS_FILE
-        if metrics_file.is_file():
-            curves.append(pd.read_csv(metrics_file).assign(job=row["job"]))
+        # Curves, like the results, come from finished jobs only: a partial run would drag the late epochs.
+        if metrics is not None and summary["status"] in FINISHED:
+            curves.append(metrics.assign(job=row["job"]))
     runs = pd.DataFrame(rows, columns=["job", *keys, "seed", *RUN_FIELDS])
     for key in [*keys, "seed"]:
         runs[key] = _numeric(runs[key])
@@ -171,7 +258,7 @@ def summarize(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     frame = runs.assign(_all="all")
     by = keys or ["_all"]
     results = frame.groupby(by, dropna=False, sort=False).agg(
-        runs=("job", "size"),
+        runs=("val_acc", "count"),  # jobs with a result: completed or diverged
         val_acc_mean=("val_acc", "mean"),
         val_acc_std=("val_acc", "std"),
         best_val_acc_mean=("best_val_acc", "mean"),
@@ -249,10 +336,30 @@ def format_table(report: Report) -> str:
         for c, f in formats.items()
         if results[c].dtype.kind == "f"
     }
-    lines = [results[shown].to_string(index=False, formatters=formatters)]
+    lines = [results[shown].to_string(index=False, formatters=formatters, na_rep="-")]
     if report.fixed:
         lines.append("same in every run: " + _settings(report.fixed))
     return "\n".join(lines)
+
+
+def problems(report: Report) -> list[str]:
+    """One line per job that failed, stopped early or cannot be read: status, folder, settings, error."""
+    lines = []
+    for _, row in report.runs[report.runs["status"].isin(ATTENTION)].iterrows():
+        settings = " ".join(
+            f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+            for k in [*report.keys, "seed"]
+            if pd.notna(row[k])
+        )
+        if pd.notna(row["error"]) and str(row["error"]).strip():
+            detail = str(row["error"]).strip().splitlines()[0]
+        elif row["status"] == "incomplete":
+            done = int(row["epochs_completed"]) if pd.notna(row["epochs_completed"]) else 0
+            detail = f"stopped after epoch {done}; run the same command with its folder to resume it"
+        else:
+            detail = "no error recorded"
+        lines.append(f"{row['status']}: job {row['job']} ({settings}): {detail}")
+    return lines
 
 
 def aggregate(sweep_dir: Path) -> Report:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,11 @@ class EpochMetrics:
     lr: float
     epoch_seconds: float  # training and validation of this epoch
     images_per_second: float  # training images per second of training time
+
+    @property
+    def finite(self) -> bool:
+        """False once the run has diverged: a NaN or infinite loss."""
+        return math.isfinite(self.train_loss) and math.isfinite(self.val_loss)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,16 +113,41 @@ def fit(
     epochs: int,
     batch_size: int,
     seed: int,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_epoch: Callable[[EpochMetrics, Callable[[], dict[str, Any]]], None] | None = None,
+    state: dict[str, Any] | None = None,
 ) -> list[EpochMetrics]:
-    """Train `model` on `data` (both already on the device); returns one EpochMetrics per epoch."""
+    """Train `model` on `data` (both already on the device); returns one EpochMetrics per epoch.
+
+    After each epoch `on_epoch(metrics, snapshot)` is called; `snapshot()` returns everything needed to continue
+    exactly from there (weights, optimizer, scheduler, random state, history), and passing that back as `state`
+    resumes the run: the remaining epochs give the same numbers as an uninterrupted run. Training stops after
+    the first epoch whose loss is not finite (the run diverged); that epoch is the last one returned.
+    """
     device = data.train.labels.device
     generator = torch.Generator(device=device).manual_seed(seed)
     optimizer = build_optimizer(model.parameters(), optimizer_cfg)
     scheduler = build_scheduler(optimizer, optimizer_cfg.schedule, epochs)
+    history: list[EpochMetrics] = []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        history = [EpochMetrics(**m) for m in state["history"]]
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "epoch": len(history),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
+            "history": [asdict(m) for m in history],
+        }
+
     n = len(data.train)
-    history = []
-    for epoch in range(1, epochs + 1):
+    for epoch in range(len(history) + 1, epochs + 1):
         start = time.perf_counter()
         model.train()
         lr = optimizer.param_groups[0]["lr"]
@@ -150,5 +181,7 @@ def fit(
         )
         history.append(metrics)
         if on_epoch is not None:
-            on_epoch(metrics)
+            on_epoch(metrics, snapshot)
+        if not metrics.finite:
+            break
     return history

@@ -23,6 +23,10 @@ def test_wheel_ships_the_configs_and_runs_from_elsewhere(tmp_path: Path) -> None
     names = zipfile.ZipFile(wheel).namelist()
     for config in ("config.yaml", "norm/gn.yaml", "model/deep_cnn.yaml", "hydra/default.yaml", "dataset/digits.yaml"):
         assert f"normsweep/conf/{config}" in names
+    # The sweeper plugin, inside Hydra's namespace package (no __init__.py of its own there, or it would hide the
+    # other Hydra plugins installed, such as the joblib launcher).
+    assert "hydra_plugins/normsweep_sweeper/resuming_sweeper.py" in names
+    assert "hydra_plugins/__init__.py" not in names
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -36,7 +40,7 @@ def test_wheel_ships_the_configs_and_runs_from_elsewhere(tmp_path: Path) -> None
     assert module_file.startswith(str(site)) and conf == str(site / "normsweep" / "conf")
 
     run = subprocess.run(
-        [sys.executable, "-m", "normsweep", "epochs=1", "norm=ln", "hydra.run.dir=run"],
+        [sys.executable, "-m", "normsweep", "-m", "epochs=1", "norm=ln,gn", "hydra.sweep.dir=run"],
         cwd=elsewhere,
         env=env,
         capture_output=True,
@@ -44,4 +48,4 @@ def test_wheel_ships_the_configs_and_runs_from_elsewhere(tmp_path: Path) -> None
         timeout=240,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert (elsewhere / "run" / "summary.json").is_file()
+    assert (elsewhere / "run" / "results.csv").is_file() and (elsewhere / "run" / "1" / "summary.json").is_file()

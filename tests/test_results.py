@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +14,7 @@ import pytest
 import yaml
 
 from normsweep.aggregate import main as aggregate_main
-from normsweep.results import aggregate, atomic_write, format_table, parse_overrides
+from normsweep.results import aggregate, atomic_write, format_table, parse_overrides, problems, write_summary
 
 # val_acc per (norm, seed): bn is best on average, none worst.
 VAL = {
@@ -161,6 +165,8 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
     atomic_write(target, "old\n")
     atomic_write(target, "new\n")
     assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+    (tmp_path / "plain.txt").write_text("x")  # shared as any file the user writes, not owner-only
+    assert target.stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
 
 
 def test_aggregate_command_on_an_existing_sweep(sweep: Path, capsys: pytest.CaptureFixture) -> None:
@@ -189,3 +195,99 @@ def test_aggregate_command_on_a_folder_without_jobs(tmp_path: Path, capsys: pyte
         aggregate_main([str(tmp_path)])
     assert exit_.value.code == 2 and "no normsweep jobs in" in capsys.readouterr().err
     assert not (tmp_path / "results.csv").exists()
+
+
+def _pid_of_a_finished_process() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def _broken_job(sweep: Path, num: int, norm: str, summary_text: str | None, metric_rows: int = 0) -> Path:
+    job = make_job(sweep, num, [f"norm={norm}", "seed=0", "epochs=3"], 50.0, seed=0, epochs=3)
+    (job / "summary.json").unlink()
+    if summary_text is not None:
+        (job / "summary.json").write_text(summary_text)
+    metrics = pd.read_csv(job / "metrics.csv")
+    metrics.head(metric_rows).to_csv(job / "metrics.csv", index=False)
+    return job
+
+
+@pytest.mark.parametrize(
+    "summary, rows, status, error",
+    [
+        (None, 0, "not started", None),
+        ({"status": "running", "pid": os.getpid()}, 2, "running", None),  # this very process: alive
+        ({"status": "running", "pid": "dead"}, 2, "incomplete", None),
+        ({"status": "running", "pid": os.getpid(), "host": "another-machine"}, 1, "running", None),
+        ({"status": "incomplete"}, 1, "incomplete", None),
+        ({"status": "failed", "error": "CUDA out of memory"}, 0, "failed", "CUDA out of memory"),
+        ("", 2, "corrupt", "summary.json cannot be read: it is empty"),
+        ('{"status": "compl', 2, "corrupt", "summary.json cannot be read: it is not valid JSON"),
+        ("[1, 2]", 0, "corrupt", "summary.json holds no job status"),
+    ],
+)
+def test_every_folder_state_is_reported_in_its_row_and_the_others_are_kept(
+    sweep: Path, summary: dict | str | None, rows: int, status: str, error: str | None
+) -> None:
+    if isinstance(summary, dict):
+        pid = _pid_of_a_finished_process() if summary.get("pid") == "dead" else summary.get("pid", os.getpid())
+        summary = json.dumps({"host": socket.gethostname(), **summary, "pid": pid, "seed": 0, "norm": "ln"})
+    _broken_job(sweep, 9, "ln", summary, metric_rows=rows)
+    report = aggregate(sweep)
+    run = report.runs.set_index("norm").loc["ln"]
+    assert run["status"] == status
+    assert pd.isna(run["error"]) if error is None else run["error"].startswith(error)
+    if status in ("running", "incomplete"):
+        assert run["epochs_completed"] == rows  # progress is counted from metrics.csv
+    # The row has no result, so it neither counts as a run nor shows up in the curves or means...
+    results = report.results.set_index("norm")
+    assert results.loc["ln", "runs"] == 0 and pd.isna(results.loc["ln", "val_acc_mean"])
+    assert results.loc["ln", "status"] == status and "ln" not in set(report.curves["norm"])
+    # ...and every other job is still aggregated as before.
+    assert results.loc["bn", "val_acc_mean"] == pytest.approx(96.0) and results.loc["bn", "runs"] == 2
+    assert (sweep / "results.csv").is_file() and (sweep / "curves.png").is_file()
+
+
+def test_failed_stopped_and_corrupt_jobs_each_get_a_line(sweep: Path) -> None:
+    _broken_job(sweep, 7, "ln", json.dumps({"status": "failed", "error": "RuntimeError: boom\nsecond line"}))
+    _broken_job(sweep, 8, "in", json.dumps({"status": "incomplete"}), metric_rows=2)
+    _broken_job(sweep, 9, "none", "")
+    lines = problems(aggregate(sweep))
+    assert lines == [
+        "failed: job 7 (norm=ln epochs=3 seed=0): RuntimeError: boom",
+        "incomplete: job 8 (norm=in epochs=3 seed=0): stopped after epoch 2; "
+        "run the same command with its folder to resume it",
+        "corrupt: job 9 (norm=none epochs=3 seed=0): summary.json cannot be read: it is empty",
+    ]
+
+
+def test_an_unreadable_metrics_file_keeps_the_job_and_says_why(sweep: Path) -> None:
+    (sweep / "0" / "metrics.csv").write_bytes(b"\xff\xfe\x00garbage")
+    report = aggregate(sweep)
+    run = report.runs.set_index("job").loc["0"]
+    assert run["status"] == "completed" and run["val_acc"] == 95.0
+    assert run["error"].startswith("metrics.csv")
+
+
+def test_diverged_jobs_count_as_results_with_their_status(sweep: Path) -> None:
+    job = make_job(sweep, 9, ["norm=bn", "seed=2", "epochs=3"], 10.0, seed=2)
+    summary = json.loads((job / "summary.json").read_text())
+    summary.update(status="diverged", diverged_epoch=2, final_val_loss=None, final_train_loss=None)
+    (job / "summary.json").write_text(json.dumps(summary))
+    bn = aggregate(sweep).results.set_index("norm").loc["bn"]
+    assert bn["runs"] == 3 and bn["status"] == "2 completed, 1 diverged"
+    assert bn["val_acc_mean"] == pytest.approx((95 + 97 + 10) / 3)
+
+
+def test_summary_json_stays_standard_json_when_the_loss_is_nan(tmp_path: Path) -> None:
+    write_summary(tmp_path, {"status": "diverged", "final_val_loss": float("nan"), "losses": [1.0, float("inf")]})
+    text = (tmp_path / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["final_val_loss"] is None
+
+
+def test_jobs_are_listed_by_number_whatever_else_the_folder_holds(tmp_path: Path) -> None:
+    for num in (10, 9):
+        make_job(tmp_path, num, [f"seed={num}"], 90.0, seed=num)
+    make_job(tmp_path / "extra", 0, ["seed=0"], 90.0, seed=0)  # another sweep copied inside, say
+    assert list(aggregate(tmp_path).runs["job"]) == ["9", "10", "extra/0"]

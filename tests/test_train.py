@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pytest
 import torch
 
 from normsweep.config import DatasetConfig, NormConfig, OptimizerConfig
 from normsweep.data import Data, Split, load
-from normsweep.models import SimpleCNN
+from normsweep.models import MLP, SimpleCNN
 from normsweep.norms import norm_factory
 from normsweep.train import batch_slices, build_scheduler, evaluate, fit
 
@@ -47,10 +48,50 @@ def test_same_seed_same_numbers_other_seed_other_numbers(digits: Data) -> None:
 
 
 def test_last_batch_of_one_sample_with_batchnorm(digits: Data) -> None:
-    # 65 training images in batches of 64 would leave one image alone in the last batch.
+    # 65 training images in batches of 64 would leave one image alone in the last batch; BatchNorm on fc
+    # features (the MLP) cannot normalize a batch of one, and raises if it is ever given one.
     small = dataclasses.replace(digits, train=Split(digits.train.images[:65], digits.train.labels[:65]))
-    _, history = train(small, norm="bn", epochs=2, batch_size=64)
-    assert len(history) == 2 and all(torch.isfinite(torch.tensor(m.train_loss)) for m in history)
+    torch.manual_seed(0)
+    model = MLP(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "mlp"))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model(torch.zeros(1, 1, 8, 8))
+    history = fit(model, small, ADAM, epochs=2, batch_size=64, seed=0)
+    assert len(history) == 2 and all(m.finite for m in history)
+
+
+def test_resuming_from_a_snapshot_gives_the_uninterrupted_numbers(digits: Data) -> None:
+    def numbers(h):
+        return [(m.epoch, m.train_loss, m.train_acc, m.val_loss, m.val_acc, m.lr) for m in h]
+
+    saved = {}
+
+    def keep_epoch_2(m, snapshot):
+        if m.epoch == 2:  # serialized as the job does, so later steps cannot alter it
+            buffer = io.BytesIO()
+            torch.save(snapshot(), buffer)
+            saved["state"] = buffer.getvalue()
+
+    cosine_sgd = OptimizerConfig(name="sgd", lr=0.05, schedule="cosine")  # momentum and a schedule to restore
+    torch.manual_seed(0)
+    model = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "simple_cnn"))
+    full = fit(model, digits, cosine_sgd, epochs=4, batch_size=64, seed=0, on_epoch=keep_epoch_2)
+
+    torch.manual_seed(123)  # a fresh model with other weights: everything must come from the snapshot
+    fresh = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "simple_cnn"))
+    state = torch.load(io.BytesIO(saved["state"]), weights_only=True)
+    resumed = fit(fresh, digits, cosine_sgd, epochs=4, batch_size=64, seed=0, state=state)
+    assert numbers(resumed) == numbers(full)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_epoch(digits: Data) -> None:
+    torch.manual_seed(0)
+    model = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="none"), "simple_cnn"))
+    seen = []
+    history = fit(model, digits, OptimizerConfig(name="sgd", lr=1000.0), 5, 64, 0, on_epoch=lambda m, _: seen.append(m))
+    assert len(history) < 5 and not history[-1].finite and all(m.finite for m in history[:-1])
+    assert seen == history  # the diverged epoch is reported too
 
 
 def test_batches_cover_every_sample_once() -> None:

@@ -1,0 +1,213 @@
+"""Faults injected into real sweeps, run as a user runs them: failing, diverging, killed, resumed, refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import make_mnist, run_cli
+
+VALUES = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]  # metrics.csv without the timings
+
+
+def _summary(job: Path) -> dict:
+    return json.loads((job / "summary.json").read_text())
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def _popen(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "normsweep", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def _wait_for_rows(path: Path, rows: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) - 1 >= rows:
+            return
+        assert proc.poll() is None, proc.communicate()[0].decode()
+        time.sleep(0.005)
+    raise AssertionError(f"{path} never reached {rows} rows")
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    proc = run_cli(["-m", "model=mlp", "norm=bn,in,ln", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert "Traceback" not in output
+    assert "failed: job 1 (model=mlp norm=in epochs=1 seed=0): model=mlp norm=in: InstanceNorm" in output
+    assert "1 of 3 jobs failed" in output
+    failed = _summary(tmp_path / "s" / "1")
+    assert failed["status"] == "failed" and failed["error"].startswith("model=mlp norm=in")
+    assert _summary(tmp_path / "s" / "2")["status"] == "completed"  # the job after the failure ran
+    results = pd.read_csv(tmp_path / "s" / "results.csv").set_index("norm")
+    assert results.loc["in", "status"] == "failed" and results.loc["in", "runs"] == 0
+    assert (results.loc[["bn", "ln"], "status"] == "completed").all()
+    runs = pd.read_csv(tmp_path / "s" / "runs.csv").set_index("norm")
+    assert runs.loc["in", "error"].startswith("model=mlp norm=in")
+
+
+def test_a_damaged_data_set_fails_its_job_only(tmp_path: Path) -> None:
+    make_mnist(tmp_path / "data")
+    images = tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])  # a download cut short
+    proc = run_cli(
+        ["-m", "dataset=digits,mnist", "model=mlp", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path
+    )
+    assert proc.returncode == 1
+    assert "dataset=mnist: the MNIST files in" in proc.stdout and "may be damaged" in proc.stdout
+    assert _summary(tmp_path / "s" / "0")["status"] == "completed"
+
+
+def test_an_unexpected_error_is_isolated_with_its_traceback_in_the_job_log(tmp_path: Path) -> None:
+    # A CUDA out-of-memory error cannot be provoked on this CPU: the gn job's training raises one instead.
+    script = tmp_path / "oom.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            import normsweep.job
+            real_fit = normsweep.job.fit
+
+            def fit(model, data, optimizer_cfg, *args, **kwargs):
+                if any(type(m).__name__ == "GroupNorm" and m.num_groups > 1 for m in model.modules()):
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return real_fit(model, data, optimizer_cfg, *args, **kwargs)
+
+            normsweep.job.fit = fit
+            from normsweep.__main__ import main
+            main()
+            """
+        )
+    )
+    args = ["-m", "norm=gn,bn", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"]
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "failed: job 0 (norm=gn epochs=1 seed=0): OutOfMemoryError: CUDA out of memory" in proc.stdout
+    assert "Traceback" in (tmp_path / "s" / "0" / "normsweep.log").read_text()  # a surprise keeps its traceback
+    assert _summary(tmp_path / "s" / "1")["status"] == "completed"
+
+
+def test_a_diverging_job_is_a_result_not_a_failure(tmp_path: Path) -> None:
+    args = ["-m", "norm=none", "optimizer=sgd", "optimizer.lr=0.05,1000", "epochs=3", f"hydra.sweep.dir={tmp_path}/s"]
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    diverged = _summary(tmp_path / "s" / "1")
+    assert diverged["status"] == "diverged" and diverged["diverged_epoch"] == 1 and diverged["epochs_completed"] == 1
+    metrics = pd.read_csv(tmp_path / "s" / "1" / "metrics.csv")
+    assert len(metrics) == 1 and metrics["train_loss"].isna().all()
+    results = pd.read_csv(tmp_path / "s" / "results.csv").set_index("optimizer.lr")
+    assert results.loc[1000, "status"] == "diverged" and results.loc[0.05, "status"] == "completed"
+    assert results.loc[0.05, "val_acc_mean"] > results.loc[1000, "val_acc_mean"]
+    assert "diverged: the loss is not finite in epoch 1" in proc.stdout
+
+
+def test_killed_mid_epoch_and_resumed_gives_the_uninterrupted_numbers(tmp_path: Path) -> None:
+    args = ["-m", "norm=bn,gn", "epochs=5", "batch_size=16"]  # small batches: an epoch lasts long enough to hit
+    reference = run_cli([*args, f"hydra.sweep.dir={tmp_path / 'ref'}"], tmp_path)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+
+    sweep = tmp_path / "killed"
+    proc = _popen([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    _wait_for_rows(sweep / "1" / "metrics.csv", 2, proc)  # job 0 done, job 1 two epochs in
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _summary(sweep / "1")["status"] == "running"  # what the killed process left
+    listed = run_cli([str(sweep)], tmp_path, module="normsweep.aggregate")
+    assert "incomplete: job 1 (norm=gn" in listed.stdout
+    assert pd.read_csv(sweep / "runs.csv").set_index("norm").loc["gn", "status"] == "incomplete"
+
+    resumed = run_cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "kept from an earlier run (completed, 5 epochs" in resumed.stdout
+    assert "resuming from the checkpoint of epoch" in resumed.stdout
+    for job in ("0", "1"):
+        expected = pd.read_csv(tmp_path / "ref" / job / "metrics.csv")[VALUES]
+        pd.testing.assert_frame_equal(pd.read_csv(sweep / job / "metrics.csv")[VALUES], expected)
+        assert _summary(sweep / job)["test_acc"] == _summary(tmp_path / "ref" / job)["test_acc"]
+    assert 2 <= _summary(sweep / "1")["resumed_from_epoch"] < 5  # it was stopped part-way
+
+
+def test_interrupted_with_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
+    sweep = tmp_path / "s"
+    proc = _popen(["-m", "norm=bn", "epochs=50", "batch_size=16", f"hydra.sweep.dir={sweep}"], tmp_path)
+    _wait_for_rows(sweep / "0" / "metrics.csv", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130 and "Traceback" not in output
+    assert f"To resume, run the same command with hydra.sweep.dir={sweep}" in output
+    assert _summary(sweep / "0")["status"] == "incomplete"
+
+
+def test_resuming_with_another_config_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    sweep, run = tmp_path / "s", tmp_path / "r"
+    assert run_cli(["-m", "norm=bn,gn", "epochs=1", f"hydra.sweep.dir={sweep}"], tmp_path).returncode == 0
+    assert run_cli(["epochs=1", f"hydra.run.dir={run}"], tmp_path).returncode == 0
+    before = {**_fingerprint(sweep), **_fingerprint(run)}
+
+    swapped = run_cli(["-m", "norm=gn,bn", "epochs=1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    longer = run_cli(["epochs=2", f"hydra.run.dir={run}"], tmp_path)
+    for proc, difference in ((swapped, "norm.name='bn' there, 'gn' now"), (longer, "epochs=1 there, 2 now")):
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 2, output
+        assert difference in output and "holds a job with another config" in output and "Traceback" not in output
+    assert {**_fingerprint(sweep), **_fingerprint(run)} == before
+
+    again = run_cli(["epochs=1", f"hydra.run.dir={run}"], tmp_path)  # the same command: kept, not retrained
+    assert again.returncode == 0 and "kept from an earlier run (completed, 1 epochs" in again.stdout
+
+
+def test_two_sweeps_started_together_get_their_own_folders(tmp_path: Path) -> None:
+    procs = [_popen(["-m", f"norm={norm}", "epochs=1"], tmp_path) for norm in ("bn", "gn")]
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0, proc.communicate()[0].decode()
+    sweeps = sorted(p.parent for p in tmp_path.glob("multirun/*/*/results.csv"))
+    assert len(sweeps) == 2
+    assert sorted(_summary(s / "0")["norm"] for s in sweeps) == ["bn", "gn"]
+
+
+@pytest.mark.parametrize(
+    "args, message, status",
+    [
+        (["epochs=abc"], "Value 'abc' of type 'str' could not be converted to Integer", 1),
+        (["norm=foo"], "Could not find 'norm/foo'\n\nAvailable options in 'norm':", 1),
+        (["optimizer.lr=0"], "optimizer.lr=0.0: the learning rate must be > 0", 2),
+        (["batch_size=0"], "batch_size=0: use a batch size of 1 or more", 2),
+        (["val_fraction=1"], "val_fraction=1.0: it is the share of the training set held out", 2),
+    ],
+)
+def test_bad_values_are_named_before_training(tmp_path: Path, args: list[str], message: str, status: int) -> None:
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == status, output
+    assert message in output and "Traceback" not in output
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "normsweep", "batch_size=0", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "batch_size=0" in proc.stderr

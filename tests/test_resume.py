@@ -1,0 +1,157 @@
+"""Resuming job folders: checkpoints, the same-job check, and run and sweep folders that are never shared."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from normsweep.config import ConfigError, new_dir
+from normsweep.results import write_summary
+from normsweep.resume import (
+    CHECKPOINT_FILE,
+    ResumeConflict,
+    check_resumable,
+    config_differences,
+    load_checkpoint,
+    save_checkpoint,
+    task_config,
+)
+
+CONFIG = {
+    "model": {"_target_": "normsweep.models.SimpleCNN", "hidden": 128},
+    "norm": {"name": "bn", "eps": 1e-5, "affine": True, "momentum": 0.1},
+    "optimizer": {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999]},
+    "dataset": {"name": "digits", "root": "data", "download": False},
+    "seed": 0,
+    "epochs": 15,
+    "device": "auto",
+}
+
+
+def _with(**changes: object) -> dict:
+    config = json.loads(json.dumps(CONFIG))
+    for dotted, value in changes.items():
+        node = config
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return config
+
+
+def _job(tmp_path: Path, status: str = "completed", config: dict | None = None, **fields: object) -> Path:
+    job = tmp_path / "0"
+    job.mkdir(exist_ok=True)
+    write_summary(job, {"status": status, "config": CONFIG if config is None else config, **fields})
+    return job
+
+
+def test_a_new_folder_and_the_same_job_may_be_resumed(tmp_path: Path) -> None:
+    check_resumable(tmp_path / "never-used", CONFIG)
+    for status in ("completed", "diverged", "failed", "incomplete"):
+        check_resumable(_job(tmp_path, status), _with())
+
+
+def test_where_a_job_runs_may_change_on_resume(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    check_resumable(job, _with(device="cuda:1", dataset__root="/scratch/data", dataset__download=True))
+
+
+def test_another_config_is_refused_naming_the_keys(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    with pytest.raises(ResumeConflict) as err:
+        check_resumable(job, _with(norm__name="gn", optimizer__lr=0.01))
+    message = str(err.value)
+    assert "norm.name='bn' there, 'gn' now" in message and "optimizer.lr=0.001 there, 0.01 now" in message
+    assert "hydra.sweep.dir" in message  # and how to start afresh instead
+
+
+def test_config_differences_lists_added_and_removed_keys_last() -> None:
+    new = _with(norm__name="gn", norm__groups=8)
+    del new["norm"]["momentum"]
+    assert config_differences(CONFIG, new) == [
+        "norm.name='bn' there, 'gn' now",
+        "norm.groups=(absent) there, 8 now",
+        "norm.momentum=0.1 there, (absent) now",
+    ]
+
+
+def test_a_job_still_running_in_another_process_is_refused(tmp_path: Path) -> None:
+    parent = os.getppid()  # alive for the whole test, and not this process
+    job = _job(tmp_path, "running", pid=parent, host=socket.gethostname())
+    with pytest.raises(ResumeConflict, match=f"being trained right now \\(process {parent}"):
+        check_resumable(job, CONFIG)
+
+
+def test_a_job_recorded_running_on_another_host_may_be_resumed(tmp_path: Path, caplog) -> None:
+    # A cluster job requeued onto another node finds its own old record: it must not be locked out.
+    check_resumable(_job(tmp_path, "running", pid=os.getppid(), host="node-17"), CONFIG)
+    assert "last recorded running on node-17" in caplog.text
+
+
+def test_a_job_whose_process_died_may_be_resumed(tmp_path: Path) -> None:
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    check_resumable(_job(tmp_path, "running", pid=dead, host=socket.gethostname()), CONFIG)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda job: (job / "summary.json").write_text(""), "summary.json cannot be read: it is empty"),
+        (lambda job: (job / "summary.json").unlink(), "holds checkpoint.pt but no summary.json"),
+        (lambda job: write_summary(job, {"status": "completed"}), "does not record the job's config"),
+    ],
+)
+def test_a_folder_that_cannot_be_checked_is_refused(tmp_path: Path, damage, message: str) -> None:
+    job = _job(tmp_path)
+    (job / CHECKPOINT_FILE).write_bytes(b"weights")
+    damage(job)
+    with pytest.raises(ResumeConflict, match=message):
+        check_resumable(job, CONFIG)
+
+
+def test_checkpoint_round_trip_is_atomic_and_safe_to_load(tmp_path: Path) -> None:
+    state = {"epoch": 2, "model": {"w": torch.arange(4.0)}, "rng": {"torch": torch.get_rng_state()}, "history": []}
+    save_checkpoint(tmp_path, state)
+    save_checkpoint(tmp_path, {**state, "epoch": 3})
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]  # no temporary file left behind
+    loaded = load_checkpoint(tmp_path)
+    assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
+    assert load_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_a_damaged_checkpoint_is_explained(tmp_path: Path) -> None:
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="checkpoint.pt cannot be read .*delete it to train this job again"):
+        load_checkpoint(tmp_path)
+
+
+def test_new_dir_never_hands_out_a_folder_twice(tmp_path: Path) -> None:
+    base = str(tmp_path / "multirun" / "2026-11-27" / "10-00-00")
+    with ThreadPoolExecutor(8) as pool:
+        claimed = list(pool.map(lambda _: new_dir(base), range(16)))
+    assert len(set(claimed)) == 16 and base in claimed and f"{base}-16" in claimed
+    assert all(Path(p).is_dir() for p in claimed)
+
+
+def test_default_folders_are_claimed_once_per_launch(compose_cfg, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg(["hydra.sweep.dir=${normsweep.new_dir:sweeps/a}"], return_hydra_config=True)
+    assert cfg.hydra.sweep.dir == cfg.hydra.sweep.dir == "sweeps/a"  # cached: one folder per launch
+    again = compose_cfg(["hydra.sweep.dir=${normsweep.new_dir:sweeps/a}"], return_hydra_config=True)
+    assert again.hydra.sweep.dir == "sweeps/a-2"
+    assert sorted(p.name for p in (tmp_path / "sweeps").iterdir()) == ["a", "a-2"]
+
+
+def test_the_saved_config_is_the_job_config_without_hydra(compose_cfg) -> None:
+    config = task_config(compose_cfg(["norm=gn", "optimizer.lr=0.01"], return_hydra_config=True))
+    assert "hydra" not in config and config["norm"]["name"] == "gn" and config["optimizer"]["lr"] == 0.01
+    assert config == task_config(compose_cfg(["norm=gn", "optimizer.lr=0.01"]))
