@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from normsweep.config import ConfigError, config_dir, register_configs, validate
 from normsweep.job import record_failure, run_job
-from normsweep.resume import ResumeConflict, task_config
+from normsweep.resume import ResumeConflict, check_resumable, task_config
 
 log = logging.getLogger("normsweep")
 register_configs()
@@ -30,6 +30,7 @@ def app(cfg: DictConfig) -> float | None:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
+        check_resumable(job_dir, config)  # first: a folder that is refused must not be marked failed either
         run = validate(cfg, model_name=hydra_cfg.runtime.choices["model"])
         summary = run_job(run, job_dir, overrides, config)
     except KeyboardInterrupt:
