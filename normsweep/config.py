@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -74,8 +74,11 @@ class DatasetConfig:
     download: bool = False
     crop_padding: int = 0
     hflip: bool = False
-    test_fraction: float = 0.2  # digits only: it has no official test split
+    test_fraction: float = 0.2  # digits and synthetic: they have no official test split
     split_seed: int = 0
+    shape: list[int] = field(default_factory=lambda: [3, 32, 32])  # synthetic only: (C, H, W)
+    classes: int = 10  # synthetic only
+    size: int = 6000  # synthetic only: images in all, before the test split
 
 
 @dataclass
@@ -91,6 +94,10 @@ class Config:
     batch_size: int = 64
     val_fraction: float = 0.2
     device: str = "auto"
+    precision: str = "fp32"
+    channels_last: Optional[bool] = None  # noqa: UP045 (OmegaConf reads the annotation at runtime: no `X | None`)
+    compile: bool = False
+    threads: int = 0
 
 
 @dataclass
@@ -107,9 +114,14 @@ class RunConfig:
     batch_size: int
     val_fraction: float
     device: str
+    precision: str
+    channels_last: bool | None
+    compile: bool
+    threads: int
 
 
 SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
 
 
 def register_configs() -> None:
@@ -148,6 +160,10 @@ def validate(cfg: DictConfig, model_name: str) -> RunConfig:
         batch_size=int(cfg.batch_size),
         val_fraction=float(cfg.val_fraction),
         device=str(cfg.device),
+        precision=str(cfg.precision),
+        channels_last=None if cfg.channels_last is None else bool(cfg.channels_last),
+        compile=bool(cfg.compile),
+        threads=int(cfg.threads),
     )
     _check(run.epochs >= 1, f"epochs={run.epochs}: train for at least one epoch (epochs=1 or more)")
     _check(run.batch_size >= 1, f"batch_size={run.batch_size}: use a batch size of 1 or more")
@@ -180,5 +196,16 @@ def validate(cfg: DictConfig, model_name: str) -> RunConfig:
         0 < dataset.test_fraction < 1,
         f"dataset.test_fraction={dataset.test_fraction}: must be strictly between 0 and 1",
     )
+    _check(
+        run.precision in PRECISIONS,
+        f"precision={run.precision}: choose fp32, or bf16 (mixed precision on CUDA and on CPUs with native bf16)",
+    )
+    _check(run.threads >= 0, f"threads={run.threads}: give a thread count, or 0 for every CPU this job may use")
+    _check(
+        len(dataset.shape) == 3 and all(d >= 1 for d in dataset.shape),
+        f"dataset.shape={dataset.shape}: give [channels,height,width], e.g. dataset.shape=[3,32,32]",
+    )
+    _check(dataset.classes >= 2, f"dataset.classes={dataset.classes}: a classifier needs at least 2 classes")
+    _check(dataset.size >= 10, f"dataset.size={dataset.size}: generate at least 10 images")
     _check("_target_" in model, f"model={model_name}: its YAML needs a _target_ naming the model class")
     return run

@@ -21,6 +21,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, index: slice | torch.Tensor) -> Split:
+        return Split(self.images[index], self.labels[index])
+
     def to(self, device: torch.device) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
@@ -59,10 +62,30 @@ def _digits(cfg: DatasetConfig) -> tuple[Split, Split, int]:
     # Pixel values are counts 0..16; spread them over 0..255 like any 8-bit image.
     images = torch.from_numpy(np.clip(bunch.images * 16, 0, 255).astype(np.uint8)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return (*_fixed_test_split(images, labels, cfg), len(bunch.target_names))
+
+
+def _synthetic(cfg: DatasetConfig) -> tuple[Split, Split, int]:
+    """uint8 images of any shape: each class a smooth random pattern (4×4 cells, bilinearly upsampled, so
+    convolutions have a spatial signal to find) at half intensity, plus uniform per-pixel noise at half."""
+    c, h, w = cfg.shape
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    labels = torch.randint(0, cfg.classes, (cfg.size,), generator=g)
+    coarse = torch.rand(cfg.classes, c, 4, 4, generator=g)
+    patterns = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    images = torch.empty(cfg.size, c, h, w, dtype=torch.uint8)
+    for s in range(0, cfg.size, 1024):  # in chunks: no float copy of the whole set
+        noise = torch.rand(len(labels[s : s + 1024]), c, h, w, generator=g)
+        images[s : s + 1024] = ((patterns[labels[s : s + 1024]] + noise) * 127.5).round().to(torch.uint8)
+    return (*_fixed_test_split(images, labels, cfg), cfg.classes)
+
+
+def _fixed_test_split(images: torch.Tensor, labels: torch.Tensor, cfg: DatasetConfig) -> tuple[Split, Split]:
+    """For sets without an official test split: one drawn with `split_seed`, the same for every `seed`."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.split_seed))
     n_test = round(len(labels) * cfg.test_fraction)
     test, train = order[:n_test], order[n_test:]
-    return Split(images[train], labels[train]), Split(images[test], labels[test]), len(bunch.target_names)
+    return Split(images[train], labels[train]), Split(images[test], labels[test])
 
 
 def _as_split(images: np.ndarray | torch.Tensor, labels: object, channels_last: bool) -> Split:
@@ -125,6 +148,7 @@ def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tu
 # name → loader returning (full training split, test split, number of classes)
 LOADERS: dict[str, Callable[[DatasetConfig], tuple[Split, Split, int]]] = {
     "digits": _digits,
+    "synthetic": _synthetic,
     "mnist": _torchvision("MNIST", "train"),
     "fashion_mnist": _torchvision("FashionMNIST", "train"),
     "cifar10": _torchvision("CIFAR10", "train"),
@@ -171,9 +195,11 @@ def channel_stats(images: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"mean": mean.float(), "std": var.sqrt().float().clamp_min(1e-6)}
 
 
-def normalize(images: torch.Tensor, data: Data) -> torch.Tensor:
-    """uint8 (N, C, H, W) → float32, standardized per channel with the training split's statistics."""
-    x = images.float().div_(255)
+def normalize(
+    images: torch.Tensor, data: Data, memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
+    """uint8 (N, C, H, W) → float32 in `memory_format`, standardized per channel with the training statistics."""
+    x = images.to(torch.float32, memory_format=memory_format).div_(255)
     return x.sub_(data.mean.view(1, -1, 1, 1)).div_(data.std.view(1, -1, 1, 1))
 
 

@@ -22,7 +22,7 @@ from normsweep.models import build_model
 from normsweep.norms import norm_factory
 from normsweep.results import FINISHED, GROUPS, load_summary, write_metrics, write_summary
 from normsweep.resume import check_resumable, load_checkpoint, save_checkpoint
-from normsweep.train import EpochMetrics, evaluate, fit, resolve_device
+from normsweep.train import EpochMetrics, evaluate, fit, resolve_compute, resolve_device, set_threads
 
 log = logging.getLogger("normsweep")
 
@@ -49,13 +49,17 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
         return previous
 
     device = resolve_device(run.device)
+    threads = set_threads(run.threads)
     data = datasets.load(run.dataset, run.val_fraction, run.seed)
     torch.manual_seed(run.seed)
     c, h, w = data.shape
     model = build_model(run.model_name, run.model, c, (h, w), data.num_classes, norm_factory(run.norm, run.model_name))
+    compute = resolve_compute(run.precision, run.channels_last, run.compile, model, device)
     params = sum(p.numel() for p in model.parameters())
     log.info(
-        f"device {device} | model={run.model_name} norm={run.norm.name} optimizer={run.optimizer.name} "
+        f"device {device} ({threads} CPU threads, {compute.precision}"
+        f"{', channels_last' if compute.channels_last else ''}{', compiled' if compute.compile else ''}) | "
+        f"model={run.model_name} norm={run.norm.name} optimizer={run.optimizer.name} "
         f"lr={run.optimizer.lr:g} | {run.dataset.name}: {len(data.train)} train / {len(data.val)} val / "
         f"{len(data.test)} test images, {c}x{h}x{w}, {data.num_classes} classes | {params} parameters"
     )
@@ -76,7 +80,14 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
         "overrides": overrides,
         "config": config,
     }
-    process = {"pid": os.getpid(), "host": socket.gethostname(), "device": str(device)}
+    process = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "device": str(device),
+        "threads": threads,
+        "precision": compute.precision,
+        "channels_last": compute.channels_last,
+    }
     write_summary(
         job_dir, {"status": "running", "epochs_completed": resumed_from, "epochs": run.epochs, **process, **identity}
     )
@@ -93,7 +104,9 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
         )
 
     try:
-        history = fit(model, data, run.optimizer, run.epochs, run.batch_size, run.seed, on_epoch=record, state=state)
+        history = fit(
+            model, data, run.optimizer, run.epochs, run.batch_size, run.seed, record, state=state, compute=compute
+        )
     except KeyboardInterrupt:
         write_summary(
             job_dir,
@@ -109,7 +122,7 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
             last.train_loss,
             last.val_loss,
         )
-    test_loss, test_acc = evaluate(model, data.test, data)
+    test_loss, test_acc = evaluate(model, data.test, data, compute)
     best = max(history, key=lambda m: m.val_acc)
     summary = {
         "status": "diverged" if diverged else "completed",

@@ -27,7 +27,7 @@ def test_the_groups_offer_what_the_readme_lists() -> None:
     assert options("model") == ["deep_cnn", "mlp", "simple_cnn"]
     assert options("norm") == ["bn", "gn", "in", "ln", "none"]
     assert options("optimizer") == ["adam", "adamw", "sgd"]
-    assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "mnist", "svhn"]
+    assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "mnist", "svhn", "synthetic"]
 
 
 def forward_backward(run, data) -> None:
@@ -77,10 +77,12 @@ def test_dataset_composes_loads_and_trains(compose_cfg, tmp_path, monkeypatch, d
         "cifar100": lambda: make_cifar(tmp_path, monkeypatch, hundred=True),
         "svhn": lambda: make_svhn(tmp_path, monkeypatch),
         "digits": lambda: None,
+        "synthetic": lambda: None,
     }
     writers[dataset]()
+    on_disk = dataset not in ("digits", "synthetic")
     run = validate(
-        compose_cfg([f"dataset={dataset}", f"dataset.root={tmp_path}"] if dataset != "digits" else ["dataset=digits"]),
+        compose_cfg([f"dataset={dataset}", f"dataset.root={tmp_path}"] if on_disk else [f"dataset={dataset}"]),
         "simple_cnn",
     )
     forward_backward(run, load(run.dataset, run.val_fraction, run.seed))
@@ -126,11 +128,17 @@ def test_non_numeric_epochs_fails_at_composition(compose_cfg) -> None:
         ("optimizer.schedule=step", "optimizer.schedule"),
         ("optimizer.betas=[0.9]", "optimizer.betas"),
         ("batch_size=1", "norm=bn batch_size=1"),
+        ("precision=fp16", "precision=fp16: choose fp32, or bf16"),
+        ("threads=-1", "threads=-1"),
+        ("dataset.shape=[3,32]", "dataset.shape=\\[3, 32\\]: give \\[channels,height,width\\]"),
+        ("dataset.classes=1", "dataset.classes=1: a classifier needs at least 2 classes"),
+        ("dataset.size=5", "dataset.size=5"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(compose_cfg, override: str, message: str) -> None:
+    dataset = ["dataset=synthetic"] if override.startswith("dataset.") else []  # keys only synthetic has
     with pytest.raises(ConfigError, match=message):
-        validate(compose_cfg([override]), "simple_cnn")
+        validate(compose_cfg([*dataset, override]), "simple_cnn")
 
 
 def test_unknown_group_option_lists_the_available_ones(compose_cfg) -> None:
@@ -147,9 +155,19 @@ def test_unknown_group_option_lists_the_available_ones(compose_cfg) -> None:
         ("cifar10", 4, True),
         ("cifar100", 4, True),
         ("svhn", 4, False),
+        ("synthetic", 4, True),
     ],
 )
 def test_each_data_set_declares_its_train_augmentation(compose_cfg, dataset: str, padding: int, flip: bool) -> None:
     run = validate(compose_cfg([f"dataset={dataset}"]), "simple_cnn")
     assert (run.dataset.crop_padding, run.dataset.hflip) == (padding, flip)
     assert run.dataset.download is False  # nothing is fetched unless the user asks
+
+
+def test_compute_keys_from_the_shell(compose_cfg) -> None:
+    run = validate(compose_cfg(["precision=bf16", "channels_last=false", "compile=true", "threads=1"]), "simple_cnn")
+    assert (run.precision, run.channels_last, run.compile, run.threads) == ("bf16", False, True, 1)
+    default = validate(compose_cfg([]), "simple_cnn")
+    assert (default.precision, default.channels_last, default.compile, default.threads) == ("fp32", None, False, 0)
+    with pytest.raises((ConfigCompositionException, ValidationError), match="channels_last"):
+        compose_cfg(["channels_last=sometimes"])

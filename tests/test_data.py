@@ -115,3 +115,16 @@ def test_augmentation_is_seeded() -> None:
     a = augment(images, 2, True, torch.Generator().manual_seed(3))
     b = augment(images, 2, True, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_synthetic_data_has_the_asked_shape_and_a_learnable_signal() -> None:
+    cfg = DatasetConfig(name="synthetic", shape=[2, 12, 20], classes=5, size=600, test_fraction=0.2)
+    data = load(cfg, val_fraction=0.25, seed=0)
+    assert data.shape == (2, 12, 20) and data.num_classes == 5 and data.train.images.dtype == torch.uint8
+    assert (len(data.train), len(data.val), len(data.test)) == (360, 120, 120)
+    again = load(cfg, val_fraction=0.25, seed=0)
+    assert torch.equal(data.test.images, again.test.images)  # the set is a function of split_seed
+    # Class means differ far more than the noise of a mean over ~70 images: a model has something to learn.
+    means = torch.stack([data.train.images[data.train.labels == k].float().mean(0) for k in range(5)])
+    gaps = (means[:, None] - means[None]).abs().mean((2, 3, 4))
+    assert gaps[~torch.eye(5, dtype=torch.bool)].min() > 5

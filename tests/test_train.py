@@ -8,11 +8,20 @@ import io
 import pytest
 import torch
 
-from normsweep.config import DatasetConfig, NormConfig, OptimizerConfig
+from normsweep.config import ConfigError, DatasetConfig, NormConfig, OptimizerConfig
 from normsweep.data import Data, Split, load
 from normsweep.models import MLP, SimpleCNN
 from normsweep.norms import norm_factory
-from normsweep.train import batch_slices, build_scheduler, evaluate, fit
+from normsweep.train import (
+    Compute,
+    _cpu_has_native_bf16,
+    batch_slices,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    fit,
+    resolve_compute,
+)
 
 ADAM = OptimizerConfig(name="adam", lr=1e-3)
 
@@ -127,3 +136,51 @@ def test_metrics_report_the_epoch_learning_rate(digits: Data) -> None:
     history = fit(model, digits, OptimizerConfig(name="sgd", lr=0.1, schedule="cosine"), 2, 64, 0)
     assert history[0].lr == pytest.approx(0.1) and history[1].lr == pytest.approx(0.05)
     assert all(m.epoch_seconds > 0 and m.images_per_second > 0 for m in history)
+
+
+def test_auto_layout_is_channels_last_for_conv_models_on_the_cpu() -> None:
+    cpu = torch.device("cpu")
+    cnn = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "simple_cnn"))
+    mlp = MLP(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "mlp"))
+    assert resolve_compute("fp32", None, False, cnn, cpu).channels_last
+    assert not resolve_compute("fp32", None, False, mlp, cpu).channels_last  # nothing to gain without convolutions
+    assert not resolve_compute("fp32", False, False, cnn, cpu).channels_last  # the user's choice wins
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("normsweep.train._cpu_has_native_bf16", lambda: False)
+    cnn = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "simple_cnn"))
+    with pytest.raises(ConfigError, match="precision=bf16: this CPU has no native bf16"):
+        resolve_compute("bf16", None, False, cnn, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("norm", ["bn", "in"])
+def test_channels_last_changes_speed_not_results(digits: Data, norm: str) -> None:
+    def run(channels_last: bool):
+        torch.manual_seed(0)
+        model = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name=norm), "simple_cnn"))
+        return fit(model, digits, ADAM, 3, 64, 0, compute=Compute(channels_last=channels_last))
+
+    plain, fast, again = run(False), run(True), run(True)
+    assert [m.val_acc for m in fast] == [m.val_acc for m in again]  # still reproducible, run after run
+    for a, b in zip(plain, fast):  # the same training up to float rounding
+        assert b.train_loss == pytest.approx(a.train_loss, rel=1e-3)
+        assert abs(b.val_acc - a.val_acc) <= 1.0
+
+
+@pytest.mark.skipif(not _cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_bf16_trains_as_well_as_fp32_on_digits(digits: Data) -> None:
+    def final_val_acc(precision: str) -> float:
+        torch.manual_seed(0)
+        model = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "simple_cnn"))
+        compute = resolve_compute(precision, None, False, model, torch.device("cpu"))
+        return fit(model, digits, ADAM, 4, 64, 0, compute=compute)[-1].val_acc
+
+    assert abs(final_val_acc("bf16") - final_val_acc("fp32")) <= 2.0
+
+
+def test_the_optimizer_is_fused_where_torch_has_a_kernel() -> None:
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for cfg in (ADAM, OptimizerConfig(name="sgd", lr=0.1)):
+        optimizer = build_optimizer(params, cfg)
+        assert optimizer.defaults.get("fused") is True and optimizer.defaults["lr"] == cfg.lr

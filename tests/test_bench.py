@@ -1,0 +1,79 @@
+"""The benchmark runs end to end (tiny step counts: correctness, not timing) and writes bench.csv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from normsweep.bench import VARIANTS, ArticleDataset, main, make_data, summarize
+
+TINY = [
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--model",
+    "simple_cnn",
+    "--shape",
+    "3,12,12",
+    "--batch-size",
+    "8",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+]
+
+
+def test_bench_times_every_variant_and_writes_bench_csv(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bench.csv"
+    assert main([*TINY, "--norm", "bn,gn", "--repeats", "2", "--out", str(out)]) == 0
+    runs = pd.read_csv(out)
+    assert len(runs) == 2 * 2 * len(VARIANTS)
+    assert set(runs["variant"]) == set(VARIANTS) and set(runs["norm"]) == {"bn", "gn"}
+    assert (runs["images_per_second"] > 0).all()
+    assert (runs[["model", "batch_size", "steps", "device", "threads"]].iloc[0] == ["simple_cnn", 8, 2, "cpu", 1]).all()
+    # The order of the variants rotates between repeats, so drift on the machine falls on all of them.
+    first = runs[runs["repeat"] == 0].groupby("norm")["variant"].first()
+    second = runs[runs["repeat"] == 1].groupby("norm")["variant"].first()
+    assert (first != second).all()
+    printed = capsys.readouterr().out
+    assert "normsweep/reference" in printed and "normsweep/ceiling" in printed and str(out) in printed
+
+
+def test_ratios_are_ratios_of_medians() -> None:
+    runs = pd.DataFrame(
+        [
+            {"norm": "bn", "variant": v, "repeat": r, "images_per_second": rate}
+            for v, rates in {"reference": [100, 110, 90], "normsweep": [200, 150, 250], "ceiling": [400] * 3}.items()
+            for r, rate in enumerate(rates)
+        ]
+    )
+    row = summarize(runs).iloc[0]
+    assert row["normsweep/reference"] == pytest.approx(2.0) and row["normsweep/ceiling"] == pytest.approx(0.5)
+
+
+def test_the_reference_sees_the_same_images_through_pil() -> None:
+    data = make_data((3, 12, 12), batch_size=4, steps=2, device=torch.device("cpu"))
+    assert len(data.train) == 8 and data.hflip and data.crop_padding == 4
+    dataset = ArticleDataset(data.train, data.mean.tolist(), data.std.tolist())
+    x, y = dataset[0]
+    assert x.shape == (3, 12, 12) and x.dtype == torch.float32 and y == int(data.train.labels[0])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--norm", "bn,foo"], "--norm bn,foo: choose among none, bn, ln, in, gn"),
+        (["--steps", "0"], "--steps must be 1 or more"),
+        (["--model", "mlp", "--norm", "in"], "--model mlp cannot take --norm in"),
+        (["--shape", "3x32x32"], "give channels,height,width"),
+    ],
+)
+def test_wrong_arguments_are_explained(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
