@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = Setup(norm=norms[0], **setup_args)
         compute = probe.compute(probe.build())
     except ConfigError as err:
-        parser.error(str(err))
+        parser.error(str(err).replace("device=", "--device "))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device}, {threads} threads"
     header = (
         f"{args.model}, batch {args.batch_size}, {'x'.join(map(str, args.shape))} synthetic uint8 images, "

@@ -57,7 +57,7 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
     compute = resolve_compute(run.precision, run.channels_last, run.compile, model, device)
     params = sum(p.numel() for p in model.parameters())
     log.info(
-        f"device {device} ({threads} CPU threads, {compute.precision}"
+        f"device {device} ({threads} CPU thread{'s' if threads > 1 else ''}, {compute.precision}"
         f"{', channels_last' if compute.channels_last else ''}{', compiled' if compute.compile else ''}) | "
         f"model={run.model_name} norm={run.norm.name} optimizer={run.optimizer.name} "
         f"lr={run.optimizer.lr:g} | {run.dataset.name}: {len(data.train)} train / {len(data.val)} val / "

@@ -184,3 +184,12 @@ def test_the_optimizer_is_fused_where_torch_has_a_kernel() -> None:
     for cfg in (ADAM, OptimizerConfig(name="sgd", lr=0.1)):
         optimizer = build_optimizer(params, cfg)
         assert optimizer.defaults.get("fused") is True and optimizer.defaults["lr"] == cfg.lr
+
+
+def test_compile_gives_the_same_training(digits: Data) -> None:
+    def val_accs(compile: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = MLP(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "mlp"))  # the quickest model to compile
+        return [m.val_acc for m in fit(model, digits, ADAM, 2, 64, 0, compute=Compute(compile=compile))]
+
+    assert val_accs(True) == pytest.approx(val_accs(False), abs=0.5)
