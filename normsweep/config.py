@@ -200,7 +200,7 @@ def validate(cfg: DictConfig, model_name: str) -> RunConfig:
         run.precision in PRECISIONS,
         f"precision={run.precision}: choose fp32, or bf16 (mixed precision on CUDA and on CPUs with native bf16)",
     )
-    _check(run.threads >= 0, f"threads={run.threads}: give a thread count, or 0 for every CPU this job may use")
+    _check(run.threads >= 0, f"threads={run.threads}: give a thread count, or 0 for a fair share of the CPUs")
     _check(
         len(dataset.shape) == 3 and all(d >= 1 for d in dataset.shape),
         f"dataset.shape={dataset.shape}: give [channels,height,width], e.g. dataset.shape=[3,32,32]",

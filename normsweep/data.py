@@ -6,6 +6,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,11 +158,26 @@ LOADERS: dict[str, Callable[[DatasetConfig], tuple[Split, Split, int]]] = {
 }
 
 
+# The data set a process loaded last, reused by its next job if that asks for the same one: a sequential sweep,
+# or a joblib worker, loads it once. Only read from (splits are new tensors), so one job never changes another's.
+_LAST: dict[tuple[Any, ...], tuple[Split, Split, int]] = {}
+
+
+def _source(cfg: DatasetConfig) -> tuple[Split, Split, int]:
+    root = str(Path(cfg.root).expanduser().resolve())
+    key = (cfg.name, root, cfg.test_fraction, cfg.split_seed, tuple(cfg.shape), cfg.classes, cfg.size)
+    if key not in _LAST:
+        loaded = LOADERS[cfg.name](cfg)
+        _LAST.clear()
+        _LAST[key] = loaded
+    return _LAST[key]
+
+
 def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
     """Load a data set and hold out a seeded `val_fraction` of its training split for validation."""
     if cfg.name not in LOADERS:
         raise ConfigError(f"dataset={cfg.name}: unknown data set; choose one of {', '.join(LOADERS)}")
-    full_train, test, num_classes = LOADERS[cfg.name](cfg)
+    full_train, test, num_classes = _source(cfg)
     n_val = round(len(full_train) * val_fraction)
     if n_val < 1 or len(full_train) - n_val < 2:
         raise ConfigError(

@@ -84,6 +84,7 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "device": str(device),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),  # a requeued SLURM job keeps its id: it may resume itself
         "threads": threads,
         "precision": compute.precision,
         "channels_last": compute.channels_last,

@@ -100,6 +100,8 @@ def check_resumable(job_dir: Path, config: dict[str, Any]) -> None:
             summary.get("host"),
             summary.get("pid"),
         )
+    elif status == "running" and summary.get("slurm_job") and summary["slurm_job"] == os.environ.get("SLURM_JOB_ID"):
+        log.info("%s: SLURM requeued job %s; resuming it", job_dir, summary["slurm_job"])
     elif status == "running" and summary.get("pid") != os.getpid():
         raise ResumeConflict(
             f"{job_dir} is being trained right now (process {summary.get('pid')} on {summary.get('host')}); "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from torch import nn
 
 from normsweep.config import ConfigError, OptimizerConfig
 from normsweep.data import Data, Split, augment, normalize
+from normsweep.placement import available_cpus
 
 EVAL_BATCH = 1024
 
@@ -143,8 +143,7 @@ def resolve_compute(
 
 def set_threads(threads: int) -> int:
     """Use `threads` CPU threads for torch's operators (0: every CPU this process may run on); returns the count."""
-    if threads == 0:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = threads or available_cpus()
     torch.set_num_threads(threads)
     return threads
 

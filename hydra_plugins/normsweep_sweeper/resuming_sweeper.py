@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ class ResumingSweeper(BasicSweeper):
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         # Imported here: Hydra imports every plugin module at start-up, for any app; torch loads only for ours.
+        from normsweep.placement import JOBS_AT_ONCE_ENV, available_cpus, jobs_at_once
         from normsweep.results import atomic_write
         from normsweep.resume import ResumeConflict, check_resumable, refuse, task_config
 
@@ -48,3 +50,7 @@ class ResumingSweeper(BasicSweeper):
                         atomic_write(*self._multirun_yaml)
                     refuse(err)
         self._next_job += len(batch)
+        # The last step before the batch launches: tell its jobs how many of them share this machine's CPUs,
+        # so that each takes its fair share of threads (the launched processes inherit the environment).
+        at_once = jobs_at_once(self.config.hydra.launcher, len(batch), available_cpus())
+        os.environ[JOBS_AT_ONCE_ENV] = str(at_once)
