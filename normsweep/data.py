@@ -191,7 +191,7 @@ def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
     return Data(
         train=train,
         val=val,
-        test=test,
+        test=Split(test.images.clone(), test.labels.clone()),  # its own copy: the loaded set may serve another job
         num_classes=num_classes,
         **channel_stats(train.images),
         crop_padding=cfg.crop_padding,

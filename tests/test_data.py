@@ -128,3 +128,22 @@ def test_synthetic_data_has_the_asked_shape_and_a_learnable_signal() -> None:
     means = torch.stack([data.train.images[data.train.labels == k].float().mean(0) for k in range(5)])
     gaps = (means[:, None] - means[None]).abs().mean((2, 3, 4))
     assert gaps[~torch.eye(5, dtype=torch.bool)].min() > 5
+
+
+def test_a_data_set_is_loaded_once_per_process_and_never_shared_mutably(monkeypatch: pytest.MonkeyPatch) -> None:
+    from normsweep import data as datasets
+
+    calls = []
+    real = datasets.LOADERS["synthetic"]
+    monkeypatch.setitem(datasets.LOADERS, "synthetic", lambda cfg: calls.append(cfg.size) or real(cfg))
+    monkeypatch.setattr(datasets, "_LAST", {})
+    cfg = DatasetConfig(name="synthetic", shape=[1, 6, 6], size=200)
+    first = load(cfg, val_fraction=0.2, seed=0)
+    first.train.images.zero_()  # a job that scribbles on its data...
+    first.test.images.zero_()
+    second = load(cfg, val_fraction=0.2, seed=1)  # ...the next job with the same data set, another seed
+    assert calls == [200]  # generated once
+    assert second.train.images.any() and second.test.images.any()  # ...does not see the scribbles
+    assert not torch.equal(first.val.labels, second.val.labels)  # its own seeded validation split
+    load(DatasetConfig(name="synthetic", shape=[1, 6, 6], size=300), val_fraction=0.2, seed=0)
+    assert calls == [200, 300]  # another data set is loaded anew
