@@ -21,7 +21,7 @@ from normsweep.config import ConfigError, RunConfig
 from normsweep.models import build_model
 from normsweep.norms import norm_factory
 from normsweep.results import FINISHED, GROUPS, load_summary, write_metrics, write_summary
-from normsweep.resume import check_resumable, load_checkpoint, save_checkpoint
+from normsweep.resume import load_checkpoint, save_checkpoint
 from normsweep.train import EpochMetrics, evaluate, fit, resolve_compute, resolve_device, set_threads
 
 log = logging.getLogger("normsweep")
@@ -31,12 +31,11 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
     """Train one configuration in `job_dir`, or finish it there; returns its summary.
 
     `config` is the job's resolved config as the user wrote it: summary.json keeps it, and a later run in the
-    same folder must bring the same one.
+    same folder must bring the same one (the caller checks the folder first, with resume.check_resumable).
     """
     started = time.perf_counter()
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    check_resumable(job_dir, config)
     previous = load_summary(job_dir)
     if previous["status"] in FINISHED:
         log.info(

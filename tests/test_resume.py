@@ -62,7 +62,8 @@ def test_a_new_folder_and_the_same_job_may_be_resumed(tmp_path: Path) -> None:
 
 def test_where_a_job_runs_may_change_on_resume(tmp_path: Path) -> None:
     job = _job(tmp_path)
-    check_resumable(job, _with(device="cuda:1", dataset__root="/scratch/data", dataset__download=True))
+    where = {"device": "cuda:1", "dataset__root": "/scratch/data", "dataset__download": True}
+    check_resumable(job, _with(**where))
 
 
 def test_another_config_is_refused_naming_the_keys(tmp_path: Path) -> None:
