@@ -20,7 +20,7 @@ from normsweep import data as datasets
 from normsweep.config import ConfigError, RunConfig
 from normsweep.models import build_model
 from normsweep.norms import norm_factory
-from normsweep.results import FINISHED, GROUPS, load_summary, write_metrics, write_summary
+from normsweep.results import FINISHED, GROUPS, load_summary, process_start, write_metrics, write_summary
 from normsweep.resume import load_checkpoint, save_checkpoint
 from normsweep.train import EpochMetrics, evaluate, fit, resolve_compute, resolve_device, set_threads
 
@@ -81,6 +81,7 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
     }
     process = {
         "pid": os.getpid(),
+        "pid_start": process_start(os.getpid()),
         "host": socket.gethostname(),
         "device": str(device),
         "slurm_job": os.environ.get("SLURM_JOB_ID"),  # a requeued SLURM job keeps its id: it may resume itself

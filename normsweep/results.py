@@ -138,16 +138,32 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     )
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, from Linux's /proc), or None where that is unknown.
+
+    Recorded with a job's pid, it tells the job's own process from a later one that reused the pid.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])  # a zombie has finished: no start time to match
+
+
 def _alive(summary: dict[str, Any]) -> bool:
     """Whether the process that wrote a `running` summary still runs (a job on another host is given the benefit)."""
-    if summary.get("host") != socket.gethostname() or not isinstance(summary.get("pid"), int):
+    pid = summary.get("pid")
+    if summary.get("host") != socket.gethostname() or not isinstance(pid, int):
         return True
     try:
-        os.kill(summary["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    if Path("/proc/self/stat").is_file():  # Linux: a zombie or a newer process under the same pid is not the job
+        started = process_start(pid)
+        return started is not None and summary.get("pid_start") in (None, started)
     return True
 
 

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,15 @@ import pytest
 import yaml
 
 from normsweep.aggregate import main as aggregate_main
-from normsweep.results import aggregate, atomic_write, format_table, parse_overrides, problems, write_summary
+from normsweep.results import (
+    aggregate,
+    atomic_write,
+    format_table,
+    parse_overrides,
+    problems,
+    process_start,
+    write_summary,
+)
 
 # val_acc per (norm, seed): bn is best on average, none worst.
 VAL = {
@@ -291,3 +300,18 @@ def test_jobs_are_listed_by_number_whatever_else_the_folder_holds(tmp_path: Path
         make_job(tmp_path, num, [f"seed={num}"], 90.0, seed=num)
     make_job(tmp_path / "extra", 0, ["seed=0"], 90.0, seed=0)  # another sweep copied inside, say
     assert list(aggregate(tmp_path).runs["job"]) == ["9", "10", "extra/0"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux's /proc")
+def test_a_reused_pid_or_a_zombie_is_not_the_job_still_running(sweep: Path) -> None:
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits, and stays a zombie until waited for
+    deadline = time.monotonic() + 30
+    while process_start(zombie.pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    me = {"host": socket.gethostname(), "seed": 0, "status": "running"}
+    _broken_job(sweep, 7, "ln", json.dumps({**me, "norm": "ln", "pid": os.getpid(), "pid_start": 1}))  # pid reused
+    _broken_job(sweep, 8, "in", json.dumps({**me, "norm": "in", "pid": zombie.pid}))
+    _broken_job(sweep, 9, "gn", json.dumps({**me, "pid": os.getpid(), "pid_start": process_start(os.getpid())}))
+    status = aggregate(sweep).runs.set_index("job")["status"]
+    zombie.wait()
+    assert (status["7"], status["8"], status["9"]) == ("incomplete", "incomplete", "running")
