@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from normsweep.config import ConfigError, RunConfig, config_dir, register_configs, validate
 from normsweep.job import record_failure, run_job
 from normsweep.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
-from normsweep.resume import ResumeConflict, check_resumable, task_config
+from normsweep.resume import ResumeConflict, check_resumable, refuse, task_config
 
 log = logging.getLogger("normsweep")
 register_configs()
@@ -52,11 +52,7 @@ def app(cfg: DictConfig) -> float | None:
         )
         sys.exit(130)
     except ResumeConflict as err:
-        # Another job's folder: nothing is written into it, and the launch stops.
-        if full_error:
-            raise
-        log.error("%s", err)
-        sys.exit(2)
+        refuse(err)  # another job's folder: nothing is written into it, and the launch stops
     except Exception as err:
         record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices))
         user_error = isinstance(err, ConfigError)

@@ -89,9 +89,14 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
         "precision": compute.precision,
         "channels_last": compute.channels_last,
     }
-    write_summary(
-        job_dir, {"status": "running", "epochs_completed": resumed_from, "epochs": run.epochs, **process, **identity}
-    )
+
+    def mark(status: str, epochs_completed: int) -> None:  # the summary of a job not (yet) finished
+        write_summary(
+            job_dir,
+            {"status": status, "epochs_completed": epochs_completed, "epochs": run.epochs, **process, **identity},
+        )
+
+    mark("running", resumed_from)
 
     def record(m: EpochMetrics, snapshot: Any) -> None:
         if m.finite:  # the checkpoint first: a kill between the two files loses nothing
@@ -109,10 +114,7 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
             model, data, run.optimizer, run.epochs, run.batch_size, run.seed, record, state=state, compute=compute
         )
     except KeyboardInterrupt:
-        write_summary(
-            job_dir,
-            {"status": "incomplete", "epochs_completed": len(rows), "epochs": run.epochs, **process, **identity},
-        )
+        mark("incomplete", len(rows))
         raise
     last = history[-1]
     diverged = not last.finite
