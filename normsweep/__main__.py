@@ -43,7 +43,8 @@ def app(cfg: DictConfig) -> float | None:
     try:
         check_resumable(job_dir, config)  # first: a folder that is refused must not be marked failed either
         job_num = hydra_cfg.job.num if in_sweep else 0  # a single run has no job number
-        run = place(validate(cfg, model_name=hydra_cfg.runtime.choices["model"]), job_num, in_sweep)
+        choices = hydra_cfg.runtime.choices
+        run = place(validate(cfg, choices["model"], choices.get("dataset")), job_num, in_sweep)
         summary = run_job(run, job_dir, overrides, config)
     except KeyboardInterrupt:
         where = f"hydra.sweep.dir={hydra_cfg.sweep.dir}" if in_sweep else f"hydra.run.dir={job_dir}"

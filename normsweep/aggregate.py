@@ -10,14 +10,24 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from normsweep.results import Report, aggregate, format_table, job_dirs, problems
+from normsweep.report import write_report
+from normsweep.results import Report, aggregate, best_file, format_best, format_table, job_dirs, problems
 
 
-def report(sweep_dir: Path) -> Report:
-    """Aggregate `sweep_dir`; print the comparison table, where results.csv is, and a line per job in trouble."""
-    result = aggregate(sweep_dir)
+def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
+    """Aggregate `sweep_dir` and write its report.md; print the comparison table, the best-by table when there is
+    one, where the files are, and a line per job in trouble. A `compare` naming no key of the sweep raises
+    ValueError before any file is written."""
+    result = aggregate(sweep_dir, compare)
+    best = result.best
+    written = write_report(result, sweep_dir)
+    where = Path(sweep_dir).resolve()
     print(format_table(result), flush=True)
-    print(f"\nresults: {Path(sweep_dir).resolve() / 'results.csv'}  ({len(result.runs)} jobs)", flush=True)
+    if best is not None and compare:
+        print("\n" + format_best(best, compare), flush=True)
+    files = "results.csv" + (f", {best_file(compare)}" if best is not None and compare else "")
+    print(f"\nresults: {where / 'results.csv'}  ({len(result.runs)} jobs)", flush=True)
+    print(f"report:  {written.resolve()}  ({files}, curves.png)", flush=True)
     lines = problems(result)
     if lines:
         print("\n" + "\n".join(lines), flush=True)
@@ -30,7 +40,12 @@ class AggregateCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        result = report(sweep_dir)
+        compare = str(config.get("compare", "norm"))
+        try:
+            result = report(sweep_dir, compare)
+        except ValueError as err:  # the jobs check `compare` names a config key; this is the sweep's keys
+            print(f"{err}; aggregated without a best-by table", file=sys.stderr, flush=True)
+            result = report(sweep_dir, None)
         failed = int((result.runs["status"] == "failed").sum())
         if failed:
             print(
@@ -47,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Write runs.csv, results.csv and curves.png for a normsweep sweep folder and print the table.",
     )
     parser.add_argument("sweep_dir", type=Path, help="the sweep folder, e.g. multirun/2026-11-27/10-00-00")
+    parser.add_argument(
+        "--compare",
+        default="norm",
+        help="the compared axis of best_by_<axis>.csv: each of its values at the best setting of the other swept "
+        "keys (default: norm; e.g. model, optimizer)",
+    )
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder")
@@ -55,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             f"no normsweep jobs in {args.sweep_dir}: a sweep folder holds one folder per job, each with "
             ".hydra/overrides.yaml or summary.json (e.g. multirun/2026-11-27/10-00-00)"
         )
-    report(args.sweep_dir)
+    try:
+        report(args.sweep_dir, args.compare)
+    except ValueError as err:
+        parser.error(str(err))
     return 0
 
 

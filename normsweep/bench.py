@@ -26,6 +26,8 @@ MODELS = {
     "simple_cnn": {"_target_": "normsweep.models.SimpleCNN"},
     "deep_cnn": {"_target_": "normsweep.models.DeepCNN"},
     "mlp": {"_target_": "normsweep.models.MLP"},
+    "resnet20": {"_target_": "normsweep.models.ResNet", "blocks": [3, 3, 3], "widths": [16, 32, 64]},
+    "resnet18": {"_target_": "normsweep.models.ResNet", "blocks": [2, 2, 2, 2], "widths": [64, 128, 256, 512]},
 }
 ADAM = OptimizerConfig(name="adam", lr=1e-3)  # the article's optimizer, built as normsweep builds it
 CROP_PADDING = 4  # CIFAR's augmentation, in every variant that touches data: crop with padding 4, random flip

@@ -52,8 +52,11 @@ class NormConfig:
     name: str = MISSING
     eps: float = 1e-5
     affine: bool = True
-    momentum: float = 0.1  # bn only
-    groups: int = 8  # gn only
+    # Optional[...], not `X | None`: OmegaConf reads these annotations at runtime (as Config.channels_last's).
+    momentum: Optional[float] = 0.1  # noqa: UP045 (bn only; null: a cumulative average)
+    track_running_stats: bool = True  # bn only; false: batch statistics at evaluation too
+    groups: int = 8  # gn, ws_gn
+    group_size: Optional[int] = None  # noqa: UP045 (gn, ws_gn: channels per group, in place of groups when set)
 
 
 @dataclass
@@ -65,6 +68,9 @@ class OptimizerConfig:
     nesterov: bool = False  # sgd only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
     schedule: str = "constant"
+    # The batch size `lr` is given for: when set, the job trains at lr × batch_size / lr_batch_size (the linear
+    # scaling rule of Goyal et al. 2017), so a batch-size sweep keeps the step per image constant.
+    lr_batch_size: Optional[int] = None  # noqa: UP045
 
 
 @dataclass
@@ -79,6 +85,10 @@ class DatasetConfig:
     shape: list[int] = field(default_factory=lambda: [3, 32, 32])  # synthetic only: (C, H, W)
     classes: int = 10  # synthetic only
     size: int = 6000  # synthetic only: images in all, before the test split
+    # A data set of the user's own: `_target_` in its YAML names a callable, its other keys are the callable's
+    # arguments (see data.py's _user_data); normsweep's own keys for it are in USER_DATASET_KEYS.
+    target: Optional[str] = None  # noqa: UP045
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +108,7 @@ class Config:
     channels_last: Optional[bool] = None  # noqa: UP045 (OmegaConf reads the annotation at runtime: no `X | None`)
     compile: bool = False
     threads: int = 0
+    compare: str = "norm"  # the axis best_by_<compare>.csv compares; only the aggregation reads it
 
 
 @dataclass
@@ -121,6 +132,9 @@ class RunConfig:
 
 
 SCHEDULES = ("constant", "cosine")
+# The keys normsweep itself reads from a user data set's YAML; every other key goes to its `_target_` callable.
+USER_DATASET_KEYS = ("name", "crop_padding", "hflip", "test_fraction", "split_seed")
+_ABSENT = object()
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -143,11 +157,27 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: DictConfig, model_name: str) -> RunConfig:
-    """Type and range checks on a composed config; raises ConfigError naming the key and the fix."""
+def _dataset(node: Any, choice: str | None) -> DatasetConfig:
+    """A built-in data set's typed config; or, for a YAML with a `_target_`, normsweep's keys typed and the rest
+    kept as the callable's arguments."""
+    if "_target_" not in node:
+        return _typed(node, DatasetConfig, "dataset")
+    raw = OmegaConf.to_container(node, resolve=True)
+    own = {k: raw[k] for k in USER_DATASET_KEYS if k in raw}
+    own.setdefault("name", choice or str(raw["_target_"]).rsplit(".", 1)[-1])
+    kwargs = {k: v for k, v in raw.items() if k not in USER_DATASET_KEYS and k != "_target_"}
+    typed = _typed(OmegaConf.create(own), DatasetConfig, "dataset")
+    typed.target, typed.kwargs = str(raw["_target_"]), kwargs
+    return typed
+
+
+def validate(cfg: DictConfig, model_name: str, dataset_name: str | None = None) -> RunConfig:
+    """Type and range checks on a composed config; raises ConfigError naming the key and the fix.
+
+    `dataset_name` is the dataset option chosen (Hydra's runtime choice): a user data set's default name."""
     norm = _typed(cfg.norm, NormConfig, "norm")
     optimizer = _typed(cfg.optimizer, OptimizerConfig, "optimizer")
-    dataset = _typed(cfg.dataset, DatasetConfig, "dataset")
+    dataset = _dataset(cfg.dataset, dataset_name)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     run = RunConfig(
         model_name=model_name,
@@ -175,11 +205,18 @@ def validate(cfg: DictConfig, model_name: str) -> RunConfig:
     _check(
         norm.name != "bn" or run.batch_size >= 2,
         f"norm=bn batch_size={run.batch_size}: BatchNorm takes its statistics over the batch and needs at least "
-        "2 images per batch; use batch_size=2 or more, or a per-sample norm (ln, in, gn)",
+        "2 images per batch; use batch_size=2 or more, or a per-sample norm (ln, ln2d, rms, in, gn)",
     )
     _check(norm.eps > 0, f"norm.eps={norm.eps}: must be > 0")
-    _check(0 <= norm.momentum <= 1, f"norm.momentum={norm.momentum}: must be between 0 and 1")
+    _check(
+        norm.momentum is None or 0 <= norm.momentum <= 1,
+        f"norm.momentum={norm.momentum}: must be between 0 and 1, or null for a cumulative average",
+    )
     _check(norm.groups >= 1, f"norm.groups={norm.groups}: must be 1 or more")
+    _check(
+        norm.group_size is None or norm.group_size >= 1,
+        f"norm.group_size={norm.group_size}: must be 1 or more, or null to use norm.groups",
+    )
     _check(optimizer.lr > 0, f"optimizer.lr={optimizer.lr}: the learning rate must be > 0")
     _check(
         len(optimizer.betas) == 2 and all(0 <= b < 1 for b in optimizer.betas),
@@ -208,4 +245,17 @@ def validate(cfg: DictConfig, model_name: str) -> RunConfig:
     _check(dataset.classes >= 2, f"dataset.classes={dataset.classes}: a classifier needs at least 2 classes")
     _check(dataset.size >= 10, f"dataset.size={dataset.size}: generate at least 10 images")
     _check("_target_" in model, f"model={model_name}: its YAML needs a _target_ naming the model class")
+    compare = str(cfg.get("compare", "norm"))
+    _check(
+        OmegaConf.select(cfg, compare, default=_ABSENT) is not _ABSENT,
+        f"compare={compare}: no such config key; name the axis to compare best settings on, e.g. compare=norm, "
+        "compare=model or compare=optimizer.lr",
+    )
+    if optimizer.lr_batch_size is not None:
+        _check(
+            optimizer.lr_batch_size >= 1,
+            f"optimizer.lr_batch_size={optimizer.lr_batch_size}: give the batch size optimizer.lr is meant for "
+            "(e.g. 32), or null to use optimizer.lr as it is",
+        )
+        run.optimizer.lr = optimizer.lr * run.batch_size / optimizer.lr_batch_size
     return run

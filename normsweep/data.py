@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from normsweep.config import ConfigError, DatasetConfig
+from normsweep.config import USER_DATASET_KEYS, ConfigError, DatasetConfig
 
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8, (N, C, H, W)
+    images: torch.Tensor  # uint8 (0..255), or float32 for a user data set given as floats; (N, C, H, W)
     labels: torch.Tensor  # int64, (N,)
 
     def __len__(self) -> int:
@@ -35,7 +35,7 @@ class Data:
     val: Split
     test: Split
     num_classes: int
-    mean: torch.Tensor  # per channel, on the 0..1 scale, from the training split only
+    mean: torch.Tensor  # per channel, on the 0..1 scale (float images: their own scale), from the training split
     std: torch.Tensor
     crop_padding: int
     hflip: bool
@@ -146,6 +146,75 @@ def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tu
     return load
 
 
+def _user_data(cfg: DatasetConfig) -> tuple[Split, Split, int]:
+    """A data set of the user's own: `cfg.target` names a callable, called with `cfg.kwargs`, that returns either
+    `(images, labels)` (normsweep then holds out a fixed test split, as for digits) or
+    `{"train": (images, labels), "test": (images, labels)}`. Images: uint8 (0..255) or float, (N, C, H, W) or
+    (N, H, W), as torch tensors or numpy arrays; labels: integers 0..K-1."""
+    from hydra.utils import get_method
+
+    where = f"dataset={cfg.name} (_target_={cfg.target})"
+    try:
+        make = get_method(cfg.target)
+    except Exception as err:
+        raise ConfigError(
+            f"{where}: cannot import it ({str(err).splitlines()[0]}); the module must be importable "
+            "from where normsweep runs (run from its folder, set PYTHONPATH, or pip install it)"
+        ) from None
+    try:
+        made = make(**cfg.kwargs)
+    except TypeError as err:
+        if "argument" not in str(err):
+            raise
+        raise ConfigError(
+            f"{where}: {err}; its YAML's keys other than {', '.join(USER_DATASET_KEYS)} are passed to it as arguments"
+        ) from None
+    if isinstance(made, dict) and set(made) == {"train", "test"}:
+        train, test = (_user_split(made[part], f"{where}, {part!r}") for part in ("train", "test"))
+        if train.images.shape[1:] != test.images.shape[1:] or train.images.dtype != test.images.dtype:
+            raise ConfigError(
+                f"{where}: its train images are {tuple(train.images.shape[1:])} {train.images.dtype} "
+                f"and its test images {tuple(test.images.shape[1:])} {test.images.dtype}; they must match"
+            )
+    elif isinstance(made, tuple | list) and len(made) == 2:
+        full = _user_split(made, where)
+        train, test = _fixed_test_split(full.images, full.labels, cfg)
+    else:
+        raise ConfigError(
+            f"{where} returned {type(made).__name__}; return (images, labels), or "
+            "{'train': (images, labels), 'test': (images, labels)}"
+        )
+    classes = int(max(train.labels.max(), test.labels.max())) + 1
+    if len(train.labels.unique()) < 2:
+        raise ConfigError(f"{where}: its training images carry fewer than 2 distinct labels; a classifier needs 2")
+    return train, test, classes
+
+
+def _user_split(pair: Any, where: str) -> Split:
+    try:
+        images, labels = pair
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a pair (images, labels), got {type(pair).__name__}") from None
+    x, y = torch.as_tensor(np.asarray(images)), torch.as_tensor(np.asarray(labels))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    if x.ndim != 4 or len(x) < 1:
+        raise ConfigError(f"{where}: images have shape {tuple(x.shape)}; give (N, C, H, W) or (N, H, W)")
+    if y.shape != (len(x),) or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ConfigError(f"{where}: labels must be {len(x)} integers (one per image), got {y.dtype} {tuple(y.shape)}")
+    if y.min() < 0:
+        raise ConfigError(f"{where}: labels must be 0..K-1 for K classes; found {int(y.min())}")
+    if x.dtype.is_floating_point:
+        x = x.to(torch.float32)
+        if not torch.isfinite(x).all():
+            raise ConfigError(f"{where}: the images hold NaN or infinite values")
+    elif x.dtype != torch.uint8:
+        if x.min() < 0 or x.max() > 255:
+            raise ConfigError(f"{where}: integer images must be 0..255 (uint8); give floats for other ranges")
+        x = x.to(torch.uint8)
+    return Split(x.contiguous(), y.to(torch.int64))
+
+
 # name → loader returning (full training split, test split, number of classes)
 LOADERS: dict[str, Callable[[DatasetConfig], tuple[Split, Split, int]]] = {
     "digits": _digits,
@@ -166,8 +235,9 @@ _LAST: dict[tuple[Any, ...], tuple[Split, Split, int]] = {}
 def _source(cfg: DatasetConfig) -> tuple[Split, Split, int]:
     root = str(Path(cfg.root).expanduser().resolve())
     key = (cfg.name, root, cfg.test_fraction, cfg.split_seed, tuple(cfg.shape), cfg.classes, cfg.size)
+    key += (cfg.target, repr(sorted(cfg.kwargs.items())))
     if key not in _LAST:
-        loaded = LOADERS[cfg.name](cfg)
+        loaded = _user_data(cfg) if cfg.target else LOADERS[cfg.name](cfg)
         _LAST.clear()
         _LAST[key] = loaded
     return _LAST[key]
@@ -175,8 +245,11 @@ def _source(cfg: DatasetConfig) -> tuple[Split, Split, int]:
 
 def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
     """Load a data set and hold out a seeded `val_fraction` of its training split for validation."""
-    if cfg.name not in LOADERS:
-        raise ConfigError(f"dataset={cfg.name}: unknown data set; choose one of {', '.join(LOADERS)}")
+    if cfg.name not in LOADERS and not cfg.target:
+        raise ConfigError(
+            f"dataset={cfg.name}: unknown data set; choose one of {', '.join(LOADERS)}, or give its YAML a _target_ "
+            "naming a function that returns your images and labels"
+        )
     full_train, test, num_classes = _source(cfg)
     n_val = round(len(full_train) * val_fraction)
     if n_val < 1 or len(full_train) - n_val < 2:
@@ -201,7 +274,12 @@ def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
 
 def channel_stats(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-channel mean and standard deviation on the 0..1 scale, exact, from a histogram of the uint8 values
-    (no float copy of the whole split: CIFAR's would be 0.5 GB)."""
+    (no float copy of the whole split: CIFAR's would be 0.5 GB). Float images: on their own scale."""
+    if images.dtype.is_floating_point:
+        per_channel = [images[:, c].double() for c in range(images.shape[1])]  # one channel at a time
+        mean = torch.stack([x.mean() for x in per_channel])
+        std = torch.stack([x.std() if x.numel() > 1 else x.new_tensor(0.0) for x in per_channel])
+        return {"mean": mean.float(), "std": std.float().clamp_min(1e-6)}
     levels = torch.arange(256, dtype=torch.float64) / 255
     counts = torch.stack([torch.bincount(images[:, c].flatten(), minlength=256) for c in range(images.shape[1])])
     counts = counts.double()
@@ -214,8 +292,11 @@ def channel_stats(images: torch.Tensor) -> dict[str, torch.Tensor]:
 def normalize(
     images: torch.Tensor, data: Data, memory_format: torch.memory_format = torch.contiguous_format
 ) -> torch.Tensor:
-    """uint8 (N, C, H, W) → float32 in `memory_format`, standardized per channel with the training statistics."""
-    x = images.to(torch.float32, memory_format=memory_format).div_(255)
+    """Images (N, C, H, W) → a new float32 tensor in `memory_format`, standardized per channel with the training
+    statistics (uint8 first brought to 0..1)."""
+    x = images.to(torch.float32, memory_format=memory_format, copy=True)
+    if images.dtype == torch.uint8:
+        x.div_(255)
     return x.sub_(data.mean.view(1, -1, 1, 1)).div_(data.std.view(1, -1, 1, 1))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import socket
 import time
 from dataclasses import asdict
@@ -22,7 +23,15 @@ from normsweep.models import build_model
 from normsweep.norms import norm_factory
 from normsweep.results import FINISHED, GROUPS, load_summary, process_start, write_metrics, write_summary
 from normsweep.resume import load_checkpoint, save_checkpoint
-from normsweep.train import EpochMetrics, evaluate, fit, resolve_compute, resolve_device, set_threads
+from normsweep.train import (
+    EpochMetrics,
+    describe_hardware,
+    evaluate,
+    fit,
+    resolve_compute,
+    resolve_device,
+    set_threads,
+)
 
 log = logging.getLogger("normsweep")
 
@@ -85,6 +94,9 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
         "host": socket.gethostname(),
         "device": str(device),
         "slurm_job": os.environ.get("SLURM_JOB_ID"),  # a requeued SLURM job keeps its id: it may resume itself
+        "hardware": describe_hardware(device),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
         "threads": threads,
         "precision": compute.precision,
         "channels_last": compute.channels_last,

@@ -28,6 +28,14 @@ def _flat_features(channels: int, height: int, width: int, model: str) -> int:
     return channels * height * width
 
 
+def _norm_relu(norm: NormFactory, channels: int, layer: str, dim: int = 2) -> list[nn.Module]:
+    """norm → ReLU, or the norm alone when it brings its own activation (FRN's thresholded linear unit)."""
+    module = norm(channels, layer=layer, dim=dim)
+    if getattr(module, "includes_activation", False):
+        return [module]
+    return [module, nn.ReLU(inplace=True)]
+
+
 class SimpleCNN(nn.Module):
     """conv3x3(32) → norm → ReLU → conv3x3(64) → norm → ReLU → maxpool 2 → fc(hidden) → ReLU → fc(classes)."""
 
@@ -44,11 +52,9 @@ class SimpleCNN(nn.Module):
         h, w = (_conv_out(_conv_out(s, 3, 0), 3, 0) // 2 for s in image_size)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, kernel_size=3),
-            norm(32, layer="conv1"),
-            nn.ReLU(inplace=True),
+            *_norm_relu(norm, 32, "conv1"),
             nn.Conv2d(32, 64, kernel_size=3),
-            norm(64, layer="conv2"),
-            nn.ReLU(inplace=True),
+            *_norm_relu(norm, 64, "conv2"),
             nn.MaxPool2d(2),
             nn.Flatten(),
         )
@@ -81,8 +87,7 @@ class DeepCNN(nn.Module):
         for i, width in enumerate((64, 128, 256), start=1):
             layers += [
                 nn.Conv2d(channels, width, kernel_size=3, padding=1),
-                norm(width, layer=f"conv{i}"),
-                nn.ReLU(inplace=True),
+                *_norm_relu(norm, width, f"conv{i}"),
                 nn.MaxPool2d(2),
             ]
             channels, h, w = width, h // 2, w // 2
@@ -114,13 +119,120 @@ class MLP(nn.Module):
         self.net = nn.Sequential(
             nn.Flatten(),
             nn.Linear(in_channels * h * w, hidden),
-            norm(hidden, layer="fc1", dim=1),
-            nn.ReLU(inplace=True),
+            *_norm_relu(norm, hidden, "fc1", dim=1),
             nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def _conv_before(
+    after: list[nn.Module], in_channels: int, out_channels: int, kernel: int, stride: int
+) -> list[nn.Module]:
+    """conv (kernel×kernel, "same" padding) followed by `after`, a norm first; the norm's shift takes the place of the
+    conv's bias, so the conv has one only when there is no norm (nn.Identity)."""
+    bias = isinstance(after[0], nn.Identity)
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=bias)
+    return [conv, *after]
+
+
+def _as_override(value: Any) -> str:
+    """A value as the user would type it on the command line: [3,3,3], not [3, 3, 3]."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(_as_override, value)) + "]"
+    return str(value)
+
+
+def _check_stages(blocks: Sequence[int], widths: Sequence[int]) -> None:
+    for key, values, example in (("blocks", blocks, [3, 3, 3]), ("widths", widths, [16, 32, 64])):
+        if not (
+            isinstance(values, Sequence)
+            and not isinstance(values, str)
+            and values
+            and all(type(v) is int and v >= 1 for v in values)
+        ):
+            raise ConfigError(
+                f"model.{key}={_as_override(values)}: give a list with one positive integer per stage, "
+                f"e.g. model.{key}={_as_override(example)}"
+            )
+    if len(blocks) != len(widths):
+        raise ConfigError(
+            f"model.blocks={_as_override(blocks)} and model.widths={_as_override(widths)}: each stage needs a block "
+            f"count and a width; give both lists the same length"
+        )
+
+
+class BasicBlock(nn.Module):
+    """conv3x3 → norm → ReLU → conv3x3 → norm, added to the shortcut, then ReLU (He et al. 2016).
+
+    The shortcut is the identity, or conv1x1 → norm where the shape changes (the paper's option B). Without a norm
+    (norm=none) the branch is scaled by a learned gain that starts at 0 (SkipInit, De & Smith 2020): every block
+    starts as the identity, so the signal does not grow with depth and the un-normalized net still trains.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        norm: NormFactory,
+        name: str,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        first = _conv_before(_norm_relu(norm, out_channels, f"{name}.conv1"), in_channels, out_channels, 3, stride)
+        last = norm(out_channels, layer=f"{name}.conv2")
+        self.branch = nn.Sequential(*first, *_conv_before([last], out_channels, out_channels, 3, 1))
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            shortcut_norm = norm(out_channels, layer=f"{name}.shortcut")
+            self.shortcut = nn.Sequential(*_conv_before([shortcut_norm], in_channels, out_channels, 1, stride))
+        self.gain = nn.Parameter(torch.zeros(())) if isinstance(last, nn.Identity) else None
+        if zero_init_residual and getattr(last, "weight", None) is not None:
+            nn.init.zeros_(last.weight)  # Goyal et al. 2017: the block starts as the identity with a real norm too
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branch(x)
+        if self.gain is not None:
+            out = out * self.gain
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """conv3x3 stem → norm → ReLU, stages of BasicBlocks (stride 2 from the second stage on), global average pool, fc.
+
+    `blocks` and `widths` give each stage's block count and channels; the stem has the first stage's width. The
+    global average pool lets it run on any image size: a stride-2 conv (3x3, pad 1) still gives 1x1 from 1x1.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: Sequence[int],
+        num_classes: int,
+        norm: NormFactory,
+        blocks: Sequence[int] = (3, 3, 3),
+        widths: Sequence[int] = (16, 32, 64),
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_stages(blocks, widths)
+        layers = _conv_before(_norm_relu(norm, widths[0], "stem"), in_channels, widths[0], 3, 1)
+        channels = widths[0]
+        for s, (count, width) in enumerate(zip(blocks, widths), start=1):
+            for b in range(1, count + 1):
+                stride = 2 if s > 1 and b == 1 else 1
+                layers.append(BasicBlock(channels, width, stride, norm, f"stage{s}.block{b}", zero_init_residual))
+                channels = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):  # the paper's init (He et al. 2015), not PyTorch's smaller default
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
 
 
 def build_model(
@@ -154,6 +266,9 @@ def build_model(
         )
     except TypeError as err:
         raise ConfigError(f"model={name}: {err}") from None
+    adapt = getattr(norm, "adapt", None)
+    if adapt is not None:  # a norm that changes other layers too (weight standardization of every conv for ws_gn)
+        model = adapt(model, name)
     model.eval()
     try:
         with torch.no_grad():

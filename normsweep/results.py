@@ -8,7 +8,7 @@ import math
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ GROUPS = ("model", "norm", "optimizer", "dataset")  # the config groups, as name
 #   diverged      stopped early on a non-finite loss: a result, not an error
 #   failed        raised an error (message in `error`)
 #   corrupt       summary.json cannot be read
+NOT_SETTINGS = ("seed", "compare")  # overrides that do not define a configuration: seeds are averaged over
 FINISHED = ("completed", "diverged")  # the statuses whose results count and are kept on resume
 UNFINISHED = ("running", "incomplete", "failed")
 ATTENTION = ("failed", "incomplete", "corrupt")  # statuses that get a line of their own under the table
@@ -46,6 +47,7 @@ RESULT_COLUMNS = [
     "best_val_acc_mean",
     "test_acc_mean",
     "test_acc_std",
+    "test_acc_ci95",
     "val_loss_mean",
     "train_loss_mean",
     "sec_per_epoch_mean",
@@ -67,6 +69,8 @@ RUN_FIELDS = {
     "sec_per_epoch": "sec_per_epoch",
     "params": "params",
     "device": "device",
+    "hardware": "hardware",
+    "torch": "torch_version",
     "wall_seconds": "wall_seconds",
     "error": "error",
 }
@@ -222,6 +226,9 @@ class Report:
     varying: list[str]  # the keys among them that take more than one value in this sweep
     fixed: dict[str, Any]  # what every job shared: group choices (model=…) and overrides that did not vary
     curves: pd.DataFrame  # per configuration and epoch, metrics averaged over seeds
+    config: dict[str, Any] = field(default_factory=dict)  # one job's resolved config: the settings not swept
+    compare: str | None = None  # the compared axis of `best`
+    best: pd.DataFrame | None = None  # best_by(compare): None when nothing besides the axis was swept
 
 
 def _numeric(values: pd.Series) -> pd.Series:
@@ -232,11 +239,13 @@ def _numeric(values: pd.Series) -> pd.Series:
 def collect(sweep_dir: Path) -> Report:
     """Read every job folder of a sweep into tidy tables."""
     sweep_dir = Path(sweep_dir)
-    rows, curves, keys, choices = [], [], [], []
+    rows, curves, keys, choices, config = [], [], [], [], {}
     for job_dir in job_dirs(sweep_dir):
         overrides, summary, metrics = _read_job(job_dir)
         choices.append({group: summary.get(group) for group in GROUPS})
-        keys += [k for k in overrides if k != "seed" and k not in keys]
+        keys += [k for k in overrides if k not in NOT_SETTINGS and k not in keys]
+        if not config and isinstance(summary.get("config"), dict):
+            config = summary["config"]
         row = {"job": str(job_dir.relative_to(sweep_dir)), **overrides}
         row["seed"] = summary.get("seed", overrides.get("seed"))
         row.update({column: summary.get(field) for column, field in RUN_FIELDS.items()})
@@ -259,7 +268,9 @@ def collect(sweep_dir: Path) -> Report:
         .reset_index()
     )
     results = summarize(runs, keys) if len(runs) else pd.DataFrame(columns=[*keys, *RESULT_COLUMNS])
-    return Report(runs=runs, results=results, keys=keys, varying=varying, fixed=fixed, curves=curve_means)
+    return Report(
+        runs=runs, results=results, keys=keys, varying=varying, fixed=fixed, curves=curve_means, config=config
+    )
 
 
 def _status(statuses: pd.Series) -> str:
@@ -285,40 +296,128 @@ def summarize(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         sec_per_epoch_mean=("sec_per_epoch", "mean"),
         params=("params", "first"),
         status=("status", _status),
+        _tests=("test_acc", "count"),
     )
-    results = results.reset_index().drop(columns="_all", errors="ignore")
+    results.insert(results.columns.get_loc("test_acc_std") + 1, "test_acc_ci95", ci95(results))
+    results = results.drop(columns="_tests").reset_index().drop(columns="_all", errors="ignore")
     return results.sort_values("val_acc_mean", ascending=False, na_position="last", kind="stable").reset_index(
         drop=True
     )
 
 
-def _settings(values: dict[str, Any]) -> str:
+def ci95(results: pd.DataFrame) -> pd.Series:
+    """Half-width of the 95% confidence interval of the mean test accuracy, from Student's t over the seeds
+    (mean ± t(0.975, n-1) · std / √n); undefined (NaN) with fewer than two runs."""
+    from scipy.stats import t
+
+    n = results["_tests"].astype(float)
+    half = t.ppf(0.975, (n - 1).clip(lower=1)) * results["test_acc_std"] / n.clip(lower=1) ** 0.5
+    return half.where(n >= 2)
+
+
+def settings_text(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in values.items())
 
 
-def _label(row: pd.Series, keys: list[str]) -> str:
-    return ", ".join(f"{k}={row[k]}" for k in keys) or "all runs"
+def label_of(row: pd.Series, keys: list[str]) -> str:
+    return ", ".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys) or "all runs"
+
+
+def best_by(report: Report, axis: str = "norm") -> pd.DataFrame | None:
+    """For each value of the compared `axis`: the setting of the other swept hyperparameters with the best mean
+    validation accuracy, and the test accuracy at that setting (so each norm is judged at its own best learning
+    rate, say). Swept data sets are kept apart, never picked from. None when nothing else was swept: results.csv
+    is then the comparison already."""
+    if axis not in report.keys and axis_value(report, axis) is None:
+        swept = ", ".join(report.keys) or "none"
+        raise ValueError(
+            f"compare={axis}: the jobs of this sweep have no key {axis!r}; compare one of the swept keys ({swept}), "
+            "or a config key such as norm, model or optimizer.lr"
+        )
+    context = [k for k in report.varying if k != axis and (k == "dataset" or k.startswith("dataset."))]
+    tuned = [k for k in report.varying if k != axis and k not in context]
+    if not tuned:
+        return None
+    results = report.results
+    by = [*context, axis] if axis in report.keys else context
+    groups = results.groupby(by, dropna=False, sort=False) if by else [((), results)]
+    rows = []
+    for _, group in groups:
+        tried = group[group["runs"] > 0]
+        best = tried.loc[tried["val_acc_mean"].idxmax()] if len(tried) else group.iloc[0]
+        row = {axis: best[axis] if axis in report.keys else axis_value(report, axis)}
+        row.update({k: best[k] for k in context})
+        row.update({k: best[k] if len(tried) else None for k in tuned})
+        figures = ("runs", "val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std", "test_acc_ci95")
+        row.update({c: best[c] if len(tried) else (0 if c == "runs" else None) for c in figures})
+        row["settings_tried"] = len(tried)
+        row["status"] = (
+            best["status"] if len(tried) else _status(report.runs.loc[_members(report.runs, group, by), "status"])
+        )
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = [*context, "val_acc_mean"] if context else ["val_acc_mean"]
+    ascending = [True] * len(context) + [False]
+    return table.sort_values(order, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _members(runs: pd.DataFrame, group: pd.DataFrame, by: list[str]) -> pd.Series:
+    """The jobs of `runs` that belong to a group of result rows (same values of `by`)."""
+    mask = pd.Series(True, index=runs.index)
+    for key in by:
+        mask &= runs[key].isin(group[key]) | (runs[key].isna() & group[key].isna().any())
+    return mask
+
+
+def axis_value(report: Report, axis: str) -> Any:
+    """The one value a key took in the whole sweep: a group choice, an override, or the config's own value."""
+    if axis in report.fixed:
+        return report.fixed[axis]
+    node: Any = report.config
+    for part in axis.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):  # a group (norm=…) that was not overridden: its name is what tells it
+        return node.get("name", "")
+    return node
+
+
+def matching(frame: pd.DataFrame, config: pd.Series, keys: list[str]) -> pd.Series:
+    mask = pd.Series(True, index=frame.index)
+    for key in keys:
+        mask &= (frame[key] == config[key]) | (frame[key].isna() & pd.isna(config[key]))
+    return mask
+
+
+def batch_size_lines(report: Report) -> pd.DataFrame | None:
+    """Mean test accuracy against batch size, one line per setting of the other swept keys (the GroupNorm
+    paper's batch-size study); None unless batch_size was swept."""
+    if "batch_size" not in report.varying:
+        return None
+    others = [k for k in report.varying if k != "batch_size"]
+    table = report.results[[*others, "batch_size", "test_acc_mean", "test_acc_ci95", "test_acc_std", "runs"]]
+    return table.sort_values([*others, "batch_size"], kind="stable").reset_index(drop=True)
 
 
 def plot_curves(report: Report, path: Path) -> None:
-    """Validation accuracy and training loss per epoch, one line per configuration (mean over seeds)."""
+    """Validation accuracy and training loss per epoch, one line per configuration (mean over seeds); when the
+    batch size was swept, a third panel with test accuracy against batch size per setting of the other keys."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_batch = batch_size_lines(report)
+    panels = 3 if by_batch is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+    ax_acc, ax_loss = axes[0], axes[1]
     label_keys = report.varying or report.keys
     curves = report.curves
     # Legend in the order of results.csv: best first.
     configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
     for _, config in configs.iterrows():
-        mask = pd.Series(True, index=curves.index)
-        for key in report.keys:
-            mask &= (curves[key] == config[key]) | (curves[key].isna() & pd.isna(config[key]))
-        line = curves[mask].sort_values("epoch")
-        label = _label(config, label_keys)
+        line = curves[matching(curves, config, report.keys)].sort_values("epoch")
+        label = label_of(config, label_keys)
         ax_acc.plot(line["epoch"], line["val_acc"], marker="o", markersize=3, label=label)
         ax_loss.plot(line["epoch"], line["train_loss"], marker="o", markersize=3, label=label)
     n_seeds = report.runs["seed"].nunique()
@@ -329,8 +428,10 @@ def plot_curves(report: Report, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.legend(fontsize="small")
+    if by_batch is not None:
+        _plot_batch_sizes(axes[2], by_batch, [k for k in report.varying if k != "batch_size"], n_seeds)
     if report.fixed:
-        fig.suptitle(_settings(report.fixed), fontsize="medium")
+        fig.suptitle(settings_text(report.fixed), fontsize="medium")
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=110)
@@ -338,24 +439,67 @@ def plot_curves(report: Report, path: Path) -> None:
     atomic_write(path, image.getvalue())
 
 
-def format_table(report: Report) -> str:
-    """The comparison table as printed at the end of a sweep: swept keys and the figures that matter."""
-    results = report.results
-    # The losses stay in results.csv; the printed table keeps to what decides between configurations.
+def _plot_batch_sizes(ax: Any, table: pd.DataFrame, others: list[str], n_seeds: int) -> None:
+    groups = table.groupby(others, dropna=False, sort=False) if others else [((), table)]
+    for _, line in groups:
+        errors = line["test_acc_ci95"] if line["test_acc_ci95"].notna().any() else None
+        label = label_of(line.iloc[0], others) if others else "test accuracy"
+        ax.errorbar(
+            line["batch_size"], line["test_acc_mean"], yerr=errors, marker="o", markersize=4, capsize=3, label=label
+        )
+    sizes = sorted(table["batch_size"].dropna().unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
+    ax.minorticks_off()
+    bars = " ± 95% CI" if n_seeds > 1 else ""
+    ax.set(xlabel="batch size", ylabel="test accuracy (%)", title=f"Test accuracy by batch size{bars}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def cells(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """`frame[columns]` as text: two decimals for the figures, swept values as typed (%g), `-` for none."""
+
+    def show(value: Any, column: str) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        if isinstance(value, float) and column.endswith(("_mean", "_std", "_ci95")):
+            return f"{value:.2f}"
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
+
+    return pd.DataFrame({c: [show(v, c) for v in frame[c].tolist()] for c in columns}, index=frame.index)
+
+
+def table_columns(report: Report) -> list[str]:
+    """The columns shown for results.csv: swept keys and the figures that matter (the losses stay in the CSV);
+    spreads and intervals only when some configuration has more than one run."""
     shown = [*report.varying, *(c for c in RESULT_COLUMNS if c not in ("val_loss_mean", "train_loss_mean"))]
-    if results["runs"].max() <= 1:
-        shown = [c for c in shown if not c.endswith("_std")]
-    # Two decimals for the figures; swept values (a learning rate of 0.0003, say) as typed, in %g.
-    formats = {c: "{:.2f}" if c.endswith(("_mean", "_std")) else "{:g}" for c in shown}
-    formatters = {
-        c: (lambda v, f=f: "" if pd.isna(v) else f.format(v))
-        for c, f in formats.items()
-        if results[c].dtype.kind == "f"
-    }
-    lines = [results[shown].to_string(index=False, formatters=formatters, na_rep="-")]
+    if report.results["runs"].max() <= 1:
+        shown = [c for c in shown if not c.endswith(("_std", "_ci95"))]
+    return shown
+
+
+def best_columns(best: pd.DataFrame) -> list[str]:
+    columns = list(best.columns)
+    if best["runs"].max() <= 1:
+        columns = [c for c in columns if not c.endswith(("_std", "_ci95"))]
+    return columns
+
+
+def format_table(report: Report) -> str:
+    """The comparison table as printed at the end of a sweep."""
+    lines = [cells(report.results, table_columns(report)).to_string(index=False)]
     if report.fixed:
-        lines.append("same in every run: " + _settings(report.fixed))
+        lines.append("same in every run: " + settings_text(report.fixed))
     return "\n".join(lines)
+
+
+def format_best(best: pd.DataFrame, axis: str) -> str:
+    tuned = [c for c in best.columns if c not in (axis, "runs", "settings_tried", "status") and "_acc_" not in c]
+    title = f"best by {axis} (each at its best {', '.join(tuned)} by mean validation accuracy):"
+    return title + "\n" + cells(best, best_columns(best)).to_string(index=False)
 
 
 def problems(report: Report) -> list[str]:
@@ -378,12 +522,24 @@ def problems(report: Report) -> list[str]:
     return lines
 
 
-def aggregate(sweep_dir: Path) -> Report:
-    """Write runs.csv, results.csv and curves.png into `sweep_dir` and return what was aggregated."""
+def best_file(axis: str) -> str:
+    return f"best_by_{axis}.csv"
+
+
+def aggregate(sweep_dir: Path, compare: str | None = "norm") -> Report:
+    """Write runs.csv, results.csv, best_by_<compare>.csv (when something besides `compare` was swept) and
+    curves.png into `sweep_dir`, and return what was aggregated.
+
+    Raises ValueError, before writing anything, if `compare` names no key of the sweep (None: no best-by table).
+    """
     sweep_dir = Path(sweep_dir)
     report = collect(sweep_dir)
+    report.compare = compare
+    report.best = best_by(report, compare) if compare and len(report.results) else None
     atomic_write(sweep_dir / "runs.csv", report.runs.to_csv(index=False, float_format="%.6g"))
     atomic_write(sweep_dir / "results.csv", report.results.to_csv(index=False, float_format="%.6g"))
+    if report.best is not None and compare:
+        atomic_write(sweep_dir / best_file(compare), report.best.to_csv(index=False, float_format="%.6g"))
     if len(report.curves):
         plot_curves(report, sweep_dir / "curves.png")
     return report

@@ -21,8 +21,9 @@ from normsweep.results import METRICS_FILE, SUMMARY_FILE, atomic_write, load_sum
 log = logging.getLogger("normsweep")
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# Keys that say where a job runs or finds its data, not what it computes: a resumed job may change them.
-WHERE_KEYS = ("device", "dataset.root", "dataset.download")
+# Keys that say where a job runs or finds its data, or how the sweep is aggregated, not what a job computes: a
+# resumed job may change them.
+WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare")
 _ABSENT = object()
 
 

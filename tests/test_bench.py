@@ -67,7 +67,7 @@ def test_the_reference_sees_the_same_images_through_pil() -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--norm", "bn,foo"], "--norm bn,foo: choose among none, bn, ln, in, gn"),
+        (["--norm", "bn,foo"], "--norm bn,foo: choose among none, bn, ln, ln2d, rms, in, gn, ws_gn, frn"),
         (["--steps", "0"], "--steps must be 1 or more"),
         (["--model", "mlp", "--norm", "in"], "--model mlp cannot take --norm in"),
         (["--shape", "3x32x32"], "give channels,height,width"),

@@ -24,10 +24,11 @@ def options(group: str) -> list[str]:
 
 
 def test_the_groups_offer_what_the_readme_lists() -> None:
-    assert options("model") == ["deep_cnn", "mlp", "simple_cnn"]
-    assert options("norm") == ["bn", "gn", "in", "ln", "none"]
+    assert options("model") == ["deep_cnn", "mlp", "resnet18", "resnet20", "simple_cnn"]
+    assert options("norm") == ["bn", "frn", "gn", "in", "ln", "ln2d", "none", "rms", "ws_gn"]
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "mnist", "svhn", "synthetic"]
+    assert options("experiment") == ["gn_batch_size", "quick", "seed_cifar10"]
 
 
 def forward_backward(run, data) -> None:
@@ -54,8 +55,8 @@ def forward_backward(run, data) -> None:
 def test_model_and_norm_compose_and_train(compose_cfg, model: str, norm: str) -> None:
     run = validate(compose_cfg([f"model={model}", f"norm={norm}"]), model)
     data = load(run.dataset, run.val_fraction, run.seed)
-    if model == "mlp" and norm == "in":
-        with pytest.raises(ConfigError, match="model=mlp norm=in"):
+    if model == "mlp" and norm in ("in", "frn", "ws_gn"):  # spatial statistics; weight-standardized convolutions
+        with pytest.raises(ConfigError, match=f"model=mlp norm={norm}"):
             forward_backward(run, data)
     else:
         forward_backward(run, data)
@@ -171,3 +172,41 @@ def test_compute_keys_from_the_shell(compose_cfg) -> None:
     assert (default.precision, default.channels_last, default.compile, default.threads) == ("fp32", None, False, 0)
     with pytest.raises((ConfigCompositionException, ValidationError), match="channels_last"):
         compose_cfg(["channels_last=sometimes"])
+
+
+def test_linear_learning_rate_scaling_with_the_batch_size(compose_cfg) -> None:
+    run = validate(compose_cfg(["optimizer.lr=0.1", "optimizer.lr_batch_size=32", "batch_size=8"]), "simple_cnn")
+    assert run.optimizer.lr == pytest.approx(0.025)
+    assert validate(compose_cfg(["optimizer.lr=0.1", "batch_size=8"]), "simple_cnn").optimizer.lr == 0.1
+    with pytest.raises(ConfigError, match="optimizer.lr_batch_size=0: give the batch size optimizer.lr is meant for"):
+        validate(compose_cfg(["optimizer.lr_batch_size=0"]), "simple_cnn")
+
+
+def test_the_compared_axis_must_be_a_config_key(compose_cfg) -> None:
+    for axis in ("norm", "model", "optimizer.lr", "batch_size", "norm.groups"):
+        validate(compose_cfg([f"compare={axis}", "norm=gn"]), "simple_cnn")
+    with pytest.raises(ConfigError, match="compare=optimiser.lr: no such config key"):
+        validate(compose_cfg(["compare=optimiser.lr"]), "simple_cnn")
+
+
+@pytest.mark.parametrize(
+    "preset, model, optimizer, dataset, sweep",
+    [
+        ("quick", "simple_cnn", "adam", "digits", {"norm": "none,bn,ln,in,gn"}),
+        ("seed_cifar10", "deep_cnn", "adam", "cifar10", {"norm": "none,bn"}),
+        ("gn_batch_size", "resnet20", "sgd", "digits", {"norm": "bn,gn", "batch_size": "2,4,8,16,32"}),
+    ],
+)
+def test_experiment_presets_compose(compose_cfg, preset, model, optimizer, dataset, sweep) -> None:
+    cfg = compose_cfg([f"+experiment={preset}"], return_hydra_config=True)
+    choices = cfg.hydra.runtime.choices
+    assert (choices.model, choices.optimizer, choices.dataset) == (model, optimizer, dataset)
+    assert dict(cfg.hydra.sweeper.params) == sweep
+    run = validate(cfg, model)
+    if preset == "seed_cifar10":  # the article's setup, as it should have been run
+        assert (run.optimizer.lr, run.batch_size, run.epochs, run.val_fraction) == (1e-3, 128, 20, 0.2)
+        assert (run.dataset.crop_padding, run.dataset.hflip) == (4, True)
+    if preset == "gn_batch_size":  # 0.1 at 32 images, scaled linearly with the batch
+        assert run.optimizer.lr == pytest.approx(0.1 * 64 / 32)
+        small = validate(compose_cfg([f"+experiment={preset}", "batch_size=2"]), model)
+        assert small.optimizer.lr == pytest.approx(0.1 * 2 / 32)

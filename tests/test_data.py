@@ -147,3 +147,90 @@ def test_a_data_set_is_loaded_once_per_process_and_never_shared_mutably(monkeypa
     assert not torch.equal(first.val.labels, second.val.labels)  # its own seeded validation split
     load(DatasetConfig(name="synthetic", shape=[1, 6, 6], size=300), val_fraction=0.2, seed=0)
     assert calls == [200, 300]  # another data set is loaded anew
+
+
+USER_DATA = """
+import numpy as np
+import torch
+
+
+def pairs(n=200, float_images=False):
+    g = np.random.default_rng(0)
+    labels = np.arange(n) % 3
+    images = (g.random((n, 2, 6, 5)) * 50 + labels[:, None, None, None] * 60).astype(np.uint8)
+    if float_images:
+        return images.astype(np.float32) / 10 - 7, labels  # any scale: normsweep standardizes
+    return images, labels
+
+
+def official_split():
+    train = (torch.randint(0, 256, (40, 9, 9), dtype=torch.uint8), torch.arange(40) % 4)
+    test = (torch.randint(0, 256, (12, 9, 9), dtype=torch.uint8), torch.arange(12) % 4)
+    return {"train": train, "test": test}
+
+
+def float_labels():
+    return np.zeros((10, 1, 4, 4), np.uint8), np.linspace(0, 1, 10)
+
+
+def wide_ints():
+    return np.full((10, 1, 4, 4), 300), np.arange(10) % 2
+
+
+def one_class():
+    return np.zeros((10, 1, 4, 4), np.uint8), np.zeros(10, int)
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch) -> str:
+    (tmp_path / "user_data_mod.py").write_text(USER_DATA)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "user_data_mod"
+
+
+def user(target: str, **kwargs) -> DatasetConfig:
+    return DatasetConfig(name="mine", target=target, kwargs=kwargs, test_fraction=0.25)
+
+
+def test_a_user_data_set_gets_a_fixed_test_split_and_the_usual_validation_split(user_module: str) -> None:
+    a = load(user(f"{user_module}.pairs", n=200), val_fraction=0.2, seed=0)
+    b = load(user(f"{user_module}.pairs", n=200), val_fraction=0.2, seed=1)
+    assert a.shape == (2, 6, 5) and a.num_classes == 3 and a.train.images.dtype == torch.uint8
+    assert len(a.test) == 50 and len(a.train) + len(a.val) == 150
+    assert torch.equal(a.test.images, b.test.images) and not torch.equal(a.val.labels, b.val.labels)
+
+
+def test_a_user_data_set_with_its_own_test_split_keeps_it(user_module: str) -> None:
+    data = load(user(f"{user_module}.official_split"), val_fraction=0.25, seed=0)
+    assert data.shape == (1, 9, 9) and data.num_classes == 4
+    assert len(data.test) == 12 and len(data.train) + len(data.val) == 40
+
+
+def test_float_images_are_standardized_on_their_own_scale(user_module: str) -> None:
+    data = load(user(f"{user_module}.pairs", float_images=True), val_fraction=0.2, seed=0)
+    assert data.train.images.dtype == torch.float32
+    x = normalize(data.train.images, data)
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-4)
+    assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(2), atol=1e-3)
+    before = data.train.images.clone()
+    normalize(data.train.images, data)
+    assert torch.equal(data.train.images, before)  # a new tensor: the data set is not changed in place
+    crops = augment(data.train.images[:4], padding=1, hflip=True, generator=torch.Generator().manual_seed(0))
+    assert crops.dtype == torch.float32 and crops.shape == (4, 2, 6, 5)
+
+
+@pytest.mark.parametrize(
+    "target, kwargs, message",
+    [
+        ("float_labels", {}, "labels must be 10 integers"),
+        ("wide_ints", {}, "integer images must be 0..255"),
+        ("one_class", {}, "fewer than 2 distinct labels"),
+        ("pairs", {"colour": True}, "unexpected keyword argument 'colour'"),
+        ("nowhere", {}, "cannot import it"),
+    ],
+)
+def test_a_broken_user_data_set_is_explained(user_module: str, target: str, kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        load(user(f"{user_module}.{target}", **kwargs), val_fraction=0.2, seed=0)
+    assert str(err.value).startswith(f"dataset=mine (_target_={user_module}.{target})")

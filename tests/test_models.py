@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from normsweep.config import ConfigError, NormConfig
-from normsweep.models import DeepCNN, SimpleCNN, build_model
+from normsweep.models import MLP, DeepCNN, ResNet, SimpleCNN, build_model
 from normsweep.norms import norm_factory
 
 TARGETS = {
     "simple_cnn": "normsweep.models.SimpleCNN",
     "deep_cnn": "normsweep.models.DeepCNN",
     "mlp": "normsweep.models.MLP",
+    "resnet20": "normsweep.models.ResNet",
 }
+RESNET18 = {"blocks": [2, 2, 2, 2], "widths": [64, 128, 256, 512]}
+TINY = {"blocks": [1, 2], "widths": [8, 16]}  # two stages, one stride-2 block with a conv shortcut: quick to train
+
+
+def n_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
 
 
 @pytest.mark.parametrize("model", sorted(TARGETS))
@@ -89,3 +97,197 @@ def test_bad_model_argument_values_are_clear_errors(value, message: str) -> None
             10,
             norm_factory(NormConfig(name="bn"), "mlp"),
         )
+
+
+def test_resnet20_matches_the_paper() -> None:
+    net = ResNet(3, (32, 32), 10, norm_factory(NormConfig(name="bn"), "resnet20"))
+    blocks = [m for m in net.modules() if type(m).__name__ == "BasicBlock"]
+    assert [block.branch[0].out_channels for block in blocks] == [16] * 3 + [32] * 3 + [64] * 3
+    assert [block.branch[0].stride for block in blocks] == [(1, 1)] * 3 + [(2, 2), (1, 1), (1, 1)] * 2
+    # He et al. report 0.27 M; the two conv1x1 -> BN shortcuts (option B) add 2,752 to their option A.
+    assert n_params(net) == 272_474
+
+
+def test_resnet18_is_the_cifar_variant() -> None:
+    net = ResNet(3, (32, 32), 10, norm_factory(NormConfig(name="bn"), "resnet18"), **RESNET18)
+    stem = net.features[0]
+    assert (stem.kernel_size, stem.stride, stem.out_channels) == ((3, 3), (1, 1), 64)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    assert n_params(net) == 11_173_962
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 17, 23)])
+@pytest.mark.parametrize("keys", [{}, RESNET18], ids=["resnet20", "resnet18"])
+def test_resnet_takes_any_image_size(shape: tuple[int, int, int], keys: dict) -> None:
+    net = build_model(
+        "resnet",
+        {"_target_": TARGETS["resnet20"], **keys},
+        shape[0],
+        shape[1:],
+        7,
+        norm_factory(NormConfig(name="gn"), "resnet"),
+    )
+    out = net(torch.randn(2, *shape))
+    assert out.shape == (2, 7)
+
+
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_a_conv_has_a_bias_only_without_a_norm(norm: str) -> None:
+    net = ResNet(3, (8, 8), 10, norm_factory(NormConfig(name=norm), "resnet20"), **TINY)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert all((c.bias is not None) == (norm == "none") for c in convs)
+
+
+def test_without_a_norm_every_block_starts_as_the_identity_and_its_gain_learns() -> None:
+    torch.manual_seed(0)
+    net = ResNet(3, (8, 8), 10, norm_factory(NormConfig(name="none"), "resnet20"), **TINY)
+    block = net.features[-3]  # stage 2, block 2: identity shortcut
+    x = torch.rand(4, 16, 4, 4)  # a block's input follows a ReLU: non-negative
+    assert torch.equal(block(x), x)
+    nn.functional.cross_entropy(net(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
+    gains = [m.gain for m in net.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(gains) == 3 and all(g.item() == 0 and g.grad.abs().item() > 0 for g in gains)
+
+
+def test_real_norms_keep_the_standard_resnet() -> None:
+    net = ResNet(3, (8, 8), 10, norm_factory(NormConfig(name="bn"), "resnet20"), **TINY)
+    assert all(getattr(m, "gain", None) is None for m in net.modules())
+
+
+def test_zero_init_residual_zeroes_each_blocks_last_norm() -> None:
+    factory = norm_factory(NormConfig(name="bn"), "resnet20")
+    net = build_model(
+        "resnet20", {"_target_": TARGETS["resnet20"], **TINY, "zero_init_residual": True}, 3, (8, 8), 10, factory
+    )
+    lasts = [m.branch[-1] for m in net.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(lasts) == 3 and all(torch.count_nonzero(n.weight) == 0 for n in lasts)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "none", "ln", "in"])
+def test_resnet_trains_with_each_norm(norm: str) -> None:
+    torch.manual_seed(0)
+    net = ResNet(3, (8, 8), 4, norm_factory(NormConfig(name=norm), "resnet20"), **TINY)
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"blocks": [3, 3]}, r"model.blocks=\[3,3\] and model.widths=\[16,32,64\].*same length"),
+        ({"widths": [16, 0, 64]}, r"model.widths=\[16,0,64\]: give a list with one positive integer per stage"),
+        ({"blocks": 3}, r"model.blocks=3: give a list .* e.g. model.blocks=\[3,3,3\]"),
+        ({"blocks": []}, r"model.blocks=\[\]: give a list"),
+        ({"widths": [16.0, 32, 64]}, r"model.widths=\[16.0,32,64\]"),
+    ],
+)
+def test_bad_resnet_stages_are_clear_errors(keys: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_model(
+            "resnet20",
+            {"_target_": TARGETS["resnet20"], **keys},
+            3,
+            (8, 8),
+            10,
+            norm_factory(NormConfig(name="bn"), "resnet20"),
+        )
+
+
+class WithActivation(nn.Module):
+    """Stands in for a norm that brings its own activation (FRN with its thresholded linear unit)."""
+
+    includes_activation = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class WithoutActivation(nn.Module):
+    """Stands in for an ordinary norm: the model follows it with a ReLU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def next_layers(net: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
+    """layer name → the type of the module that follows that norm layer in its Sequential."""
+    follows = {}
+    for seq in net.modules():
+        if isinstance(seq, nn.Sequential):
+            children = list(seq)
+            for a, b in zip(children, children[1:]):
+                follows[id(a)] = type(b).__name__
+    return {name: follows.get(id(module), "end") for name, module in layers.items()}
+
+
+@pytest.mark.parametrize(
+    "model, norm_relu_layers",
+    [
+        (SimpleCNN, ["conv1", "conv2"]),
+        (DeepCNN, ["conv1", "conv2", "conv3"]),
+        (MLP, ["fc1"]),
+        (ResNet, ["stem", "stage1.block1.conv1", "stage2.block1.conv1", "stage2.block2.conv1"]),
+    ],
+)
+@pytest.mark.parametrize("layer_cls", [WithActivation, WithoutActivation])
+def test_a_norm_with_its_own_activation_replaces_norm_relu(model, norm_relu_layers: list[str], layer_cls) -> None:
+    layers: dict[str, nn.Module] = {}
+
+    def factory(num_features: int, *, layer: str | None = None, dim: int = 2) -> nn.Module:
+        layers[layer] = layer_cls()
+        return layers[layer]
+
+    kwargs = TINY if model is ResNet else {}
+    follows = next_layers(model(1, (8, 8), 10, factory, **kwargs), layers)
+    assert {name: follows[name] == "ReLU" for name in norm_relu_layers} == dict.fromkeys(
+        norm_relu_layers, layer_cls is WithoutActivation
+    )
+
+
+def test_a_norm_can_adapt_the_model_before_its_trial_run() -> None:
+    class Counting(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.inner(x)
+
+    class Adapting:
+        def __init__(self) -> None:
+            self.make = norm_factory(NormConfig(name="gn", groups=4), "resnet20")
+            self.seen: list[tuple[str, str]] = []
+
+        def __call__(self, num_features: int, *, layer: str | None = None, dim: int = 2) -> nn.Module:
+            return self.make(num_features, layer=layer, dim=dim)
+
+        def adapt(self, model: nn.Module, model_name: str) -> nn.Module:
+            self.seen.append((type(model).__name__, model_name))
+            return Counting(model)
+
+    norm = Adapting()
+    net = build_model("resnet20", {"_target_": TARGETS["resnet20"], **TINY}, 3, (8, 8), 10, norm)
+    assert norm.seen == [("ResNet", "resnet20")]
+    assert isinstance(net, Counting) and net.calls == 1  # the trial forward pass ran through the adapted model
+    assert net.training
+
+
+def test_a_norm_that_refuses_the_model_is_a_config_error() -> None:
+    class Refusing:
+        def __call__(self, num_features: int, *, layer: str | None = None, dim: int = 2) -> nn.Module:
+            return nn.Identity()
+
+        def adapt(self, model: nn.Module, model_name: str) -> nn.Module:
+            raise ConfigError(f"model={model_name} norm=ws_gn: has no convolution to standardize")
+
+    with pytest.raises(ConfigError, match="model=mlp norm=ws_gn"):
+        build_model("mlp", {"_target_": TARGETS["mlp"]}, 1, (8, 8), 10, Refusing())

@@ -18,6 +18,7 @@ from normsweep.aggregate import main as aggregate_main
 from normsweep.results import (
     aggregate,
     atomic_write,
+    batch_size_lines,
     format_table,
     parse_overrides,
     problems,
@@ -104,6 +105,7 @@ def test_results_has_one_row_per_norm_with_seeds_averaged(sweep: Path) -> None:
         "best_val_acc_mean",
         "test_acc_mean",
         "test_acc_std",
+        "test_acc_ci95",
         "val_loss_mean",
         "train_loss_mean",
         "sec_per_epoch_mean",
@@ -315,3 +317,121 @@ def test_a_reused_pid_or_a_zombie_is_not_the_job_still_running(sweep: Path) -> N
     status = aggregate(sweep).runs.set_index("job")["status"]
     zombie.wait()
     assert (status["7"], status["8"], status["9"]) == ("incomplete", "incomplete", "running")
+
+
+def test_test_accuracy_gets_a_95_percent_interval_from_students_t(sweep: Path, tmp_path: Path) -> None:
+    bn = aggregate(sweep).results.set_index("norm").loc["bn"]
+    # Two seeds: test_acc 94 and 96, std √2, t(0.975, 1) = 12.706; mean ± 12.706 · √2 / √2.
+    assert bn["test_acc_ci95"] == pytest.approx(12.7062, rel=1e-4)
+    single = tmp_path / "single"
+    make_job(single, 0, ["norm=bn"], 95.0, 0)
+    assert pd.isna(aggregate(single).results.loc[0, "test_acc_ci95"])  # undefined for one run
+
+
+def lr_sweep(root: Path) -> Path:
+    """norm × lr × 2 seeds, where bn is best at lr 1e-3 and gn at 3e-3 (by validation accuracy)."""
+    val = {("bn", 0.001): 95.0, ("bn", 0.003): 90.0, ("gn", 0.001): 88.0, ("gn", 0.003): 93.0}
+    num = 0
+    for (norm, lr), acc in val.items():
+        for seed in (0, 1):
+            make_job(root, num, [f"norm={norm}", f"optimizer.lr={lr}", f"seed={seed}"], acc + seed, seed)
+            num += 1
+    return root
+
+
+def test_best_by_norm_takes_each_norm_at_its_own_best_learning_rate(tmp_path: Path) -> None:
+    report = aggregate(lr_sweep(tmp_path))
+    best = pd.read_csv(tmp_path / "best_by_norm.csv")
+    assert list(best["norm"]) == ["bn", "gn"]
+    assert list(best["optimizer.lr"]) == [0.001, 0.003]  # not one learning rate for all
+    assert list(best["val_acc_mean"]) == [95.5, 93.5]
+    assert list(best["test_acc_mean"]) == [94.5, 92.5]  # the test accuracy at that setting
+    assert list(best["settings_tried"]) == [2, 2] and list(best["runs"]) == [2, 2]
+    assert best["test_acc_ci95"].notna().all()
+    assert report.best is not None and report.compare == "norm"
+
+
+def test_the_compared_axis_can_be_named(tmp_path: Path) -> None:
+    aggregate(lr_sweep(tmp_path), compare="optimizer.lr")
+    best = pd.read_csv(tmp_path / "best_by_optimizer.lr.csv").set_index("optimizer.lr")
+    assert best.loc[0.001, "norm"] == "bn" and best.loc[0.003, "norm"] == "gn"  # the best norm per learning rate
+    with pytest.raises(ValueError, match="compare=foo: the jobs of this sweep have no key 'foo'"):
+        aggregate(tmp_path, compare="foo")
+
+
+def test_no_best_by_table_when_only_the_compared_axis_varies(sweep: Path) -> None:
+    assert aggregate(sweep).best is None
+    assert not (sweep / "best_by_norm.csv").exists()
+
+
+def test_swept_data_sets_are_compared_apart_not_picked_from(tmp_path: Path) -> None:
+    num = 0
+    for dataset, bn_lr in (("digits", 0.001), ("mnist", 0.003)):
+        for norm in ("bn", "gn"):
+            for lr in (0.001, 0.003):
+                acc = 95.0 if (norm == "bn" and lr == bn_lr) else 90.0 + (dataset == "mnist")
+                make_job(tmp_path, num, [f"dataset={dataset}", f"norm={norm}", f"optimizer.lr={lr}"], acc, 0)
+                num += 1
+    best = aggregate(tmp_path).best
+    assert best is not None and len(best) == 4  # (data set, norm) pairs
+    rows = best.set_index(["dataset", "norm"])
+    assert rows.loc[("digits", "bn"), "optimizer.lr"] == 0.001 and rows.loc[("mnist", "bn"), "optimizer.lr"] == 0.003
+
+
+def test_aggregating_again_with_a_wrong_axis_is_refused_in_the_users_words(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        aggregate_main([str(lr_sweep(tmp_path)), "--compare", "optimzer.lr"])
+    assert exit_info.value.code == 2
+    assert "compare=optimzer.lr: the jobs of this sweep have no key" in capsys.readouterr().err
+    assert not (tmp_path / "results.csv").exists()  # refused before writing anything
+    aggregate_main([str(tmp_path), "--compare", "optimizer.lr"])
+    assert "best by optimizer.lr (each at its best norm" in capsys.readouterr().out
+
+
+def test_report_md_stands_on_its_own(tmp_path: Path) -> None:
+    sweep = lr_sweep(tmp_path)
+    for job in sweep.iterdir():
+        summary = json.loads((job / "summary.json").read_text())
+        summary.update(torch_version="2.14.1", hardware="Test CPU 9000")
+        (job / "summary.json").write_text(json.dumps(summary))
+    multirun = {
+        "hydra": {
+            "overrides": {
+                "task": ["norm=bn,gn", "optimizer.lr=1e-3,3e-3", "seed=0,1"],
+                "hydra": ["hydra/launcher=joblib", "hydra.mode=MULTIRUN"],
+            },
+            "runtime": {"config_sources": [{"path": "/home/me/my_conf", "schema": "file", "provider": "command-line"}]},
+        }
+    }
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    aggregate_main([str(sweep)])
+    text = (sweep / "report.md").read_text()
+    assert (
+        "`python -m normsweep --config-dir /home/me/my_conf -m norm=bn,gn optimizer.lr=1e-3,3e-3 seed=0,1 "
+        "hydra/launcher=joblib`" in text
+    )
+    assert "torch 2.14.1" in text and "device cpu (Test CPU 9000)" in text
+    assert "## Results" in text and "## Best by norm" in text and "![" in text and "(curves.png)" in text
+    # The tables are there in numbers, not only as pictures: the best bn row and its interval.
+    bn_best = next(line for line in text.splitlines() if line.startswith("| bn | 0.001 | 2 | 95.50"))
+    assert "| 6.35 |" in bn_best  # t(0.975, 1) · 0.71 / √2
+    assert "| configuration | epoch 1 | epoch 2 | epoch 3 |" in text
+
+
+def test_batch_size_sweeps_plot_test_accuracy_against_batch_size(tmp_path: Path) -> None:
+    num = 0
+    for norm in ("bn", "gn"):
+        for batch in (2, 8, 32):
+            acc = (60.0 + batch) if norm == "bn" else 90.0  # bn degrades at small batches, gn does not
+            make_job(tmp_path, num, [f"norm={norm}", f"batch_size={batch}"], acc, 0)
+            num += 1
+    report = aggregate(tmp_path)
+    lines = batch_size_lines(report)
+    assert lines is not None
+    assert list(lines[lines["norm"] == "bn"]["batch_size"]) == [2, 8, 32]
+    assert list(lines[lines["norm"] == "bn"]["test_acc_mean"]) == [61.0, 67.0, 91.0]
+    text = (tmp_path / "report.md").read_text() if (tmp_path / "report.md").exists() else ""
+    assert text == ""  # aggregate() alone writes no report; the CLI and the sweep callback do
+    aggregate_main([str(tmp_path)])
+    assert "Test accuracy (%) by batch size" in (tmp_path / "report.md").read_text()
+    assert batch_size_lines(aggregate(lr_sweep(tmp_path / "other"))) is None

@@ -1,0 +1,180 @@
+"""report.md: one sweep, readable on its own (pasted into an issue or a chat): the command that produced it, the
+environment, the comparison table, the best-by table and the figures, with their numbers in text."""
+
+from __future__ import annotations
+
+import datetime
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from normsweep import __version__
+from normsweep.results import (
+    Report,
+    atomic_write,
+    batch_size_lines,
+    best_columns,
+    best_file,
+    cells,
+    label_of,
+    matching,
+    problems,
+    settings_text,
+    table_columns,
+)
+
+REPORT_FILE = "report.md"
+MULTIRUN_FILE = "multirun.yaml"
+
+
+def sweep_command(sweep_dir: Path) -> str | None:
+    """The command line of the sweep, rebuilt from the multirun.yaml Hydra writes at its start; None without it."""
+    try:
+        saved = yaml.safe_load((Path(sweep_dir) / MULTIRUN_FILE).read_text())
+        hydra = saved["hydra"]
+        task, hydra_overrides = list(hydra["overrides"]["task"]), list(hydra["overrides"]["hydra"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    args = []
+    for source in hydra.get("runtime", {}).get("config_sources", []) or []:
+        if isinstance(source, dict) and source.get("provider") == "command-line" and source.get("schema") == "file":
+            args += ["--config-dir", str(source.get("path"))]
+    args += ["-m", *(str(o) for o in task)]
+    args += [str(o) for o in hydra_overrides if not str(o).startswith("hydra.mode=")]
+    return "python -m normsweep " + shlex.join(args)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A text table as GitHub-flavoured markdown; numbers right-aligned."""
+
+    def numeric(column: str) -> bool:
+        return all(v == "-" or v.lstrip("-").replace(".", "", 1).replace("e", "", 1).isdigit() for v in frame[column])
+
+    lines = [
+        "| " + " | ".join(frame.columns) + " |",
+        "|" + "|".join("---:" if numeric(c) else "---" for c in frame.columns) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _values(runs: pd.DataFrame, column: str) -> str:
+    return ", ".join(sorted({str(v) for v in runs[column].dropna()})) or "unknown"
+
+
+def environment(report: Report) -> str:
+    runs = report.runs
+    return (
+        f"normsweep {__version__}, torch {_values(runs, 'torch')}, device {_values(runs, 'device')} "
+        f"({_values(runs, 'hardware')})"
+    )
+
+
+def setup(report: Report) -> dict[str, Any]:
+    """What every job shared: the groups and keys that did not vary, and the training settings they used."""
+    shared = dict(report.fixed)
+    config = report.config
+    optimizer = config.get("optimizer", {}) if isinstance(config.get("optimizer"), dict) else {}
+    for key, value in (
+        ("optimizer.lr", optimizer.get("lr")),
+        ("optimizer.schedule", optimizer.get("schedule")),
+        *((k, config.get(k)) for k in ("epochs", "batch_size", "val_fraction", "precision")),
+    ):
+        if key not in report.varying and key not in shared and value is not None:
+            shared[key] = value
+    return shared
+
+
+def epoch_table(report: Report, width: int = 6) -> pd.DataFrame | None:
+    """curves.png's validation accuracy in text: mean over seeds at up to `width` epochs, first and last kept."""
+    curves = report.curves
+    if not len(curves):
+        return None
+    epochs = sorted(int(e) for e in curves["epoch"].unique())
+    step = max(1, round((len(epochs) - 1) / (width - 1))) if len(epochs) > 1 else 1
+    shown = sorted(set(epochs[::step]) | {epochs[-1]})
+    label_keys = report.varying or report.keys
+    configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
+    rows = []
+    for _, config in configs.iterrows():
+        line = curves[matching(curves, config, report.keys)].set_index("epoch")["val_acc"]
+        rows.append(
+            {
+                "configuration": label_of(config, label_keys),
+                **{f"epoch {e}": "-" if e not in line.index else f"{line[e]:.2f}" for e in shown},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def render(report: Report, sweep_dir: Path, command: str | None) -> str:
+    """report.md's text."""
+    sweep_dir = Path(sweep_dir)
+    best, compare = report.best, report.compare
+    finished = report.runs["status"].value_counts()
+    counts = ", ".join(f"{n} {status}" for status, n in finished.items())
+    seeds = ", ".join(str(s) for s in sorted(report.runs["seed"].dropna().unique()))
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        f"# normsweep report: {sweep_dir.name}",
+        "",
+        f"- **Command:** `{command}`" if command else "- **Command:** unknown (multirun.yaml is missing)",
+        f"- **Environment:** {environment(report)}",
+        f"- **Jobs:** {len(report.runs)} ({counts}); seeds {seeds or '-'}; aggregated {now} in `{sweep_dir}`",
+        f"- **Same in every run:** {settings_text(setup(report)) or '-'}",
+        "",
+        "## Results",
+        "",
+        "One row per configuration, best mean validation accuracy first. Accuracies in %; `val_acc` is the last "
+        "epoch's validation accuracy and `test_acc` the final model's on the held-out test split"
+        + (
+            "; `_std` is the spread over seeds and `test_acc_ci95` the half-width of the 95% confidence interval "
+            "of the mean (Student's t)."
+            if report.results["runs"].max() > 1
+            else "."
+        ),
+        "",
+        markdown(cells(report.results, table_columns(report))),
+        "",
+    ]
+    if best is not None and compare:
+        tuned = [c for c in best.columns if c not in (compare, "runs", "settings_tried", "status") and "_acc" not in c]
+        out += [
+            f"## Best by {compare}",
+            "",
+            f"Each {compare} at its own best {', '.join(f'`{k}`' for k in tuned)} (by mean validation accuracy), "
+            f"and the test accuracy there; `settings_tried` counts the settings with a result ({best_file(compare)}).",
+            "",
+            markdown(cells(best, best_columns(best))),
+            "",
+        ]
+    trouble = problems(report)
+    if trouble:
+        out += ["## Jobs that need attention", "", *(f"- {line}" for line in trouble), ""]
+    figures = epoch_table(report)
+    if figures is not None:
+        out += [
+            "## Figures",
+            "",
+            "![validation accuracy and training loss per epoch](curves.png)",
+            "",
+            "Validation accuracy (%) by epoch, mean over seeds, as plotted in curves.png:",
+            "",
+            markdown(figures),
+            "",
+        ]
+    by_batch = batch_size_lines(report)
+    if by_batch is not None:
+        columns = [c for c in by_batch.columns if c != "runs" and (c != "test_acc_ci95" or by_batch["runs"].max() > 1)]
+        out += ["Test accuracy (%) by batch size (curves.png, right):", "", markdown(cells(by_batch, columns)), ""]
+    return "\n".join(out)
+
+
+def write_report(report: Report, sweep_dir: Path, command: str | None = None) -> Path:
+    """Write report.md into the sweep folder; the command defaults to the one rebuilt from multirun.yaml."""
+    path = Path(sweep_dir) / REPORT_FILE
+    atomic_write(path, render(report, sweep_dir, command or sweep_command(sweep_dir)))
+    return path
