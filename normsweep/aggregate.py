@@ -25,9 +25,10 @@ def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
     print(format_table(result), flush=True)
     if best is not None and compare:
         print("\n" + format_best(best, compare), flush=True)
-    files = "results.csv" + (f", {best_file(compare)}" if best is not None and compare else "")
+    files = ["results.csv", best_file(compare) if best is not None and compare else None, "curves.png"]
+    shown = ", ".join(f for f in files if f and (where / f).is_file())
     print(f"\nresults: {where / 'results.csv'}  ({len(result.runs)} jobs)", flush=True)
-    print(f"report:  {written.resolve()}  ({files}, curves.png)", flush=True)
+    print(f"report:  {written.resolve()}  ({shown})", flush=True)
     lines = problems(result)
     if lines:
         print("\n" + "\n".join(lines), flush=True)

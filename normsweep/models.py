@@ -249,7 +249,10 @@ def build_model(
         cls = get_class(spec["_target_"])
     except Exception as err:
         raise ConfigError(f"model={name}: cannot import _target_={spec['_target_']!r} ({err})") from None
-    hints = get_type_hints(cls.__init__)
+    try:
+        hints = get_type_hints(cls.__init__)
+    except Exception:  # a user's class may annotate with names that do not resolve at runtime: no checks then
+        hints = {}
     for key, value in kwargs.items():
         expected = hints.get(key)
         if expected in (int, float, bool) and not (

@@ -112,7 +112,7 @@ def epoch_table(report: Report, width: int = 6) -> pd.DataFrame | None:
 
 def render(report: Report, sweep_dir: Path, command: str | None) -> str:
     """report.md's text."""
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = Path(sweep_dir).resolve()
     best, compare = report.best, report.compare
     finished = report.runs["status"].value_counts()
     counts = ", ".join(f"{n} {status}" for status, n in finished.items())
