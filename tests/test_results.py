@@ -435,3 +435,14 @@ def test_batch_size_sweeps_plot_test_accuracy_against_batch_size(tmp_path: Path)
     aggregate_main([str(tmp_path)])
     assert "Test accuracy (%) by batch size" in (tmp_path / "report.md").read_text()
     assert batch_size_lines(aggregate(lr_sweep(tmp_path / "other"))) is None
+
+
+def test_a_norm_with_no_finished_run_keeps_its_row_in_best_by_norm(tmp_path: Path) -> None:
+    lr_sweep(tmp_path)
+    for num in (4, 5, 6, 7):  # every gn job failed
+        (tmp_path / str(num) / "summary.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
+    best = aggregate(tmp_path).best
+    assert best is not None and list(best["norm"]) == ["bn", "gn"]
+    gn = best.set_index("norm").loc["gn"]
+    assert gn["runs"] == 0 and gn["settings_tried"] == 0 and gn["status"] == "failed"
+    assert pd.isna(gn["val_acc_mean"]) and pd.isna(gn["optimizer.lr"])
