@@ -24,6 +24,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # Keys that say where a job runs or finds its data, or how the sweep is aggregated, not what a job computes: a
 # resumed job may change them.
 WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare")
+# Keys added to the config after normsweep 0.1.0's first sweeps, with the value that computes what those jobs
+# computed: a folder saved without the key resumes when the key has that value now (an upgrade mid-sweep).
+ADDED_KEYS = {"norm.track_running_stats": True, "norm.group_size": None, "optimizer.lr_batch_size": None}
 _ABSENT = object()
 
 
@@ -69,7 +72,13 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key: saved vs new` for every key whose value differs, ignoring where-keys (device, data root)."""
     old, now = _flatten(saved), _flatten(new)
     show = lambda v: "(absent)" if v is _ABSENT else repr(v)  # noqa: E731
-    keys = [k for k in old.keys() | now.keys() if k not in WHERE_KEYS and old.get(k, _ABSENT) != now.get(k, _ABSENT)]
+    keys = [
+        k
+        for k in old.keys() | now.keys()
+        if k not in WHERE_KEYS
+        and old.get(k, _ABSENT) != now.get(k, _ABSENT)
+        and not (k not in old and k in ADDED_KEYS and now[k] == ADDED_KEYS[k])
+    ]
     # Values changed on both sides first (norm.name='bn' there, 'gn' now), then keys only one side has.
     keys.sort(key=lambda k: (k not in old or k not in now, k))
     return [f"{key}={show(old.get(key, _ABSENT))} there, {show(now.get(key, _ABSENT))} now" for key in keys]

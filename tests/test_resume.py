@@ -85,6 +85,14 @@ def test_config_differences_lists_added_and_removed_keys_last() -> None:
     ]
 
 
+def test_a_folder_from_before_a_key_was_added_resumes_when_the_key_keeps_the_old_behaviour() -> None:
+    new = _with(norm__track_running_stats=True, compare="model")
+    new["optimizer"]["lr_batch_size"] = None
+    assert config_differences(CONFIG, new) == []  # what the saved job computed is what this config computes
+    changed = _with(norm__track_running_stats=False)
+    assert config_differences(CONFIG, changed) == ["norm.track_running_stats=(absent) there, False now"]
+
+
 def test_a_job_still_running_in_another_process_is_refused(tmp_path: Path) -> None:
     parent = os.getppid()  # alive for the whole test, and not this process
     job = _job(tmp_path, "running", pid=parent, host=socket.gethostname())
