@@ -1,4 +1,5 @@
-"""Aggregate a sweep folder: the Hydra end-of-multirun callback and `python -m normsweep.aggregate SWEEP_DIR`."""
+"""Aggregate a sweep folder into its tables, figures and report.md: the Hydra end-of-multirun callback and
+`python -m normsweep.aggregate SWEEP_DIR`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,29 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from normsweep.jobfiles import Status, atomic_write, job_dirs
+from normsweep.plots import plot_curves
 from normsweep.report import write_report
-from normsweep.results import Report, aggregate, best_file, format_best, format_table, job_dirs, problems
+from normsweep.tables import Report, best_by, best_file, collect, format_best, format_table, problems
+
+
+def aggregate(sweep_dir: Path, compare: str | None = "norm") -> Report:
+    """Write runs.csv, results.csv, best_by_<compare>.csv (when something besides `compare` was swept) and
+    curves.png into `sweep_dir`, and return what was aggregated.
+
+    Raises ValueError, before writing anything, if `compare` names no key of the sweep (None: no best-by table).
+    """
+    sweep_dir = Path(sweep_dir)
+    report = collect(sweep_dir)
+    report.compare = compare
+    report.best = best_by(report, compare) if compare and len(report.results) else None
+    atomic_write(sweep_dir / "runs.csv", report.runs.to_csv(index=False, float_format="%.6g"))
+    atomic_write(sweep_dir / "results.csv", report.results.to_csv(index=False, float_format="%.6g"))
+    if report.best is not None and compare:
+        atomic_write(sweep_dir / best_file(compare), report.best.to_csv(index=False, float_format="%.6g"))
+    if len(report.curves):
+        plot_curves(report, sweep_dir / "curves.png")
+    return report
 
 
 def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
@@ -47,7 +69,7 @@ class AggregateCallback(Callback):
         except ValueError as err:  # the jobs check `compare` names a config key; this is the sweep's keys
             print(f"{err}; aggregated without a best-by table", file=sys.stderr, flush=True)
             result = report(sweep_dir, None)
-        failed = int((result.runs["status"] == "failed").sum())
+        failed = int((result.runs["status"] == Status.FAILED).sum())
         if failed:
             print(
                 f"{failed} of {len(result.runs)} jobs failed; each job's log is {sweep_dir}/JOB/normsweep.log",

@@ -16,9 +16,9 @@ from torch import nn
 
 from normsweep.config import ConfigError, DatasetConfig, NormConfig, OptimizerConfig
 from normsweep.data import Data, Split, load, normalize
+from normsweep.jobfiles import atomic_write
 from normsweep.models import build_model
 from normsweep.norms import NORM_LAYERS, norm_factory
-from normsweep.results import atomic_write
 from normsweep.train import Compute, build_optimizer, prepare, resolve_compute, resolve_device, set_threads, train_epoch
 
 VARIANTS = ("reference", "normsweep", "ceiling")

@@ -19,9 +19,9 @@ import torch
 
 from normsweep import data as datasets
 from normsweep.config import ConfigError, RunConfig
+from normsweep.jobfiles import FINISHED, GROUPS, Status, load_summary, process_start, write_metrics, write_summary
 from normsweep.models import build_model
 from normsweep.norms import norm_factory
-from normsweep.results import FINISHED, GROUPS, load_summary, process_start, write_metrics, write_summary
 from normsweep.resume import load_checkpoint, save_checkpoint
 from normsweep.train import (
     EpochMetrics,
@@ -102,13 +102,13 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
         "channels_last": compute.channels_last,
     }
 
-    def mark(status: str, epochs_completed: int) -> None:  # the summary of a job not (yet) finished
+    def mark(status: Status, epochs_completed: int) -> None:  # the summary of a job not (yet) finished
         write_summary(
             job_dir,
             {"status": status, "epochs_completed": epochs_completed, "epochs": run.epochs, **process, **identity},
         )
 
-    mark("running", resumed_from)
+    mark(Status.RUNNING, resumed_from)
 
     def record(m: EpochMetrics, snapshot: Any) -> None:
         if m.finite:  # the checkpoint first: a kill between the two files loses nothing
@@ -126,7 +126,7 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
             model, data, run.optimizer, run.epochs, run.batch_size, run.seed, record, state=state, compute=compute
         )
     except KeyboardInterrupt:
-        mark("incomplete", len(rows))
+        mark(Status.INCOMPLETE, len(rows))
         raise
     last = history[-1]
     diverged = not last.finite
@@ -140,7 +140,7 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
     test_loss, test_acc = evaluate(model, data.test, data, compute)
     best = max(history, key=lambda m: m.val_acc)
     summary = {
-        "status": "diverged" if diverged else "completed",
+        "status": Status.DIVERGED if diverged else Status.COMPLETED,
         "epochs_completed": len(history),
         "epochs": run.epochs,
         "diverged_epoch": last.epoch if diverged else None,
@@ -172,7 +172,7 @@ def record_failure(
     if not isinstance(error, ConfigError):  # a ConfigError speaks for itself; anything else is named
         message = f"{type(error).__name__}: {message}"
     summary = {
-        "status": "failed",
+        "status": Status.FAILED,
         "error": message,
         "seed": config.get("seed"),
         **{group: choices.get(group) for group in GROUPS},

@@ -12,9 +12,9 @@ import pandas as pd
 import yaml
 
 from normsweep import __version__
-from normsweep.results import (
+from normsweep.jobfiles import atomic_write
+from normsweep.tables import (
     Report,
-    atomic_write,
     batch_size_lines,
     best_columns,
     best_file,

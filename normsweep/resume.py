@@ -16,11 +16,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from normsweep.config import ConfigError
-from normsweep.results import METRICS_FILE, SUMMARY_FILE, atomic_write, load_summary
+from normsweep.jobfiles import METRICS_FILE, SUMMARY_FILE, Status, atomic_write, load_summary
 
 log = logging.getLogger("normsweep")
 
 CHECKPOINT_FILE = "checkpoint.pt"
+SLURM_ID = "SLURM_JOB_ID"
 # Keys that say where a job runs or finds its data, or how the sweep is aggregated, not what a job computes: a
 # resumed job may change them.
 WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare")
@@ -90,7 +91,7 @@ def check_resumable(job_dir: Path, config: dict[str, Any]) -> None:
     summary = load_summary(job_dir)
     status = summary["status"]
     fix = "move that folder away, or leave out hydra.sweep.dir / hydra.run.dir to start in a new folder"
-    if status == "not started":
+    if status == Status.NOT_STARTED:
         leftovers = [name for name in (METRICS_FILE, CHECKPOINT_FILE) if (job_dir / name).exists()]
         if leftovers:
             raise ResumeConflict(
@@ -98,21 +99,21 @@ def check_resumable(job_dir: Path, config: dict[str, Any]) -> None:
                 f"checked; {fix}"
             )
         return
-    if status == "corrupt":
+    if status == Status.CORRUPT:
         raise ResumeConflict(f"{job_dir}: {summary['error']}, so what ran there cannot be checked; {fix}")
     # load_summary has already turned `running` into `incomplete` if its process is gone from this machine. A job
     # recorded on another host cannot be checked from here: it is taken as stopped (a requeued or resubmitted
     # cluster job must be able to resume), with a warning in case it is in fact still running there.
-    if status == "running" and summary.get("host") != socket.gethostname():
+    if status == Status.RUNNING and summary.get("host") != socket.gethostname():
         log.warning(
             "%s was last recorded running on %s (process %s); taking it as stopped and resuming it",
             job_dir,
             summary.get("host"),
             summary.get("pid"),
         )
-    elif status == "running" and summary.get("slurm_job") and summary["slurm_job"] == os.environ.get("SLURM_JOB_ID"):
+    elif status == Status.RUNNING and summary.get("slurm_job") and summary["slurm_job"] == os.environ.get(SLURM_ID):
         log.info("%s: SLURM requeued job %s; resuming it", job_dir, summary["slurm_job"])
-    elif status == "running" and summary.get("pid") != os.getpid():
+    elif status == Status.RUNNING and summary.get("pid") != os.getpid():
         raise ResumeConflict(
             f"{job_dir} is being trained right now (process {summary.get('pid')} on {summary.get('host')}); "
             "wait for it to end, or stop it and run the same command again to resume it"

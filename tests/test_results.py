@@ -14,17 +14,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from normsweep.aggregate import aggregate
 from normsweep.aggregate import main as aggregate_main
-from normsweep.results import (
-    aggregate,
-    atomic_write,
-    batch_size_lines,
-    format_table,
-    parse_overrides,
-    problems,
-    process_start,
-    write_summary,
-)
+from normsweep.jobfiles import atomic_write, parse_overrides, process_start, write_summary
+from normsweep.tables import batch_size_lines, format_table, problems
 
 # val_acc per (norm, seed): bn is best on average, none worst.
 VAL = {

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from normsweep.config import ConfigError, new_dir
-from normsweep.results import write_summary
+from normsweep.jobfiles import write_summary
 from normsweep.resume import (
     CHECKPOINT_FILE,
     ResumeConflict,

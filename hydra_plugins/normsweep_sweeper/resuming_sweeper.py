@@ -32,8 +32,8 @@ class ResumingSweeper(BasicSweeper):
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         # Imported here: Hydra imports every plugin module at start-up, for any app; torch loads only for ours.
+        from normsweep.jobfiles import atomic_write
         from normsweep.placement import JOBS_AT_ONCE_ENV, available_cpus, jobs_at_once
-        from normsweep.results import atomic_write
         from normsweep.resume import ResumeConflict, check_resumable, refuse, task_config
 
         assert self.hydra_context is not None and self.config is not None

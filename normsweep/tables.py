@@ -1,13 +1,8 @@
-"""Job result files (written atomically) and the sweep aggregation into runs.csv, results.csv and curves.png."""
+"""The sweep's tables (pandas, no torch): runs.csv, results.csv, best_by_<axis>.csv, and their text forms."""
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
-import socket
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,31 +10,21 @@ from typing import Any
 import pandas as pd
 import yaml
 
-METRICS_FILE = "metrics.csv"
-SUMMARY_FILE = "summary.json"
-METRIC_COLUMNS = [
-    "epoch",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "lr",
-    "epoch_seconds",
-    "images_per_second",
-]
-GROUPS = ("model", "norm", "optimizer", "dataset")  # the config groups, as named in summary.json
-# A job's status, as summary.json and the aggregator report it:
-#   not started   no summary.json yet
-#   running       training now (its process is alive, or it runs on another machine)
-#   incomplete    stopped before the end (killed, interrupted, preempted): resuming continues it
-#   completed     trained every epoch
-#   diverged      stopped early on a non-finite loss: a result, not an error
-#   failed        raised an error (message in `error`)
-#   corrupt       summary.json cannot be read
+from normsweep.jobfiles import (
+    ATTENTION,
+    FINISHED,
+    GROUPS,
+    METRIC_COLUMNS,
+    METRICS_FILE,
+    OVERRIDES_FILE,
+    UNFINISHED,
+    Status,
+    job_dirs,
+    load_summary,
+    parse_overrides,
+)
+
 NOT_SETTINGS = ("seed", "compare")  # overrides that do not define a configuration: seeds are averaged over
-FINISHED = ("completed", "diverged")  # the statuses whose results count and are kept on resume
-UNFINISHED = ("running", "incomplete", "failed")
-ATTENTION = ("failed", "incomplete", "corrupt")  # statuses that get a line of their own under the table
 RESULT_COLUMNS = [
     "runs",
     "val_acc_mean",
@@ -76,118 +61,6 @@ RUN_FIELDS = {
 }
 
 
-def _file_mode() -> int:
-    """The permissions `open()` would give a new file: mkstemp's are owner-only, too strict for shared results."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_metrics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write(
-        Path(job_dir) / METRICS_FILE,
-        pd.DataFrame(rows, columns=METRIC_COLUMNS).to_csv(index=False, float_format="%.6g", na_rep="nan"),
-    )
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinity (a diverged loss) become null: summary.json stays standard JSON for any reader."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_summary(job_dir: Path, summary: dict[str, Any]) -> None:
-    text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
-    atomic_write(Path(job_dir) / SUMMARY_FILE, text + "\n")
-
-
-def parse_overrides(lines: list[str]) -> dict[str, str]:
-    """Hydra override strings (`norm=bn`, `+x=1`, `optimizer.lr=0.01`) → {key: value}; deletions are skipped."""
-    parsed = {}
-    for line in lines:
-        if line.startswith("~") or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        parsed[key.lstrip("+")] = value
-    return parsed
-
-
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    markers = list(sweep_dir.rglob(SUMMARY_FILE)) + [p.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")]
-    dirs = {p.parent for p in markers} - {sweep_dir}
-    # Job 10 after job 9: numeric names by value, any other name after them, alphabetically.
-    return sorted(
-        dirs, key=lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in p.relative_to(sweep_dir).parts]
-    )
-
-
-def process_start(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot, from Linux's /proc), or None where that is unknown.
-
-    Recorded with a job's pid, it tells the job's own process from a later one that reused the pid.
-    """
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else int(fields[19])  # a zombie has finished: no start time to match
-
-
-def _alive(summary: dict[str, Any]) -> bool:
-    """Whether the process that wrote a `running` summary still runs (a job on another host is given the benefit)."""
-    pid = summary.get("pid")
-    if summary.get("host") != socket.gethostname() or not isinstance(pid, int):
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if Path("/proc/self/stat").is_file():  # Linux: a zombie or a newer process under the same pid is not the job
-        started = process_start(pid)
-        return started is not None and summary.get("pid_start") in (None, started)
-    return True
-
-
-def load_summary(job_dir: Path) -> dict[str, Any]:
-    """A job's summary.json, or what can be said without one; never raises, whatever state the folder is in."""
-    path = Path(job_dir) / SUMMARY_FILE
-    if not path.is_file():
-        return {"status": "not started"}
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        reason = "it is empty" if not path.stat().st_size else f"it is not valid JSON ({err})"
-        return {"status": "corrupt", "error": f"{SUMMARY_FILE} cannot be read: {reason}"}
-    if not isinstance(summary, dict) or not isinstance(summary.get("status"), str):
-        return {"status": "corrupt", "error": f"{SUMMARY_FILE} holds no job status"}
-    if summary["status"] == "running" and not _alive(summary):
-        summary["status"] = "incomplete"
-    return summary
-
-
 def _read_metrics(job_dir: Path) -> tuple[pd.DataFrame | None, str | None]:
     path = job_dir / METRICS_FILE
     if not path.is_file():
@@ -208,7 +81,7 @@ def _read_job(job_dir: Path) -> tuple[dict[str, str], dict[str, Any], pd.DataFra
         summary["error"] = metrics_error
     if metrics is not None and (summary.get("epochs_completed") is None or summary["status"] in UNFINISHED):
         summary["epochs_completed"] = len(metrics)  # a job still going (or stopped) counts its metrics rows
-    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    overrides_file = job_dir / OVERRIDES_FILE
     overrides_list: Any = summary.get("overrides") if isinstance(summary.get("overrides"), list) else []
     if overrides_file.is_file():
         try:
@@ -388,65 +261,6 @@ def batch_size_lines(report: Report) -> pd.DataFrame | None:
     return table.sort_values([*others, "batch_size"], kind="stable").reset_index(drop=True)
 
 
-def plot_curves(report: Report, path: Path) -> None:
-    """Validation accuracy and training loss per epoch, one line per configuration (mean over seeds); when the
-    batch size was swept, a third panel with test accuracy against batch size per setting of the other keys."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    by_batch = batch_size_lines(report)
-    panels = 3 if by_batch is not None else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
-    ax_acc, ax_loss = axes[0], axes[1]
-    label_keys = report.varying or report.keys
-    curves = report.curves
-    # Legend in the order of results.csv: best first.
-    configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
-    for _, config in configs.iterrows():
-        line = curves[matching(curves, config, report.keys)].sort_values("epoch")
-        label = label_of(config, label_keys)
-        ax_acc.plot(line["epoch"], line["val_acc"], marker="o", markersize=3, label=label)
-        ax_loss.plot(line["epoch"], line["train_loss"], marker="o", markersize=3, label=label)
-    n_seeds = report.runs["seed"].nunique()
-    suffix = f" (mean over {n_seeds} seeds)" if n_seeds > 1 else ""
-    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy" + suffix)
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss" + suffix)
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_acc.legend(fontsize="small")
-    if by_batch is not None:
-        _plot_batch_sizes(axes[2], by_batch, [k for k in report.varying if k != "batch_size"], n_seeds)
-    if report.fixed:
-        fig.suptitle(settings_text(report.fixed), fontsize="medium")
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, image.getvalue())
-
-
-def _plot_batch_sizes(ax: Any, table: pd.DataFrame, others: list[str], n_seeds: int) -> None:
-    groups = table.groupby(others, dropna=False, sort=False) if others else [((), table)]
-    for _, line in groups:
-        errors = line["test_acc_ci95"] if line["test_acc_ci95"].notna().any() else None
-        label = label_of(line.iloc[0], others) if others else "test accuracy"
-        ax.errorbar(
-            line["batch_size"], line["test_acc_mean"], yerr=errors, marker="o", markersize=4, capsize=3, label=label
-        )
-    sizes = sorted(table["batch_size"].dropna().unique())
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
-    ax.minorticks_off()
-    bars = " ± 95% CI" if n_seeds > 1 else ""
-    ax.set(xlabel="batch size", ylabel="test accuracy (%)", title=f"Test accuracy by batch size{bars}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-
-
 def cells(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """`frame[columns]` as text: two decimals for the figures, swept values as typed (%g), `-` for none."""
 
@@ -503,7 +317,7 @@ def problems(report: Report) -> list[str]:
         )
         if pd.notna(row["error"]) and str(row["error"]).strip():
             detail = str(row["error"]).strip().splitlines()[0]
-        elif row["status"] == "incomplete":
+        elif row["status"] == Status.INCOMPLETE:
             done = int(row["epochs_completed"]) if pd.notna(row["epochs_completed"]) else 0
             detail = f"stopped after epoch {done}; run the same command with its folder to resume it"
         else:
@@ -514,22 +328,3 @@ def problems(report: Report) -> list[str]:
 
 def best_file(axis: str) -> str:
     return f"best_by_{axis}.csv"
-
-
-def aggregate(sweep_dir: Path, compare: str | None = "norm") -> Report:
-    """Write runs.csv, results.csv, best_by_<compare>.csv (when something besides `compare` was swept) and
-    curves.png into `sweep_dir`, and return what was aggregated.
-
-    Raises ValueError, before writing anything, if `compare` names no key of the sweep (None: no best-by table).
-    """
-    sweep_dir = Path(sweep_dir)
-    report = collect(sweep_dir)
-    report.compare = compare
-    report.best = best_by(report, compare) if compare and len(report.results) else None
-    atomic_write(sweep_dir / "runs.csv", report.runs.to_csv(index=False, float_format="%.6g"))
-    atomic_write(sweep_dir / "results.csv", report.results.to_csv(index=False, float_format="%.6g"))
-    if report.best is not None and compare:
-        atomic_write(sweep_dir / best_file(compare), report.best.to_csv(index=False, float_format="%.6g"))
-    if len(report.curves):
-        plot_curves(report, sweep_dir / "curves.png")
-    return report

@@ -1,0 +1,179 @@
+"""The files of one job folder: atomic writes, metrics.csv, summary.json, the job's Status, and its liveness.
+
+What a job writes and what a resume or the aggregator reads back, with no pandas and no torch: a job that writes a
+file imports this module alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import io
+import json
+import math
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+OVERRIDES_FILE = ".hydra/overrides.yaml"
+METRIC_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "epoch_seconds",
+    "images_per_second",
+]
+GROUPS = ("model", "norm", "optimizer", "dataset")  # the config groups, as named in summary.json
+
+
+class Status(str, enum.Enum):
+    """A job's status, as summary.json and the aggregator report it."""
+
+    NOT_STARTED = "not started"  # no summary.json yet
+    RUNNING = "running"  # training now (its process is alive, or it runs on another machine)
+    INCOMPLETE = "incomplete"  # stopped before the end (killed, interrupted, preempted): resuming continues it
+    COMPLETED = "completed"  # trained every epoch
+    DIVERGED = "diverged"  # stopped early on a non-finite loss: a result, not an error
+    FAILED = "failed"  # raised an error (message in `error`)
+    CORRUPT = "corrupt"  # summary.json cannot be read
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED = (Status.COMPLETED, Status.DIVERGED)  # the statuses whose results count and are kept on resume
+UNFINISHED = (Status.RUNNING, Status.INCOMPLETE, Status.FAILED)
+ATTENTION = (Status.FAILED, Status.INCOMPLETE, Status.CORRUPT)  # statuses that get a line of their own under the table
+
+
+def _file_mode() -> int:
+    """The permissions `open()` would give a new file: mkstemp's are owner-only, too strict for shared results."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _file_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell as pandas' `float_format="%.6g", na_rep="nan"` writes it."""
+    if value is None:
+        return "nan"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def write_metrics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """metrics.csv: one row per finished epoch, in METRIC_COLUMNS."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(METRIC_COLUMNS)
+    writer.writerows([_cell(row.get(column)) for column in METRIC_COLUMNS] for row in rows)
+    atomic_write(Path(job_dir) / METRICS_FILE, text.getvalue())
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity (a diverged loss) become null: summary.json stays standard JSON for any reader."""
+    if isinstance(value, Status):
+        return value.value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_summary(job_dir: Path, summary: dict[str, Any]) -> None:
+    text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
+    atomic_write(Path(job_dir) / SUMMARY_FILE, text + "\n")
+
+
+def parse_overrides(lines: list[str]) -> dict[str, str]:
+    """Hydra override strings (`norm=bn`, `+x=1`, `optimizer.lr=0.01`) → {key: value}; deletions are skipped."""
+    parsed = {}
+    for line in lines:
+        if line.startswith("~") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        parsed[key.lstrip("+")] = value
+    return parsed
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job folders under a sweep folder (any folder with a summary.json or Hydra's overrides.yaml)."""
+    markers = list(sweep_dir.rglob(SUMMARY_FILE)) + [p.parent for p in sweep_dir.rglob(OVERRIDES_FILE)]
+    dirs = {p.parent for p in markers} - {sweep_dir}
+    # Job 10 after job 9: numeric names by value, any other name after them, alphabetically.
+    return sorted(
+        dirs, key=lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in p.relative_to(sweep_dir).parts]
+    )
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, from Linux's /proc), or None where that is unknown.
+
+    Recorded with a job's pid, it tells the job's own process from a later one that reused the pid.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])  # a zombie has finished: no start time to match
+
+
+def _alive(summary: dict[str, Any]) -> bool:
+    """Whether the process that wrote a `running` summary still runs (a job on another host is given the benefit)."""
+    pid = summary.get("pid")
+    if summary.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if Path("/proc/self/stat").is_file():  # Linux: a zombie or a newer process under the same pid is not the job
+        started = process_start(pid)
+        return started is not None and summary.get("pid_start") in (None, started)
+    return True
+
+
+def load_summary(job_dir: Path) -> dict[str, Any]:
+    """A job's summary.json, or what can be said without one; never raises, whatever state the folder is in."""
+    path = Path(job_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return {"status": Status.NOT_STARTED.value}
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        reason = "it is empty" if not path.stat().st_size else f"it is not valid JSON ({err})"
+        return {"status": Status.CORRUPT.value, "error": f"{SUMMARY_FILE} cannot be read: {reason}"}
+    if not isinstance(summary, dict) or not isinstance(summary.get("status"), str):
+        return {"status": Status.CORRUPT.value, "error": f"{SUMMARY_FILE} holds no job status"}
+    if summary["status"] == Status.RUNNING and not _alive(summary):
+        summary["status"] = Status.INCOMPLETE.value
+    return summary
