@@ -3,28 +3,105 @@ is recorded in its folder and the sweep goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import multiprocessing
 import os
+import shlex
+import shutil
+import signal
 import sys
+import threading
+from collections.abc import Callable
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from normsweep.config import ConfigError, RunConfig, config_dir, register_configs, validate
+from normsweep.config import Config, ConfigError, config_dir, register_configs, validate
 from normsweep.job import record_failure, run_job
 from normsweep.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
-from normsweep.resume import ResumeConflict, check_resumable, refuse, task_config
+from normsweep.resume import ResumeCheck, ResumeConflict, check_resumable, refuse, task_config
 
 log = logging.getLogger("normsweep")
 register_configs()
 
 
-def place(run: RunConfig, job_num: int, in_sweep: bool) -> RunConfig:
+class JobTag(logging.Filter):
+    """Puts `[job N overrides]` before every log line of a sweep's job, so that the lines of jobs run side by
+    side (joblib) tell which job they come from. On the root logger's handlers, for as long as the job runs."""
+
+    def __init__(self, num: int, overrides: list[str]) -> None:
+        super().__init__()
+        self.tag = f"[job {num}{''.join(' ' + o for o in overrides)}]"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "job_tag", None) != self.tag:  # once, though it passes through several handlers
+            with contextlib.suppress(Exception):  # a malformed message stays as it is, for logging to report
+                record.msg, record.args, record.job_tag = f"{self.tag} {record.getMessage()}", (), self.tag
+        return True
+
+    def attach(self) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self)
+
+    def detach(self) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self)
+
+
+def discard_unused_run_dir(job_dir: Path, log_name: str) -> bool:
+    """Remove the folder of a single run refused before training, and the parents made for it that are left
+    empty, if this run made the folder and it holds nothing but Hydra's .hydra/ and the empty log. True if so."""
+    made = ResumeCheck.made
+    log_file = job_dir / log_name
+    if not made or made[0] != job_dir or not set(os.listdir(job_dir)) <= {".hydra", log_name}:
+        return False
+    if (log_file.is_file() and log_file.stat().st_size) or not _only_hydra_files(job_dir / ".hydra"):
+        return False
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # the log file goes with its folder
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == job_dir:
+            root.removeHandler(handler)
+            handler.close()
+    shutil.rmtree(job_dir)
+    for parent in made[1:]:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: another run's, or the user's
+            break
+    return True
+
+
+def _only_hydra_files(folder: Path) -> bool:
+    return not folder.exists() or set(os.listdir(folder)) <= {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def report_single_run(job_dir: Path, hydra_cfg: DictConfig, cfg: DictConfig) -> None:
+    """The last lines of a single run: what the config sweeps only with -m (a preset's sweeper params), and where
+    the run's files are."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+    unswept = {k: v for k, v in (hydra_cfg.sweeper.get("params") or {}).items() if k not in given}
+    if unswept:
+        choices = hydra_cfg.runtime.choices
+        ran = " ".join(f"{k}={choices[k] if k in choices else OmegaConf.select(cfg, k)}" for k in unswept)
+        log.info(
+            "ran one job (%s); the config sweeps %s only with -m: python -m normsweep -m %s",
+            ran,
+            " ".join(f"{k}={v}" for k, v in unswept.items()),
+            " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        )
+    files = ", ".join(f for f in ("summary.json", "metrics.csv") if (job_dir / f).is_file())
+    shown = os.path.relpath(job_dir) if job_dir.is_relative_to(Path.cwd()) else str(job_dir)
+    log.info("results: %s (%s)", shown, files)
+
+
+def place(run: Config, job_num: int, in_sweep: bool) -> Config:
     """The job's CPU threads (its fair share when jobs run side by side) and its GPU (spread over the GPUs)."""
     at_once = int(os.environ.get(JOBS_AT_ONCE_ENV, "1")) if in_sweep else 1
     threads = run.threads or fair_threads(available_cpus(), at_once)
@@ -40,13 +117,20 @@ def app(cfg: DictConfig) -> float | None:
     config = task_config(cfg)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    tag = JobTag(hydra_cfg.job.num, overrides) if in_sweep else None
+    if tag:
+        tag.attach()
     try:
+        hold_ctrl_c(False)  # a Ctrl-C held back while this (worker) process started up arrives here
         check_resumable(job_dir, config)  # first: a folder that is refused must not be marked failed either
         job_num = hydra_cfg.job.num if in_sweep else 0  # a single run has no job number
         choices = hydra_cfg.runtime.choices
-        run = place(validate(cfg, choices["model"], choices.get("dataset")), job_num, in_sweep)
+        run = place(validate(cfg, dict(choices)), job_num, in_sweep)
         summary = run_job(run, job_dir, overrides, config)
     except KeyboardInterrupt:
+        if multiprocessing.parent_process() is not None:  # a joblib worker: its launcher says how to resume
+            log.warning("interrupted; the checkpoint keeps the last finished epoch")
+            raise
         where = f"hydra.sweep.dir={hydra_cfg.sweep.dir}" if in_sweep else f"hydra.run.dir={job_dir}"
         log.warning(
             "interrupted; the checkpoint keeps the last finished epoch. To resume, run the same command with %s", where
@@ -55,8 +139,9 @@ def app(cfg: DictConfig) -> float | None:
     except ResumeConflict as err:
         refuse(err)  # another job's folder: nothing is written into it, and the launch stops
     except Exception as err:
-        record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices))
         user_error = isinstance(err, ConfigError)
+        if in_sweep or not (user_error and discard_unused_run_dir(job_dir, f"{hydra_cfg.job.name}.log")):
+            record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices))
         if in_sweep:
             # Isolated: Hydra would re-raise at the end of the batch and skip the aggregation.
             log.error("job failed: %s", err, exc_info=full_error or not user_error)
@@ -65,11 +150,60 @@ def app(cfg: DictConfig) -> float | None:
             log.error("%s", err)
             sys.exit(2)
         raise
+    finally:
+        if tag:
+            tag.detach()
+    if not in_sweep:
+        report_single_run(job_dir, hydra_cfg, cfg)
     return summary.get("final_val_acc")
 
 
+def hold_ctrl_c(hold: bool) -> None:
+    """Block (hold back) or unblock SIGINT in this thread; processes started from it inherit that. POSIX only."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK if hold else signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def hold_ctrl_c_in_workers() -> Callable[[], None]:
+    """Start the processes this one launches (joblib's workers) with SIGINT held back until their job starts
+    (app lets it through): Ctrl-C reaches them too, and ends one still starting up (importing torch) with a
+    traceback. This process hears Ctrl-C through a thread that does not hold it back. Returns the undo."""
+    # Started with the first worker otherwise, the stdlib's resource tracker lets SIGINT through again: start it now.
+    resource_tracker.ensure_running()
+    listening = threading.Event()
+    threading.Thread(target=listening.wait, name="ctrl-c", daemon=True).start()
+    hold_ctrl_c(True)
+
+    def undo() -> None:
+        hold_ctrl_c(False)
+        listening.set()
+
+    return undo
+
+
 def main() -> None:
-    app()
+    # `experiment` is a group of the defaults list (experiment=quick); `+experiment=quick`, the form of Hydra's
+    # docs and of normsweep 0.1, would be refused by Hydra as a second value: it means the same thing.
+    sys.argv = [arg[1:] if arg.startswith("+experiment=") else arg for arg in sys.argv]
+    sweep = any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
+    undo = hold_ctrl_c_in_workers() if sweep and hasattr(signal, "pthread_sigmask") else None
+    try:
+        app()
+    except KeyboardInterrupt:
+        # Jobs that run in this process say how to resume themselves (app); this is the launcher of jobs run in
+        # other processes (joblib), or a launch interrupted before its first job.
+        if ResumeCheck.sweep_dir is None:
+            print("interrupted before any job started", file=sys.stderr)
+        else:
+            print(
+                "interrupted; each job's checkpoint keeps its last finished epoch. To resume, run the same command "
+                f"with hydra.sweep.dir={ResumeCheck.sweep_dir}",
+                file=sys.stderr,
+            )
+        sys.exit(130)
+    finally:
+        if undo:
+            undo()
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
         print("\n" + format_best(best, compare), flush=True)
     files = ["results.csv", best_file(compare) if best is not None and compare else None, "curves.png"]
     shown = ", ".join(f for f in files if f and (where / f).is_file())
-    print(f"\nresults: {where / 'results.csv'}  ({len(result.runs)} jobs)", flush=True)
+    jobs = len(result.runs)
+    print(f"\nresults: {where / 'results.csv'}  ({jobs} job{'s' if jobs != 1 else ''})", flush=True)
     print(f"report:  {written.resolve()}  ({shown})", flush=True)
     lines = problems(result)
     if lines:
@@ -72,7 +73,9 @@ class AggregateCallback(Callback):
         failed = int((result.runs["status"] == Status.FAILED).sum())
         if failed:
             print(
-                f"{failed} of {len(result.runs)} jobs failed; each job's log is {sweep_dir}/JOB/normsweep.log",
+                f"{failed} of {len(result.runs)} jobs failed; each job's log is {sweep_dir}/JOB/normsweep.log"
+                if len(result.runs) > 1
+                else f"the job failed; its log is {sweep_dir / result.runs['job'].iloc[0] / 'normsweep.log'}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -14,22 +14,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from normsweep.config import ConfigError, DatasetConfig, NormConfig, OptimizerConfig
+from normsweep.config import Config, SyntheticConfig, compose_run, options
 from normsweep.data import Data, Split, load, normalize
+from normsweep.errors import ConfigError
 from normsweep.jobfiles import atomic_write
+from normsweep.layers import norm_factory
 from normsweep.models import build_model
-from normsweep.norms import NORM_LAYERS, norm_factory
-from normsweep.train import Compute, build_optimizer, prepare, resolve_compute, resolve_device, set_threads, train_epoch
+from normsweep.optimizers import Adam, build_optimizer
+from normsweep.train import Compute, prepare, resolve_compute, resolve_device, set_threads, train_epoch
 
 VARIANTS = ("reference", "normsweep", "ceiling")
-MODELS = {
-    "simple_cnn": {"_target_": "normsweep.models.SimpleCNN"},
-    "deep_cnn": {"_target_": "normsweep.models.DeepCNN"},
-    "mlp": {"_target_": "normsweep.models.MLP"},
-    "resnet20": {"_target_": "normsweep.models.ResNet", "blocks": [3, 3, 3], "widths": [16, 32, 64]},
-    "resnet18": {"_target_": "normsweep.models.ResNet", "blocks": [2, 2, 2, 2], "widths": [64, 128, 256, 512]},
-}
-ADAM = OptimizerConfig(name="adam", lr=1e-3)  # the article's optimizer, built as normsweep builds it
 CROP_PADDING = 4  # CIFAR's augmentation, in every variant that touches data: crop with padding 4, random flip
 
 
@@ -77,10 +71,15 @@ class Setup:
     data: Data  # on the device; its training split is exactly `steps` batches
 
     def build(self) -> nn.Module:
+        """The model with this norm, from conf/ as a run would build it (every check of a run applies)."""
         torch.manual_seed(0)
         c, h, w = self.data.shape
-        factory = norm_factory(NormConfig(name=self.norm), self.model)
-        return build_model(self.model, MODELS[self.model], c, (h, w), self.data.num_classes, factory).to(self.device)
+        run = self.config()
+        factory = norm_factory(run.norm, self.model)
+        return build_model(self.model, run.model, c, (h, w), self.data.num_classes, factory).to(self.device)
+
+    def config(self) -> Config:
+        return compose_run([f"model={self.model}", f"norm={self.norm}", f"batch_size={self.batch_size}"])
 
     def compute(self, model: nn.Module) -> Compute:
         return resolve_compute(self.precision, None, False, model, self.device)
@@ -122,7 +121,7 @@ def run_normsweep(setup: Setup) -> float:
     model = setup.build()
     compute = setup.compute(model)
     forward = prepare(model, compute)
-    optimizer = build_optimizer(model.parameters(), ADAM)
+    optimizer = build_optimizer(model.parameters(), Adam(lr=1e-3))
     generator = torch.Generator(device=setup.device).manual_seed(0)
     warm = dataclasses.replace(setup.data, train=setup.data.train[: setup.warmup * setup.batch_size])
     train_epoch(forward, warm, optimizer, setup.batch_size, generator, compute)
@@ -137,7 +136,7 @@ def run_ceiling(setup: Setup) -> float:
     model = setup.build()
     compute = setup.compute(model)
     forward = prepare(model, compute)
-    optimizer = build_optimizer(model.parameters(), ADAM)
+    optimizer = build_optimizer(model.parameters(), Adam(lr=1e-3))
     x = normalize(setup.data.train.images[: setup.batch_size], setup.data, compute.memory_format)
     y = setup.data.train.labels[: setup.batch_size]
 
@@ -166,7 +165,7 @@ RUNNERS: dict[str, Callable[[Setup], float]] = {
 def make_data(shape: tuple[int, int, int], batch_size: int, steps: int, device: torch.device) -> Data:
     """The `synthetic` data set (CIFAR-shaped by default), trimmed to exactly `steps` training batches."""
     n = batch_size * steps
-    cfg = DatasetConfig(
+    cfg = SyntheticConfig(
         name="synthetic", shape=list(shape), size=int(n / 0.72) + 16, test_fraction=0.1, crop_padding=CROP_PADDING
     )
     data = load(cfg, val_fraction=0.2, seed=0)
@@ -213,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "and forward/backward/step on one batch in memory (ceiling). Writes bench.csv.",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
-    parser.add_argument("--model", default="deep_cnn", choices=sorted(MODELS))
-    parser.add_argument("--norm", default="bn", help=f"one norm or a comma list of {','.join(NORM_LAYERS)}")
+    parser.add_argument("--model", default="deep_cnn", choices=options("model"))
+    parser.add_argument("--norm", default="bn", help=f"one norm or a comma list of {','.join(options('norm'))}")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=15, help="timed training steps per run (default: 15)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each run (default: 3)")
@@ -225,18 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench.csv"), help="where to write (default: bench.csv)")
     args = parser.parse_args(argv)
     norms = [n.strip() for n in args.norm.split(",") if n.strip()]
-    unknown = [n for n in norms if n not in NORM_LAYERS]
+    unknown = [n for n in norms if n not in options("norm")]
     if unknown or not norms:
-        parser.error(f"--norm {args.norm}: choose among {', '.join(NORM_LAYERS)}")
+        parser.error(f"--norm {args.norm}: choose among {', '.join(options('norm'))}")
     for name in ("batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be 1 or more")
     if args.warmup < 0 or args.threads < 0:
         parser.error("--warmup and --threads must be 0 or more")
-    if args.model == "mlp" and "in" in norms:
-        parser.error("--model mlp cannot take --norm in (InstanceNorm needs feature maps)")
-    if args.batch_size < 2 and "bn" in norms:
-        parser.error("--norm bn needs --batch-size 2 or more")
 
     try:
         device = resolve_device(args.device)
@@ -251,14 +246,18 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
             data=data,
         )
-        probe = Setup(norm=norms[0], **setup_args)
-        compute = probe.compute(probe.build())
+        # Every norm's model is built once before anything is timed: a run's checks (a norm that needs feature
+        # maps on the mlp, batch statistics at batch size 1, ...) stop the benchmark here, in one line.
+        probes = [Setup(norm=norm, **setup_args) for norm in norms]
+        compute = [probe.compute(probe.build()) for probe in probes][0]
     except ConfigError as err:
-        parser.error(str(err).replace("device=", "--device "))
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device}, {threads} threads"
+        message = str(err).replace("device=", "--device ").replace("batch_size=", "--batch-size ")
+        parser.error(message.replace("model=", "--model ").replace("norm=", "--norm "))
+    plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device}, {plural(threads, 'thread')}"
     header = (
         f"{args.model}, batch {args.batch_size}, {'x'.join(map(str, args.shape))} synthetic uint8 images, "
-        f"{args.steps} timed steps x {args.repeats} repeats, {where}; normsweep and ceiling in "
+        f"{plural(args.steps, 'timed step')} x {plural(args.repeats, 'repeat')}, {where}; normsweep and ceiling in "
         f"{compute.precision}{', channels_last' if compute.channels_last else ''}, reference in fp32"
     )
     print(header, flush=True)
@@ -272,11 +271,16 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "device_name": where,
         "threads": threads,
-        "precision": compute.precision,
-        "channels_last": compute.channels_last,
         "torch": torch.__version__,
     }
-    atomic_write(args.out, runs.assign(**settings).to_csv(index=False, float_format="%.6g"))
+    # What each row ran in: the reference loop always in fp32 and the default (contiguous) layout.
+    ran_in = {v: (compute.precision, compute.channels_last) for v in VARIANTS} | {"reference": ("fp32", False)}
+    runs = runs.assign(
+        **settings,
+        precision=runs["variant"].map(lambda v: ran_in[v][0]),
+        channels_last=runs["variant"].map(lambda v: ran_in[v][1]),
+    )
+    atomic_write(args.out, runs.to_csv(index=False, float_format="%.6g"))
     print()
     print(
         table.to_string(
@@ -288,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
     )
-    print(f"\nimages per second, median of {args.repeats} runs; every run in {args.out.resolve()}")
+    each = f"median of {args.repeats} runs" if args.repeats > 1 else "one run each"
+    print(f"\nimages per second, {each}; every run in {args.out.resolve()}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -11,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from normsweep.config import USER_DATASET_KEYS, ConfigError, DatasetConfig
+from normsweep.config import USER_DATASET_KEYS, DatasetConfig, SyntheticConfig
+from normsweep.errors import ConfigError
 
 
 @dataclass
@@ -66,7 +69,7 @@ def _digits(cfg: DatasetConfig) -> tuple[Split, Split, int]:
     return (*_fixed_test_split(images, labels, cfg), len(bunch.target_names))
 
 
-def _synthetic(cfg: DatasetConfig) -> tuple[Split, Split, int]:
+def _synthetic(cfg: SyntheticConfig) -> tuple[Split, Split, int]:
     """uint8 images of any shape: each class a smooth random pattern (4×4 cells, bilinearly upsampled, so
     convolutions have a spatial signal to find) at half intensity, plus uniform per-pixel noise at half."""
     c, h, w = cfg.shape
@@ -107,6 +110,57 @@ def _damaged(cfg: DatasetConfig, class_name: str, root: Path, err: Exception) ->
     )
 
 
+def _download_error(err: BaseException) -> str:
+    """The network errors of a failed download, without torchvision's framing: MNIST-likes raise one
+    RuntimeError that lists each mirror tried and its error; the others let urllib's URLError through."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    errors = [line for line in lines if line and not line.startswith(("Error downloading", "Tried "))]
+    return "; ".join(dict.fromkeys(errors)) or type(err).__name__
+
+
+# What torchvision's parsers raise on files they cannot read: truncated, or from another version.
+UNREADABLE = (RuntimeError, OSError, ValueError, EOFError, KeyError, IndexError, pickle.UnpicklingError)
+
+
+def _load_error(cfg: DatasetConfig, class_name: str, root: Path, err: BaseException) -> ConfigError | None:
+    """What a torchvision data set that failed to load means to the user; None for an error that is a bug."""
+    failed_download = isinstance(err, OSError) or str(err).startswith("Error downloading")
+    if cfg.download and failed_download:
+        return ConfigError(
+            f"dataset={cfg.name}: could not download {class_name} into {root} ({_download_error(err)}); check the "
+            "network connection, or put the files there yourself and use dataset.download=false"
+        )
+    if isinstance(err, RuntimeError) and "download=True" in str(err):
+        return ConfigError(
+            f"dataset={cfg.name}: {class_name} is not in {root} (or its files are incomplete). "
+            f"Either put the data set there or point dataset.root=/path/to/it at the folder that "
+            f"holds it, or add dataset.download=true to download it."
+        )
+    if isinstance(err, UNREADABLE):
+        return _damaged(cfg, class_name, root, err)
+    return None
+
+
+def _new_folders(root: Path) -> Callable[[], None]:
+    """Note which folders exist at and above `root`; the returned function removes the empty folders made since
+    (a failed download leaves `root/MNIST/raw` and the like behind). Only empty ones: another job may be
+    downloading into the same folder."""
+    missing = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
+    before = set(os.listdir(root)) if root.is_dir() else set()
+
+    def remove_empty() -> None:
+        made = [root / name for name in os.listdir(root) if name not in before] if root.is_dir() else []
+        for top in made:
+            for folder, _, _ in os.walk(top, topdown=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+    return remove_empty
+
+
 def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tuple[Split, Split, int]]:
     """A loader that runs torchvision's own file parsing, then keeps the raw uint8 arrays."""
 
@@ -118,23 +172,15 @@ def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tu
         splits = []
         for train in (True, False):
             which = {"train": train} if split_kw == "train" else {"split": "train" if train else "test"}
+            remove_new_empty_folders = _new_folders(root)
             try:
                 ds = cls(root=str(root), download=cfg.download, **which)
-            except OSError as err:  # includes the network errors of a failed download
-                raise ConfigError(
-                    f"dataset={cfg.name}: could not download {class_name} into {root} ({err}); check the network "
-                    "connection, or put the files there yourself and use dataset.download=false"
-                ) from None
-            except RuntimeError as err:
-                if "download=True" not in str(err):
-                    raise _damaged(cfg, class_name, root, err) from err
-                raise ConfigError(
-                    f"dataset={cfg.name}: {class_name} is not in {root} (or its files are incomplete). "
-                    f"Either put the data set there or point dataset.root=/path/to/it at the folder that "
-                    f"holds it, or add dataset.download=true to download it."
-                ) from None
-            except (ValueError, EOFError, KeyError, IndexError, pickle.UnpicklingError) as err:
-                raise _damaged(cfg, class_name, root, err) from err
+            except BaseException as err:
+                remove_new_empty_folders()
+                explained = _load_error(cfg, class_name, root, err)
+                if explained is None:
+                    raise
+                raise explained from err
             labels = getattr(ds, "targets", None)
             if labels is None:
                 labels = ds.labels
@@ -229,15 +275,17 @@ LOADERS: dict[str, Callable[[DatasetConfig], tuple[Split, Split, int]]] = {
 
 # The data set a process loaded last, reused by its next job if that asks for the same one: a sequential sweep,
 # or a joblib worker, loads it once. Only read from (splits are new tensors), so one job never changes another's.
-_LAST: dict[tuple[Any, ...], tuple[Split, Split, int]] = {}
+_LAST: dict[str, tuple[Split, Split, int]] = {}
 
 
 def _source(cfg: DatasetConfig) -> tuple[Split, Split, int]:
     root = str(Path(cfg.root).expanduser().resolve())
-    key = (cfg.name, root, cfg.test_fraction, cfg.split_seed, tuple(cfg.shape), cfg.classes, cfg.size)
-    key += (cfg.target, repr(sorted(cfg.kwargs.items())))
+    # Every key that decides which images are loaded (a user data set's target and arguments included); the
+    # augmentation keys only act on training batches.
+    key = repr(replace(cfg, root=root, download=False, crop_padding=0, hflip=False))
+    target = getattr(cfg, "target", None)  # a UserDataset's
     if key not in _LAST:
-        loaded = _user_data(cfg) if cfg.target else LOADERS[cfg.name](cfg)
+        loaded = _user_data(cfg) if target else LOADERS[cfg.name](cfg)
         _LAST.clear()
         _LAST[key] = loaded
     return _LAST[key]
@@ -245,7 +293,7 @@ def _source(cfg: DatasetConfig) -> tuple[Split, Split, int]:
 
 def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
     """Load a data set and hold out a seeded `val_fraction` of its training split for validation."""
-    if cfg.name not in LOADERS and not cfg.target:
+    if cfg.name not in LOADERS and not getattr(cfg, "target", None):
         raise ConfigError(
             f"dataset={cfg.name}: unknown data set; choose one of {', '.join(LOADERS)}, or give its YAML a _target_ "
             "naming a function that returns your images and labels"

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from normsweep import data as datasets
-from normsweep.config import ConfigError, RunConfig
+from normsweep.config import Config
+from normsweep.errors import ConfigError
 from normsweep.jobfiles import FINISHED, GROUPS, Status, load_summary, process_start, write_metrics, write_summary
+from normsweep.layers import norm_factory
 from normsweep.models import build_model
-from normsweep.norms import norm_factory
 from normsweep.resume import load_checkpoint, save_checkpoint
 from normsweep.train import (
     EpochMetrics,
@@ -36,7 +37,7 @@ from normsweep.train import (
 log = logging.getLogger("normsweep")
 
 
-def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[str, Any]) -> dict[str, Any]:
+def run_job(run: Config, job_dir: Path, overrides: list[str], config: dict[str, Any]) -> dict[str, Any]:
     """Train one configuration in `job_dir`, or finish it there; returns its summary.
 
     `config` is the job's resolved config as the user wrote it: summary.json keeps it, and a later run in the
@@ -48,10 +49,11 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
     previous = load_summary(job_dir)
     if previous["status"] in FINISHED:
         log.info(
-            "%s: kept from an earlier run (%s, %d epochs, val_acc %.2f%%)",
+            "%s: kept from an earlier run (%s, %d epoch%s, val_acc %.2f%%)",
             job_dir,
             previous["status"],
             previous.get("epochs_completed", 0),
+            "" if previous.get("epochs_completed") == 1 else "s",
             previous.get("final_val_acc", float("nan")),
         )
         return previous
@@ -61,13 +63,14 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
     data = datasets.load(run.dataset, run.val_fraction, run.seed)
     torch.manual_seed(run.seed)
     c, h, w = data.shape
-    model = build_model(run.model_name, run.model, c, (h, w), data.num_classes, norm_factory(run.norm, run.model_name))
+    model_name = run.model["name"]
+    model = build_model(model_name, run.model, c, (h, w), data.num_classes, norm_factory(run.norm, model_name))
     compute = resolve_compute(run.precision, run.channels_last, run.compile, model, device)
     params = sum(p.numel() for p in model.parameters())
     log.info(
         f"device {device} ({threads} CPU thread{'s' if threads > 1 else ''}, {compute.precision}"
         f"{', channels_last' if compute.channels_last else ''}{', compiled' if compute.compile else ''}) | "
-        f"model={run.model_name} norm={run.norm.name} optimizer={run.optimizer.name} "
+        f"model={model_name} norm={run.norm.name} optimizer={run.optimizer.name} "
         f"lr={run.optimizer.lr:g} | {run.dataset.name}: {len(data.train)} train / {len(data.val)} val / "
         f"{len(data.test)} test images, {c}x{h}x{w}, {data.num_classes} classes | {params} parameters"
     )
@@ -81,7 +84,7 @@ def run_job(run: RunConfig, job_dir: Path, overrides: list[str], config: dict[st
         write_metrics(job_dir, rows)  # drops any row written after that checkpoint
     identity = {
         "seed": run.seed,
-        "model": run.model_name,
+        "model": model_name,
         "norm": run.norm.name,
         "optimizer": run.optimizer.name,
         "dataset": run.dataset.name,

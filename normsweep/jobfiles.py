@@ -1,4 +1,5 @@
-"""The files of one job folder: atomic writes, metrics.csv, summary.json, the job's Status, and its liveness.
+"""The files of one job folder: atomic writes, metrics.csv, summary.json, the job's Status, its liveness, and the
+settings by which a saved job is recognised.
 
 What a job writes and what a resume or the aggregator reads back, with no pandas and no torch: a job that writes a
 file imports this module alone.
@@ -17,6 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from normsweep.norms import BUILT_IN as NORMS
+from normsweep.optimizers import BUILT_IN as OPTIMIZERS
+
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 OVERRIDES_FILE = ".hydra/overrides.yaml"
@@ -31,6 +35,19 @@ METRIC_COLUMNS = [
     "images_per_second",
 ]
 GROUPS = ("model", "norm", "optimizer", "dataset")  # the config groups, as named in summary.json
+# Keys that say where a job runs or finds its data, or how the sweep is aggregated, not what a job computes: a
+# resumed job may change them.
+WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare")
+# Keys added to the config after normsweep 0.1.0's first sweeps, with the value that computes what those jobs
+# computed: a folder saved without the key resumes when the key has that value now (an upgrade mid-sweep).
+ADDED_KEYS = {
+    "norm.track_running_stats": True,
+    "norm.group_size": None,
+    "optimizer.lr_batch_size": None,
+    # Since the built-in data sets have a schema (0.2): keys that only some of them read, at its defaults.
+    "dataset.test_fraction": 0.2,
+    "dataset.split_seed": 0,
+}
 
 
 class Status(str, enum.Enum):
@@ -177,3 +194,45 @@ def load_summary(job_dir: Path) -> dict[str, Any]:
     if summary["status"] == Status.RUNNING and not _alive(summary):
         summary["status"] = Status.INCOMPLETE.value
     return summary
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): tree}
+
+
+def _upgraded(config: dict[str, Any]) -> dict[str, Any]:
+    """A config saved before norms and optimizers were records with a `_target_` (normsweep 0.1): a built-in's
+    norm and optimizer get the keys their record has now, at the values that compute what they computed then."""
+    config = dict(config)
+    for group, records in (("norm", NORMS), ("optimizer", OPTIMIZERS)):
+        node = config.get(group)
+        if isinstance(node, dict) and "_target_" not in node and node.get("name") in records:
+            record = records[node["name"]]()
+            config[group] = {**{key: getattr(record, key) for key in record.OWN_KEYS}, **node}
+    return config
+
+
+def settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A job's config as two jobs are compared: flat (`norm.name`), without the where-keys, and without an added
+    key at the value that keeps the old behaviour (so a folder saved before the key existed is the same job)."""
+    return {
+        key: value
+        for key, value in _flatten(_upgraded(config)).items()
+        if key not in WHERE_KEYS and not (key in ADDED_KEYS and value == ADDED_KEYS[key])
+    }
+
+
+def settings_key(config: dict[str, Any]) -> str:
+    """One text for configs config_differences finds nothing between (as JSON: a 1 saved as 1.0 would differ)."""
+    return json.dumps(settings(config), sort_keys=True, default=repr)
+
+
+def preferred_copy(job_dir: Path, status: str) -> tuple[bool, int]:
+    """Of several folders holding one job, the one to keep sorts last: a finished one, then the latest summary."""
+    summary = Path(job_dir) / SUMMARY_FILE
+    return status in FINISHED, summary.stat().st_mtime_ns if summary.is_file() else 0

@@ -9,8 +9,8 @@ import torch
 from hydra.utils import get_class
 from torch import nn
 
-from normsweep.config import ConfigError
-from normsweep.norms import NormFactory
+from normsweep.errors import ConfigError
+from normsweep.layers import NormFactory
 
 
 def _conv_out(size: int, kernel: int, padding: int) -> int:
@@ -26,14 +26,6 @@ def _flat_features(channels: int, height: int, width: int, model: str) -> int:
     if height < 1 or width < 1:
         raise ConfigError(f"model={model}: the input images are too small for its convolutions and poolings")
     return channels * height * width
-
-
-def _norm_relu(norm: NormFactory, channels: int, layer: str, dim: int = 2) -> list[nn.Module]:
-    """norm → ReLU, or the norm alone when it brings its own activation (FRN's thresholded linear unit)."""
-    module = norm(channels, layer=layer, dim=dim)
-    if getattr(module, "includes_activation", False):
-        return [module]
-    return [module, nn.ReLU(inplace=True)]
 
 
 class SimpleCNN(nn.Module):
@@ -52,9 +44,9 @@ class SimpleCNN(nn.Module):
         h, w = (_conv_out(_conv_out(s, 3, 0), 3, 0) // 2 for s in image_size)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, kernel_size=3),
-            *_norm_relu(norm, 32, "conv1"),
+            *norm.act(32, layer="conv1"),
             nn.Conv2d(32, 64, kernel_size=3),
-            *_norm_relu(norm, 64, "conv2"),
+            *norm.act(64, layer="conv2"),
             nn.MaxPool2d(2),
             nn.Flatten(),
         )
@@ -87,7 +79,7 @@ class DeepCNN(nn.Module):
         for i, width in enumerate((64, 128, 256), start=1):
             layers += [
                 nn.Conv2d(channels, width, kernel_size=3, padding=1),
-                *_norm_relu(norm, width, f"conv{i}"),
+                *norm.act(width, layer=f"conv{i}"),
                 nn.MaxPool2d(2),
             ]
             channels, h, w = width, h // 2, w // 2
@@ -119,7 +111,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(
             nn.Flatten(),
             nn.Linear(in_channels * h * w, hidden),
-            *_norm_relu(norm, hidden, "fc1", dim=1),
+            *norm.act(hidden, layer="fc1", dim=1),
             nn.Linear(hidden, num_classes),
         )
 
@@ -181,7 +173,7 @@ class BasicBlock(nn.Module):
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
-        first = _conv_before(_norm_relu(norm, out_channels, f"{name}.conv1"), in_channels, out_channels, 3, stride)
+        first = _conv_before([*norm.act(out_channels, layer=f"{name}.conv1")], in_channels, out_channels, 3, stride)
         last = norm(out_channels, layer=f"{name}.conv2")
         self.branch = nn.Sequential(*first, *_conv_before([last], out_channels, out_channels, 3, 1))
         self.shortcut: nn.Module = nn.Identity()
@@ -218,7 +210,7 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_stages(blocks, widths)
-        layers = _conv_before(_norm_relu(norm, widths[0], "stem"), in_channels, widths[0], 3, 1)
+        layers = _conv_before([*norm.act(widths[0], layer="stem")], in_channels, widths[0], 3, 1)
         channels = widths[0]
         for s, (count, width) in enumerate(zip(blocks, widths), start=1):
             for b in range(1, count + 1):
@@ -244,7 +236,7 @@ def build_model(
     norm: NormFactory,
 ) -> nn.Module:
     """Instantiate the model named by `spec["_target_"]` and prove it runs on one input of the data's shape."""
-    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+    kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "name")}  # name: normsweep's label
     try:
         cls = get_class(spec["_target_"])
     except Exception as err:
@@ -271,7 +263,7 @@ def build_model(
         raise ConfigError(f"model={name}: {err}") from None
     adapt = getattr(norm, "adapt", None)
     if adapt is not None:  # a norm that changes other layers too (weight standardization of every conv for ws_gn)
-        model = adapt(model, name)
+        model = adapt(model)
     model.eval()
     try:
         with torch.no_grad():

@@ -1,187 +1,229 @@
-"""Normalization layers by name, behind one factory signature: norm(num_features, layer=..., dim=2|1)."""
+"""What normsweep knows about each norm, one record per norm: its builder, its keys, and the facts the checks use.
+
+A record is the structured config of one `norm=` option (registered in Hydra's ConfigStore as `schema/norm/<name>`,
+so a wrong key or type fails at composition). Its `_target_` names the builder, a class or function called as
+`builder(num_features, dim=2|1, **keys)` (normsweep/layers.py holds the built-in ones). A user's norm is a YAML
+with a `_target_` of its own and, optionally, the same facts: it becomes a `UserNorm` record with safe defaults.
+Nothing here imports torch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
 
-import torch
-from torch import nn
-from torch.nn.utils import parametrize
+from omegaconf import MISSING
 
-from normsweep.config import ConfigError, NormConfig
-
-# Added to each filter's variance before weight standardization divides by its square root: a fixed constant,
-# not norm.eps (that one belongs to the GroupNorm that follows the convolution).
-WS_EPS = 1e-5
+from normsweep.errors import ConfigError
 
 
-class _PerPosition:
-    """Mixin for a norm over the last dimension: on (N, C, H, W) it normalizes the C values at each position.
+@dataclass
+class NormConfig:
+    """The keys every norm has. The facts' defaults are the safe ones for a norm normsweep knows nothing about."""
 
-    The permute to (N, H, W, C) is free on channels_last input (the layout the models use on the CPU) and one
-    copy otherwise; the result has the input's shape, in channels_last layout."""
+    _target_: str = MISSING  # the builder: builder(num_features, **keys) returns the layer
+    name: str = MISSING  # the label in logs and tables; a user's norm defaults to its option name
+    # Normalizes fc features (N, C) too; false: feature maps (N, C, H, W) only, and fc models refuse it.
+    fc_features: bool = False
+    # Takes statistics over the batch: batch_size must then be 2 or more.
+    batch_stats: bool = True
+    # Brings its own activation (FRN's thresholded linear unit): models put no ReLU after it.
+    own_activation: bool = False
+    # A function model -> model applied once to the whole model (ws_gn standardizes every conv's weight).
+    adapt_model: Optional[str] = None  # noqa: UP045 (OmegaConf reads the annotation at runtime: no `X | None`)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 2:
-            return super().forward(x)
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    OWN_KEYS: ClassVar[tuple[str, ...]] = (
+        "_target_",
+        "name",
+        "fc_features",
+        "batch_stats",
+        "own_activation",
+        "adapt_model",
+    )
 
+    def arguments(self) -> dict[str, Any]:
+        """The builder's keyword arguments: every key that is not normsweep's own."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.OWN_KEYS}
 
-class LayerNorm2d(_PerPosition, nn.LayerNorm):
-    """LayerNorm over the channels alone, at every position (ConvNeXt's), unlike `ln`'s over (C, H, W)."""
+    def check(self) -> None:
+        """Raise ConfigError for a value out of range (types were checked at composition)."""
 
-
-class RMSNorm2d(_PerPosition, nn.RMSNorm):
-    """RMSNorm over the channels at every position: scaled by the root mean square, no mean removed, no shift."""
-
-
-class FilterResponseNorm(nn.Module):
-    """FRN followed by its thresholded linear unit: max(gamma * x / sqrt(mean_HW(x²) + eps) + beta, tau).
-
-    The TLU is the activation, so the models leave out the ReLU they would put after a norm. With affine=false
-    gamma and beta go, and tau stays: without it the layer would have no activation."""
-
-    includes_activation = True
-
-    def __init__(self, num_features: int, eps: float, affine: bool) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
-        self.tau = nn.Parameter(torch.zeros(num_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        per_channel = (1, -1, 1, 1)
-        # gamma joins the small (N, C, 1, 1) factor before it meets x: one multiply over x instead of two
-        # (forward + backward ~10% faster on the CPU, measured with one thread).
-        scale = torch.rsqrt(x.square().mean(dim=(2, 3), keepdim=True) + self.eps)
-        if self.weight is None:
-            return torch.maximum(x * scale, self.tau.view(per_channel))
-        y = torch.addcmul(self.bias.view(per_channel), x, scale * self.weight.view(per_channel))
-        return torch.maximum(y, self.tau.view(per_channel))
-
-    def extra_repr(self) -> str:
-        return f"{self.tau.numel()}, eps={self.eps}, affine={self.weight is not None}"
+    def check_width(self, num_features: int) -> str | None:
+        """Why a layer of `num_features` channels cannot take this norm (named as the user would fix it), or None."""
+        return None
 
 
-class StandardizedWeight(nn.Module):
-    """Weight standardization as a parametrization: each output filter of a conv weight to mean 0, variance 1."""
+@dataclass
+class _EpsAffine(NormConfig):
+    eps: float = 1e-5
+    affine: bool = True  # a learned per-channel scale (and shift, where the norm has one)
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(weight, dim=(1, 2, 3), correction=0, keepdim=True)
-        return (weight - mean) * torch.rsqrt(var + WS_EPS)
-
-
-def _group_count(cfg: NormConfig, c: int) -> int:
-    # norm.group_size fixes the channels per group, so the count follows each layer's width.
-    return c // cfg.group_size if cfg.group_size else cfg.groups
+    def check(self) -> None:
+        if self.eps <= 0:
+            raise ConfigError(f"norm.eps={self.eps}: must be > 0 (it keeps the division away from zero)")
 
 
-def _none(cfg: NormConfig, c: int, dim: int) -> nn.Module:
-    return nn.Identity()
+@dataclass
+class NoNorm(NormConfig):
+    """No normalization: the identity (torch's Identity ignores the channel count)."""
+
+    _target_: str = "torch.nn.Identity"
+    name: str = "none"
+    fc_features: bool = True
+    batch_stats: bool = False
 
 
-def _bn(cfg: NormConfig, c: int, dim: int) -> nn.Module:
-    cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
-    return cls(c, eps=cfg.eps, momentum=cfg.momentum, affine=cfg.affine, track_running_stats=cfg.track_running_stats)
+@dataclass
+class BatchNorm(_EpsAffine):
+    """BatchNorm: per channel over (N, H, W); BatchNorm1d over N on fc features."""
 
+    _target_: str = "normsweep.layers.batch_norm"
+    name: str = "bn"
+    fc_features: bool = True
+    batch_stats: bool = True
+    momentum: Optional[float] = 0.1  # noqa: UP045 (null: a cumulative average)
+    track_running_stats: bool = True
 
-def _ln(cfg: NormConfig, c: int, dim: int) -> nn.Module:
-    # On feature maps: the GroupNorm paper's LN, statistics over (C, H, W) with one scale/shift per channel.
-    if dim == 2:
-        return nn.GroupNorm(1, c, eps=cfg.eps, affine=cfg.affine)
-    return nn.LayerNorm(c, eps=cfg.eps, elementwise_affine=cfg.affine)
-
-
-def _ln2d(cfg: NormConfig, c: int, dim: int) -> nn.Module:
-    return LayerNorm2d(c, eps=cfg.eps, elementwise_affine=cfg.affine)
-
-
-def _rms(cfg: NormConfig, c: int, dim: int) -> nn.Module:
-    return RMSNorm2d(c, eps=cfg.eps, elementwise_affine=cfg.affine)
-
-
-def _in(cfg: NormConfig, c: int, dim: int) -> nn.Module:
-    # Statistics per sample and channel over (H, W), one scale/shift per channel: exactly nn.InstanceNorm2d without
-    # running statistics, written as GroupNorm with one channel per group, whose CPU kernel is faster (0.58 vs
-    # 0.79 k img/s for deep_cnn, measured) and takes channels_last input.
-    return nn.GroupNorm(c, c, eps=cfg.eps, affine=cfg.affine)
-
-
-def _gn(cfg: NormConfig, c: int, dim: int) -> nn.Module:
-    return nn.GroupNorm(_group_count(cfg, c), c, eps=cfg.eps, affine=cfg.affine)
-
-
-def _frn(cfg: NormConfig, c: int, dim: int) -> nn.Module:
-    return FilterResponseNorm(c, eps=cfg.eps, affine=cfg.affine)
-
-
-NORM_LAYERS: dict[str, Callable[[NormConfig, int, int], nn.Module]] = {
-    "none": _none,
-    "bn": _bn,
-    "ln": _ln,
-    "ln2d": _ln2d,
-    "rms": _rms,
-    "in": _in,
-    "gn": _gn,
-    "ws_gn": _gn,  # the layer is GroupNorm; NormFactory.adapt standardizes the model's conv weights
-    "frn": _frn,
-}
-# Norms with statistics over spatial positions only, by their full name: undefined on fc features.
-SPATIAL_ONLY = {"in": "InstanceNorm", "frn": "Filter Response Normalization"}
-
-
-class NormFactory:
-    """What every model receives: `norm(num_features, layer=..., dim=...)` makes one norm layer.
-
-    `dim=2` is a conv feature map (N, C, H, W), `dim=1` fc features (N, C); `layer` names the layer in error
-    messages (e.g. "conv2"). `adapt` is for what a per-layer factory cannot reach: build_model passes it the
-    whole model once, before its first forward pass."""
-
-    def __init__(self, cfg: NormConfig, model_name: str) -> None:
-        if cfg.name not in NORM_LAYERS:
-            raise ConfigError(f"norm={cfg.name}: unknown norm; choose one of {', '.join(NORM_LAYERS)}")
-        self.cfg = cfg
-        self.model_name = model_name
-
-    def __call__(self, num_features: int, *, layer: str | None = None, dim: int = 2) -> nn.Module:
-        cfg, model_name = self.cfg, self.model_name
-        where = f"layer {layer}" if layer else "a layer"
-        if dim not in (1, 2):
-            raise ValueError(f"norm factory: dim must be 1 (fc features) or 2 (feature maps), got {dim}")
-        if cfg.name in SPATIAL_ONLY and dim == 1:
+    def check(self) -> None:
+        super().check()
+        if self.momentum is not None and not 0 <= self.momentum <= 1:
             raise ConfigError(
-                f"model={model_name} norm={cfg.name}: {SPATIAL_ONLY[cfg.name]} normalizes each channel over its "
-                f"spatial positions, and {where} of model={model_name} has fc features with no spatial extent; "
-                "use a convolutional model (model=simple_cnn, deep_cnn, resnet20 or resnet18) or another norm"
+                f"norm.momentum={self.momentum}: must be between 0 and 1, or null for a cumulative average"
             )
-        if cfg.name in ("gn", "ws_gn") and num_features % (cfg.group_size or cfg.groups):
-            key, value = ("norm.group_size", cfg.group_size) if cfg.group_size else ("norm.groups", cfg.groups)
-            divisors = ", ".join(str(g) for g in range(1, num_features + 1) if num_features % g == 0)
-            raise ConfigError(
-                f"model={model_name} norm={cfg.name}: {key}={value} does not divide the {num_features} channels "
-                f"of {where}; pick {key} among the divisors of every normalized layer ({num_features} allows "
-                f"{divisors})"
-            )
-        return NORM_LAYERS[cfg.name](cfg, num_features, dim)
-
-    def adapt(self, model: nn.Module, model_name: str) -> nn.Module:
-        """The model as this norm needs it: for ws_gn, every Conv2d with a standardized weight; others unchanged.
-
-        A parametrization, so any model works unchanged and the optimizer steps the raw weight underneath."""
-        if self.cfg.name != "ws_gn":
-            return model
-        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-        if not convs:
-            raise ConfigError(
-                f"model={model_name} norm=ws_gn: weight standardization applies to the weights of convolutions, "
-                f"and model={model_name} has none; use norm=gn (GroupNorm without it) or a convolutional model"
-            )
-        for conv in convs:
-            parametrize.register_parametrization(conv, "weight", StandardizedWeight())
-        return model
 
 
-def norm_factory(cfg: NormConfig, model_name: str) -> NormFactory:
-    """The factory a model uses to create its norm layers, with the user-facing checks built in."""
-    return NormFactory(cfg, model_name)
+@dataclass
+class LayerNorm(_EpsAffine):
+    """LayerNorm: per sample over (C, H, W), one scale and shift per channel (GroupNorm with one group)."""
+
+    _target_: str = "normsweep.layers.layer_norm"
+    name: str = "ln"
+    fc_features: bool = True
+    batch_stats: bool = False
+
+
+@dataclass
+class LayerNorm2d(_EpsAffine):
+    """LayerNorm over the channels alone, at every position (ConvNeXt's)."""
+
+    _target_: str = "normsweep.layers.LayerNorm2d"
+    name: str = "ln2d"
+    fc_features: bool = True
+    batch_stats: bool = False
+
+
+@dataclass
+class RMSNorm(_EpsAffine):
+    """RMSNorm over the channels at every position: a scale, no mean removed, no shift."""
+
+    _target_: str = "normsweep.layers.RMSNorm2d"
+    name: str = "rms"
+    fc_features: bool = True
+    batch_stats: bool = False
+
+
+@dataclass
+class InstanceNorm(_EpsAffine):
+    """InstanceNorm: per sample and channel over (H, W); undefined on fc features."""
+
+    _target_: str = "normsweep.layers.instance_norm"
+    name: str = "in"
+    fc_features: bool = False
+    batch_stats: bool = False
+
+
+@dataclass
+class GroupNorm(_EpsAffine):
+    """GroupNorm: per sample over (C/groups, H, W), in `groups` groups of channels (or channels per group)."""
+
+    _target_: str = "normsweep.layers.group_norm"
+    name: str = "gn"
+    fc_features: bool = True
+    batch_stats: bool = False
+    groups: int = 8
+    group_size: Optional[int] = None  # noqa: UP045 (channels per group, in place of groups when set)
+
+    def check(self) -> None:
+        super().check()
+        if self.groups < 1:
+            raise ConfigError(f"norm.groups={self.groups}: must be 1 or more")
+        if self.group_size is not None and self.group_size < 1:
+            raise ConfigError(f"norm.group_size={self.group_size}: must be 1 or more, or null to use norm.groups")
+
+    def check_width(self, num_features: int) -> str | None:
+        key, value = ("norm.group_size", self.group_size) if self.group_size else ("norm.groups", self.groups)
+        if num_features % value == 0:
+            return None
+        divisors = ", ".join(str(g) for g in range(1, num_features + 1) if num_features % g == 0)
+        return (
+            f"{key}={value} does not divide its {num_features} channels; pick {key} among the divisors of every "
+            f"normalized layer ({num_features} allows {divisors})"
+        )
+
+
+@dataclass
+class WSGroupNorm(GroupNorm):
+    """GroupNorm after weight-standardized convolutions (each filter to mean 0, variance 1); needs convolutions."""
+
+    name: str = "ws_gn"
+    adapt_model: Optional[str] = "normsweep.layers.standardize_conv_weights"  # noqa: UP045
+
+
+@dataclass
+class FilterResponseNorm(_EpsAffine):
+    """FRN and its thresholded linear unit: per sample and channel, x / sqrt(mean_HW(x²) + eps), then max(y, tau)."""
+
+    _target_: str = "normsweep.layers.FilterResponseNorm"
+    name: str = "frn"
+    fc_features: bool = False
+    batch_stats: bool = False
+    own_activation: bool = True
+    eps: float = 1e-6
+
+
+@dataclass
+class UserNorm(NormConfig):
+    """A norm from a user's YAML: its own keys typed as above, every other key passed to its `_target_`."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def arguments(self) -> dict[str, Any]:
+        return dict(self.kwargs)
+
+
+# The built-in norms, by option name (conf/norm/<name>.yaml); their YAMLs start from `/schema/<group>/<name>`.
+_RECORDS = (
+    NoNorm,
+    BatchNorm,
+    LayerNorm,
+    LayerNorm2d,
+    RMSNorm,
+    InstanceNorm,
+    GroupNorm,
+    WSGroupNorm,
+    FilterResponseNorm,
+)
+BUILT_IN: dict[str, type[NormConfig]] = {record.name: record for record in _RECORDS}
+
+
+def norm_record(node: dict[str, Any] | NormConfig, choice: str | None) -> NormConfig:
+    """The record of a composed `norm` node: a built-in's typed record as it is, or a user YAML's as a UserNorm."""
+    if isinstance(node, NormConfig):
+        node.check()
+        return node
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise ConfigError(
+            f"norm={choice}: a norm YAML needs a _target_ naming the class or function that makes the layer "
+            "(called with the number of channels), e.g. _target_: my_norms.MyNorm"
+        )
+    own = {k: v for k, v in node.items() if k in NormConfig.OWN_KEYS}
+    own.setdefault("name", choice or str(node["_target_"]).rsplit(".", 1)[-1])
+    kwargs = {k: v for k, v in node.items() if k not in NormConfig.OWN_KEYS}
+    for key, expected in (("fc_features", bool), ("batch_stats", bool), ("own_activation", bool)):
+        if key in own and not isinstance(own[key], expected):
+            raise ConfigError(f"norm.{key}={own[key]!r}: give true or false")
+    for key in ("_target_", "name", "adapt_model"):
+        if own.get(key) is not None and not isinstance(own[key], str):
+            raise ConfigError(f"norm.{key}={own[key]!r}: give a name (text)")
+    return UserNorm(**own, kwargs=kwargs)

@@ -1,34 +1,40 @@
-"""Resuming a job folder: the per-epoch checkpoint, and the check that a folder holds this same job."""
+"""Resuming a job folder: the per-epoch checkpoint, the check that a folder holds this same job, and which folder
+of a sweep holds a job (known by its settings, not by its position in the sweep)."""
 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import pickle
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import torch
+import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from normsweep.config import ConfigError
-from normsweep.jobfiles import METRICS_FILE, SUMMARY_FILE, Status, atomic_write, load_summary
+from normsweep.jobfiles import (
+    METRICS_FILE,
+    OVERRIDES_FILE,
+    SUMMARY_FILE,
+    Status,
+    atomic_write,
+    job_dirs,
+    load_summary,
+    preferred_copy,
+    settings,
+    settings_key,
+)
 
 log = logging.getLogger("normsweep")
 
 CHECKPOINT_FILE = "checkpoint.pt"
 SLURM_ID = "SLURM_JOB_ID"
-# Keys that say where a job runs or finds its data, or how the sweep is aggregated, not what a job computes: a
-# resumed job may change them.
-WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare")
-# Keys added to the config after normsweep 0.1.0's first sweeps, with the value that computes what those jobs
-# computed: a folder saved without the key resumes when the key has that value now (an upgrade mid-sweep).
-ADDED_KEYS = {"norm.track_running_stats": True, "norm.group_size": None, "optimizer.lr_batch_size": None}
-_ABSENT = object()
 
 
 class ResumeConflict(ConfigError):
@@ -36,6 +42,8 @@ class ResumeConflict(ConfigError):
 
 
 def save_checkpoint(job_dir: Path, state: dict[str, Any]) -> None:
+    import torch  # here, not at the top: the sweeper imports this module before any job runs
+
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(Path(job_dir) / CHECKPOINT_FILE, buffer.getvalue())
@@ -43,6 +51,8 @@ def save_checkpoint(job_dir: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(job_dir: Path) -> dict[str, Any] | None:
     """The last checkpoint of a job folder (tensors on the CPU), or None when it has none."""
+    import torch
+
     path = Path(job_dir) / CHECKPOINT_FILE
     if not path.is_file():
         return None
@@ -60,29 +70,24 @@ def task_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(own, resolve=True)
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        flat: dict[str, Any] = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): tree}
+def _keys(n: int) -> str:
+    return f"{n} key{'s' if n > 1 else ''}"
 
 
-def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: saved vs new` for every key whose value differs, ignoring where-keys (device, data root)."""
-    old, now = _flatten(saved), _flatten(new)
-    show = lambda v: "(absent)" if v is _ABSENT else repr(v)  # noqa: E731
-    keys = [
-        k
-        for k in old.keys() | now.keys()
-        if k not in WHERE_KEYS
-        and old.get(k, _ABSENT) != now.get(k, _ABSENT)
-        and not (k not in old and k in ADDED_KEYS and now[k] == ADDED_KEYS[k])
-    ]
-    # Values changed on both sides first (norm.name='bn' there, 'gn' now), then keys only one side has.
-    keys.sort(key=lambda k: (k not in old or k not in now, k))
-    return [f"{key}={show(old.get(key, _ABSENT))} there, {show(now.get(key, _ABSENT))} now" for key in keys]
+def config_differences(saved: dict[str, Any], new: dict[str, Any], limit: int = 6) -> list[str]:
+    """What differs between a saved job's config and this one, where-keys aside: `key=old there, new now` for each
+    key both have (the first `limit`, then a count), then one line per side naming the keys only that side has."""
+    old, now = settings(saved), settings(new)
+    changed = [f"{k}={old[k]!r} there, {now[k]!r} now" for k in sorted(old.keys() & now.keys()) if old[k] != now[k]]
+    lines = changed[:limit] + ([f"{_keys(len(changed) - limit)} more with other values"] if changed[limit:] else [])
+    for keys, side in (
+        (sorted(old.keys() - now.keys()), "the saved job"),
+        (sorted(now.keys() - old.keys()), "this job"),
+    ):
+        if keys:
+            more = f" and {len(keys) - limit} more" if keys[limit:] else ""
+            lines.append(f"{_keys(len(keys))} only {side} has: {', '.join(keys[:limit])}{more}")
+    return lines
 
 
 def check_resumable(job_dir: Path, config: dict[str, Any]) -> None:
@@ -123,14 +128,69 @@ def check_resumable(job_dir: Path, config: dict[str, Any]) -> None:
         raise ResumeConflict(f"{job_dir}: {SUMMARY_FILE} does not record the job's config; {fix}")
     differences = config_differences(saved, config)
     if differences:
-        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+        listed = "; ".join(differences[:-1]) + "; and " + differences[-1] if len(differences) > 1 else differences[0]
         raise ResumeConflict(
-            f"{job_dir} holds a job with another config ({shown}). Resume it with the command that started it, or {fix}"
+            f"{job_dir} holds a job with another config ({listed}). Resume it with the command that started it, or "
+            f"{fix}"
         )
 
 
-def refuse(err: ResumeConflict) -> None:
-    """Stop the launch with the conflict in one message (exit status 2), before any job starts.
+def _saved_overrides(job_dir: Path, summary: dict[str, Any]) -> tuple[str, ...] | None:
+    """The task overrides a job folder was made with (Hydra's overrides.yaml, else summary.json's), in any order."""
+    try:
+        saved = yaml.safe_load((job_dir / OVERRIDES_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        saved = summary.get("overrides")
+    return tuple(sorted(str(o) for o in saved)) if isinstance(saved, list) else None
+
+
+class SweepFolders:
+    """The job folders of a sweep folder, known by their settings, and the folder each job of a launch gets.
+
+    A job goes to the folder that saved its settings (the same config, compared as config_differences compares),
+    so a sweep resumed with more seeds, another norm or its lists in another order finds every job it ran; else to
+    a folder made with its task overrides but never started; else to a new folder. A folder made with the same
+    overrides that saved another config (a default changed in a YAML file since) is refused, before any launch.
+    """
+
+    def __init__(self, sweep_dir: Path) -> None:
+        self.sweep_dir = Path(sweep_dir)
+        self._by_settings: dict[str, list[tuple[tuple[bool, int], Path]]] = {}
+        self._by_overrides: dict[tuple[str, ...], list[Path]] = {}
+        self._claimed: set[Path] = set()  # one folder per job of a launch, even for two jobs with the same settings
+        self._numbers = itertools.count()
+        for job_dir in job_dirs(self.sweep_dir) if self.sweep_dir.is_dir() else []:
+            summary = load_summary(job_dir)
+            if isinstance(summary.get("config"), dict):
+                copy = (preferred_copy(job_dir, summary["status"]), job_dir)
+                self._by_settings.setdefault(settings_key(summary["config"]), []).append(copy)
+            overrides = _saved_overrides(job_dir, summary)
+            if overrides is not None:
+                self._by_overrides.setdefault(overrides, []).append(job_dir)
+
+    def claim(self, config: dict[str, Any], overrides: list[str], new_name: str | None = None) -> str:
+        """The folder for the job with this resolved config and these task overrides, relative to the sweep folder.
+
+        A new job gets `new_name`, or with None the lowest number no folder has. Raises ResumeConflict for a folder
+        that cannot be taken (another config, a job running now, a summary.json that cannot be read).
+        """
+        same = [d for _, d in sorted(self._by_settings.get(settings_key(config), []), reverse=True)]
+        made = self._by_overrides.get(tuple(sorted(overrides)), [])
+        job_dir = next((d for d in [*same, *made] if d not in self._claimed), None)
+        if job_dir is None:
+            job_dir = self.sweep_dir / new_name if new_name is not None else self._free()
+        if job_dir.exists():
+            check_resumable(job_dir, config)
+        self._claimed.add(job_dir)
+        return str(job_dir.relative_to(self.sweep_dir))
+
+    def _free(self) -> Path:
+        numbered = (self.sweep_dir / str(n) for n in self._numbers)
+        return next(path for path in numbered if not path.exists() and path not in self._claimed)
+
+
+def refuse(err: ConfigError) -> NoReturn:
+    """Stop the launch with the refusal in one message (exit status 2), before any job starts.
 
     An exit, not an exception: Hydra turns exceptions raised in callbacks into warnings and carries on.
     """
@@ -144,11 +204,29 @@ def check_folder_name(folder: str, key: str) -> None:
 
 
 class ResumeCheck(Callback):
-    """The same check for a single run, before Hydra writes into an existing `hydra.run.dir`."""
+    """The same check for a single run, before Hydra writes into an existing `hydra.run.dir`.
+
+    It also notes, for this process, the folders a single run makes (so that a run refused before training can
+    take them away again) and the folder of a sweep (so that an interrupted sweep can say how to resume it).
+    """
+
+    # The run's folder, then the parents that may have been made for it, absolute; () when the folder was there.
+    made: tuple[Path, ...] = ()
+    sweep_dir: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        ResumeCheck.sweep_dir = str(config.hydra.sweep.dir)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_folder_name(str(config.hydra.run.dir), "hydra.run.dir")
+        # A default folder is claimed (made) by resolving it; a named one is made later by Hydra, if missing.
+        claimed = "normsweep.new_dir" in str(OmegaConf.to_container(config.hydra.run, resolve=False)["dir"])
         job_dir = Path(str(config.hydra.run.dir))
+        if claimed:  # and maybe its parents below the working folder (outputs/DATE, outputs)
+            made = [job_dir, *(job_dir.parents[:-1] if not job_dir.is_absolute() else ())]
+        else:
+            made = [folder for folder in (job_dir, *job_dir.parents) if not folder.exists()]
+        ResumeCheck.made = tuple(Path(os.path.abspath(folder)) for folder in made)  # as Hydra's output_dir
         if job_dir.exists():
             try:
                 check_resumable(job_dir, task_config(config))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,11 @@ from normsweep.jobfiles import (
     job_dirs,
     load_summary,
     parse_overrides,
+    preferred_copy,
+    settings_key,
 )
 
+log = logging.getLogger("normsweep")
 NOT_SETTINGS = ("seed", "compare")  # overrides that do not define a configuration: seeds are averaged over
 RESULT_COLUMNS = [
     "runs",
@@ -109,12 +113,48 @@ def _numeric(values: pd.Series) -> pd.Series:
     return converted if converted.notna().sum() == values.notna().sum() else values
 
 
+JobFiles = tuple[dict[str, str], dict[str, Any], pd.DataFrame | None]
+
+
+def _distinct_jobs(sweep_dir: Path) -> list[tuple[Path, JobFiles, list[Path]]]:
+    """Every job folder under `sweep_dir` once per job, with the other folders that hold the same job.
+
+    Folders that saved the same settings (the config, seed included, compared as a resume compares it) hold one
+    job: a sweep folder resumed twice, or a parent folder of several sweeps. The finished copy, else the one whose
+    summary.json was written last, stands for the job; the others are named in its `duplicates` and not counted.
+    """
+    jobs = [(job_dir, _read_job(job_dir)) for job_dir in job_dirs(sweep_dir)]
+    copies: dict[str, list[tuple[tuple[bool, int], Path]]] = {}
+    for job_dir, (_, summary, _) in jobs:
+        if isinstance(summary.get("config"), dict):
+            copy = (preferred_copy(job_dir, summary["status"]), job_dir)
+            copies.setdefault(settings_key(summary["config"]), []).append(copy)
+    repeats: dict[Path, list[Path]] = {}
+    for same in copies.values():
+        kept, *others = [job_dir for _, job_dir in sorted(same, reverse=True)]
+        if others:
+            repeats[kept] = others
+    if repeats:
+        shown = [
+            f"{kept.relative_to(sweep_dir)} (also in {', '.join(str(d.relative_to(sweep_dir)) for d in others)})"
+            for kept, others in list(repeats.items())[:5]
+        ]
+        log.warning(
+            "%d job%s found in more than one folder, counted once: %s%s; runs.csv lists the others under duplicates",
+            len(repeats),
+            "s" if len(repeats) > 1 else "",
+            ", ".join(shown),
+            f" and {len(repeats) - 5} more" if len(repeats) > 5 else "",
+        )
+    dropped = {job_dir for others in repeats.values() for job_dir in others}
+    return [(job_dir, files, repeats.get(job_dir, [])) for job_dir, files in jobs if job_dir not in dropped]
+
+
 def collect(sweep_dir: Path) -> Report:
-    """Read every job folder of a sweep into tidy tables."""
+    """Read every job folder of a sweep into tidy tables, one row per job."""
     sweep_dir = Path(sweep_dir)
     rows, curves, keys, choices, config = [], [], [], [], {}
-    for job_dir in job_dirs(sweep_dir):
-        overrides, summary, metrics = _read_job(job_dir)
+    for job_dir, (overrides, summary, metrics), duplicates in _distinct_jobs(sweep_dir):
         choices.append({group: summary.get(group) for group in GROUPS})
         keys += [k for k in overrides if k not in NOT_SETTINGS and k not in keys]
         if not config and isinstance(summary.get("config"), dict):
@@ -122,11 +162,12 @@ def collect(sweep_dir: Path) -> Report:
         row = {"job": str(job_dir.relative_to(sweep_dir)), **overrides}
         row["seed"] = summary.get("seed", overrides.get("seed"))
         row.update({column: summary.get(field) for column, field in RUN_FIELDS.items()})
+        row["duplicates"] = " ".join(str(d.relative_to(sweep_dir)) for d in duplicates) or None
         rows.append(row)
         # Curves, like the results, come from finished jobs only: a partial run would drag the late epochs.
         if metrics is not None and summary["status"] in FINISHED:
             curves.append(metrics.assign(job=row["job"]))
-    runs = pd.DataFrame(rows, columns=["job", *keys, "seed", *RUN_FIELDS])
+    runs = pd.DataFrame(rows, columns=["job", *keys, "seed", *RUN_FIELDS, "duplicates"])
     for key in [*keys, "seed"]:
         runs[key] = _numeric(runs[key])
     varying = [k for k in keys if runs[k].nunique(dropna=False) > 1]

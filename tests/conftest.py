@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import os
 import pickle
 import struct
@@ -20,6 +21,24 @@ from hydra.core.global_hydra import GlobalHydra
 from normsweep.config import config_dir, register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that launches normsweep in a new process (run_cli, subprocess) is `slow`: `pytest -m "not slow"`
+    leaves them out and answers in under a minute."""
+    for item in items:
+        functions = [getattr(item, "function", None)]  # the test, and the fixtures it uses
+        info = getattr(item, "_fixtureinfo", None)
+        for definitions in (info.name2fixturedefs.values() if info else ()):
+            functions += [definition.func for definition in definitions]
+        sources = [inspect.getsource(f) for f in functions if f is not None and not _foreign(f)]
+        if any(call in source for source in sources for call in ("run_cli(", "_popen(", "subprocess.")):
+            item.add_marker(pytest.mark.slow)
+
+
+def _foreign(function) -> bool:
+    """A fixture of pytest's or a plugin's, not of this test suite."""
+    return not str(inspect.getsourcefile(function) or "").startswith(str(ROOT / "tests"))
 
 
 @pytest.fixture(autouse=True)

@@ -67,9 +67,10 @@ def test_the_reference_sees_the_same_images_through_pil() -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--norm", "bn,foo"], "--norm bn,foo: choose among none, bn, ln, ln2d, rms, in, gn, ws_gn, frn"),
+        (["--norm", "bn,foo"], "--norm bn,foo: choose among bn, frn, gn, in, ln, ln2d, none, rms, ws_gn"),
         (["--steps", "0"], "--steps must be 1 or more"),
-        (["--model", "mlp", "--norm", "in"], "--model mlp cannot take --norm in"),
+        (["--model", "mlp", "--norm", "bn,frn"], "--model mlp --norm frn: layer fc1 has fc features (N, C)"),
+        (["--norm", "gn,bn", "--batch-size", "1"], "--norm bn --batch-size 1: this norm takes its statistics"),
         (["--shape", "3x32x32"], "give channels,height,width"),
     ],
 )
@@ -77,3 +78,16 @@ def test_wrong_arguments_are_explained(args: list[str], message: str, capsys: py
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_csv_records_what_each_variant_ran_in(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bench.csv"
+    assert main([*TINY, "--norm", "gn", "--repeats", "1", "--out", str(out)]) == 0
+    runs = pd.read_csv(out).set_index("variant")
+    # On the CPU a conv model trains channels_last in normsweep's loop; the article's loop keeps the default layout.
+    assert runs.loc["reference", ["precision", "channels_last"]].tolist() == ["fp32", False]
+    for variant in ("normsweep", "ceiling"):
+        assert runs.loc[variant, ["precision", "channels_last"]].tolist() == ["fp32", True]
+    printed = capsys.readouterr().out
+    assert "2 timed steps x 1 repeat, cpu, 1 thread;" in printed and "one run each" in printed
+    assert "1 repeats" not in printed and "1 threads" not in printed and "1 runs" not in printed

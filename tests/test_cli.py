@@ -108,7 +108,7 @@ def test_same_seed_same_metrics_run_after_run(tmp_path: Path) -> None:
     "args, message",
     [
         (["model=mlp", "norm=in"], "model=mlp norm=in"),
-        (["norm=gn", "norm.groups=5"], "norm.groups=5 does not divide the 32 channels of layer conv1"),
+        (["norm=gn", "norm.groups=5"], "layer conv1: norm.groups=5 does not divide its 32 channels"),
         (["epochs=0"], "epochs=0"),
         (["dataset=cifar10"], "dataset.download=true"),
     ],

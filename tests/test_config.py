@@ -10,17 +10,14 @@ from conftest import make_cifar, make_mnist, make_svhn
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from normsweep.config import ConfigError, config_dir, validate
+from normsweep.config import ConfigError, compose_run, config_dir, options, validate
 from normsweep.data import load, normalize
+from normsweep.layers import norm_factory
 from normsweep.models import build_model
-from normsweep.norms import norm_factory
-from normsweep.train import build_optimizer
+from normsweep.norms import BUILT_IN as NORMS
+from normsweep.optimizers import build_optimizer
 
 CONF = Path(config_dir())
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 def test_the_groups_offer_what_the_readme_lists() -> None:
@@ -34,12 +31,12 @@ def test_the_groups_offer_what_the_readme_lists() -> None:
 def forward_backward(run, data) -> None:
     torch.manual_seed(0)
     model = build_model(
-        run.model_name,
+        run.model["name"],
         run.model,
         data.shape[0],
         data.shape[1:],
         data.num_classes,
-        norm_factory(run.norm, run.model_name),
+        norm_factory(run.norm, run.model["name"]),
     )
     optimizer = build_optimizer(model.parameters(), run.optimizer)
     before = [p.detach().clone() for p in model.parameters()]
@@ -53,9 +50,10 @@ def forward_backward(run, data) -> None:
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("norm", options("norm"))
 def test_model_and_norm_compose_and_train(compose_cfg, model: str, norm: str) -> None:
-    run = validate(compose_cfg([f"model={model}", f"norm={norm}"]), model)
+    run = compose_run([f"model={model}", f"norm={norm}"])
     data = load(run.dataset, run.val_fraction, run.seed)
-    if model == "mlp" and norm in ("in", "frn", "ws_gn"):  # spatial statistics; weight-standardized convolutions
+    record = NORMS[norm]()
+    if model == "mlp" and (not record.fc_features or record.adapt_model):  # feature maps only; convolutions only
         with pytest.raises(ConfigError, match=f"model=mlp norm={norm}"):
             forward_backward(run, data)
     else:
@@ -64,7 +62,7 @@ def test_model_and_norm_compose_and_train(compose_cfg, model: str, norm: str) ->
 
 @pytest.mark.parametrize("optimizer", options("optimizer"))
 def test_optimizer_composes_and_steps(compose_cfg, optimizer: str) -> None:
-    run = validate(compose_cfg([f"optimizer={optimizer}", "optimizer.lr=0.01"]), "simple_cnn")
+    run = compose_run([f"optimizer={optimizer}", "optimizer.lr=0.01"])
     assert run.optimizer.name == optimizer and run.optimizer.lr == 0.01
     forward_backward(run, load(run.dataset, run.val_fraction, run.seed))
 
@@ -82,39 +80,55 @@ def test_dataset_composes_loads_and_trains(compose_cfg, tmp_path, monkeypatch, d
     }
     writers[dataset]()
     on_disk = dataset not in ("digits", "synthetic")
-    run = validate(
-        compose_cfg([f"dataset={dataset}", f"dataset.root={tmp_path}"] if on_disk else [f"dataset={dataset}"]),
-        "simple_cnn",
-    )
+    run = compose_run([f"dataset={dataset}", f"dataset.root={tmp_path}"] if on_disk else [f"dataset={dataset}"])
     forward_backward(run, load(run.dataset, run.val_fraction, run.seed))
 
 
 def test_shell_overrides_take_effect(compose_cfg) -> None:
-    run = validate(
-        compose_cfg(
-            [
-                "optimizer=sgd",
-                "optimizer.lr=0.05",
-                "epochs=3",
-                "batch_size=32",
-                "model=mlp",
-                "norm=gn",
-                "norm.groups=4",
-                "seed=7",
-                "val_fraction=0.1",
-                "device=cpu",
-            ]
-        ),
-        "mlp",
+    run = compose_run(
+        [
+            "optimizer=sgd",
+            "optimizer.lr=0.05",
+            "epochs=3",
+            "batch_size=32",
+            "model=mlp",
+            "norm=gn",
+            "norm.groups=4",
+            "seed=7",
+            "val_fraction=0.1",
+            "device=cpu",
+        ]
     )
     assert (run.optimizer.name, run.optimizer.lr, run.optimizer.nesterov) == ("sgd", 0.05, True)
     assert (run.epochs, run.batch_size, run.seed, run.val_fraction, run.device) == (3, 32, 7, 0.1, "cpu")
     assert run.model["_target_"] == "normsweep.models.MLP" and run.norm.groups == 4
 
 
-def test_non_numeric_epochs_fails_at_composition(compose_cfg) -> None:
-    with pytest.raises((ConfigCompositionException, ValidationError), match="epochs"):
-        compose_cfg(["epochs=abc"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "epochs=abc",
+        "norm.momentum=abc",
+        "norm=gn norm.groups=1.5",
+        "optimizer.lr=abc",
+        "optimizer=sgd optimizer.nesterov=maybe",
+    ],
+)
+def test_a_wrong_type_fails_at_composition_naming_the_key(compose_cfg, override: str) -> None:
+    *choice, key = override.split()
+    with pytest.raises((ConfigCompositionException, ValidationError), match=key.split("=")[0].split(".")[-1]):
+        compose_cfg([*choice, key])
+
+
+@pytest.mark.parametrize("override", ["norm.groups=4", "optimizer.nesterov=true", "dataset.shape=[1,8,8]"])
+def test_a_key_of_another_option_fails_at_composition(compose_cfg, override: str) -> None:
+    with pytest.raises(ConfigCompositionException, match=override.split("=")[0]):
+        compose_cfg([override])  # bn, adam and digits have no such key
+
+
+def test_an_unknown_top_level_key_is_refused_with_the_closest_one(compose_cfg) -> None:
+    with pytest.raises(ConfigError, match="epoch: normsweep has no such setting; did you mean epochs"):
+        validate(compose_cfg(["+epoch=3"]), {"model": "simple_cnn"})
 
 
 @pytest.mark.parametrize(
@@ -125,7 +139,7 @@ def test_non_numeric_epochs_fails_at_composition(compose_cfg) -> None:
         ("optimizer.lr=0", "optimizer.lr"),
         ("val_fraction=1", "val_fraction=1"),
         ("norm.eps=-1", "norm.eps"),
-        ("norm.momentum=abc", "norm.momentum"),
+        ("norm.momentum=2", "norm.momentum"),
         ("optimizer.schedule=step", "optimizer.schedule"),
         ("optimizer.betas=[0.9]", "optimizer.betas"),
         ("batch_size=1", "norm=bn batch_size=1"),
@@ -139,7 +153,7 @@ def test_non_numeric_epochs_fails_at_composition(compose_cfg) -> None:
 def test_bad_values_are_refused_with_the_key_named(compose_cfg, override: str, message: str) -> None:
     dataset = ["dataset=synthetic"] if override.startswith("dataset.") else []  # keys only synthetic has
     with pytest.raises(ConfigError, match=message):
-        validate(compose_cfg([*dataset, override]), "simple_cnn")
+        compose_run([*dataset, override])
 
 
 def test_unknown_group_option_lists_the_available_ones(compose_cfg) -> None:
@@ -160,33 +174,33 @@ def test_unknown_group_option_lists_the_available_ones(compose_cfg) -> None:
     ],
 )
 def test_each_data_set_declares_its_train_augmentation(compose_cfg, dataset: str, padding: int, flip: bool) -> None:
-    run = validate(compose_cfg([f"dataset={dataset}"]), "simple_cnn")
+    run = compose_run([f"dataset={dataset}"])
     assert (run.dataset.crop_padding, run.dataset.hflip) == (padding, flip)
     assert run.dataset.download is False  # nothing is fetched unless the user asks
 
 
 def test_compute_keys_from_the_shell(compose_cfg) -> None:
-    run = validate(compose_cfg(["precision=bf16", "channels_last=false", "compile=true", "threads=1"]), "simple_cnn")
+    run = compose_run(["precision=bf16", "channels_last=false", "compile=true", "threads=1"])
     assert (run.precision, run.channels_last, run.compile, run.threads) == ("bf16", False, True, 1)
-    default = validate(compose_cfg([]), "simple_cnn")
+    default = compose_run([])
     assert (default.precision, default.channels_last, default.compile, default.threads) == ("fp32", None, False, 0)
     with pytest.raises((ConfigCompositionException, ValidationError), match="channels_last"):
         compose_cfg(["channels_last=sometimes"])
 
 
 def test_linear_learning_rate_scaling_with_the_batch_size(compose_cfg) -> None:
-    run = validate(compose_cfg(["optimizer.lr=0.1", "optimizer.lr_batch_size=32", "batch_size=8"]), "simple_cnn")
+    run = compose_run(["optimizer.lr=0.1", "optimizer.lr_batch_size=32", "batch_size=8"])
     assert run.optimizer.lr == pytest.approx(0.025)
-    assert validate(compose_cfg(["optimizer.lr=0.1", "batch_size=8"]), "simple_cnn").optimizer.lr == 0.1
+    assert compose_run(["optimizer.lr=0.1", "batch_size=8"]).optimizer.lr == 0.1
     with pytest.raises(ConfigError, match="optimizer.lr_batch_size=0: give the batch size optimizer.lr is meant for"):
-        validate(compose_cfg(["optimizer.lr_batch_size=0"]), "simple_cnn")
+        compose_run(["optimizer.lr_batch_size=0"])
 
 
 def test_the_compared_axis_must_be_a_config_key(compose_cfg) -> None:
     for axis in ("norm", "model", "optimizer.lr", "batch_size", "norm.groups"):
-        validate(compose_cfg([f"compare={axis}", "norm=gn"]), "simple_cnn")
+        compose_run([f"compare={axis}", "norm=gn"])
     with pytest.raises(ConfigError, match="compare=optimiser.lr: no such config key"):
-        validate(compose_cfg(["compare=optimiser.lr"]), "simple_cnn")
+        compose_run(["compare=optimiser.lr"])
 
 
 @pytest.mark.parametrize(
@@ -198,15 +212,15 @@ def test_the_compared_axis_must_be_a_config_key(compose_cfg) -> None:
     ],
 )
 def test_experiment_presets_compose(compose_cfg, preset, model, optimizer, dataset, sweep) -> None:
-    cfg = compose_cfg([f"+experiment={preset}"], return_hydra_config=True)
+    cfg = compose_cfg([f"experiment={preset}"], return_hydra_config=True)
     choices = cfg.hydra.runtime.choices
     assert (choices.model, choices.optimizer, choices.dataset) == (model, optimizer, dataset)
     assert dict(cfg.hydra.sweeper.params) == sweep
-    run = validate(cfg, model)
+    run = compose_run([f"experiment={preset}"])
     if preset == "seed_cifar10":  # the article's setup, as it should have been run
         assert (run.optimizer.lr, run.batch_size, run.epochs, run.val_fraction) == (1e-3, 128, 20, 0.2)
         assert (run.dataset.crop_padding, run.dataset.hflip) == (4, True)
     if preset == "gn_batch_size":  # 0.1 at 32 images, scaled linearly with the batch
         assert run.optimizer.lr == pytest.approx(0.1 * 64 / 32)
-        small = validate(compose_cfg([f"+experiment={preset}", "batch_size=2"]), model)
+        small = compose_run([f"experiment={preset}", "batch_size=2"])
         assert small.optimizer.lr == pytest.approx(0.1 * 2 / 32)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_cifar, make_mnist, make_svhn
 
-from normsweep.config import ConfigError, DatasetConfig
+from normsweep.config import ConfigError, DatasetConfig, SyntheticConfig, UserDataset
 from normsweep.data import augment, channel_stats, load, normalize
 
 
@@ -118,7 +118,7 @@ def test_augmentation_is_seeded() -> None:
 
 
 def test_synthetic_data_has_the_asked_shape_and_a_learnable_signal() -> None:
-    cfg = DatasetConfig(name="synthetic", shape=[2, 12, 20], classes=5, size=600, test_fraction=0.2)
+    cfg = SyntheticConfig(name="synthetic", shape=[2, 12, 20], classes=5, size=600, test_fraction=0.2)
     data = load(cfg, val_fraction=0.25, seed=0)
     assert data.shape == (2, 12, 20) and data.num_classes == 5 and data.train.images.dtype == torch.uint8
     assert (len(data.train), len(data.val), len(data.test)) == (360, 120, 120)
@@ -137,7 +137,7 @@ def test_a_data_set_is_loaded_once_per_process_and_never_shared_mutably(monkeypa
     real = datasets.LOADERS["synthetic"]
     monkeypatch.setitem(datasets.LOADERS, "synthetic", lambda cfg: calls.append(cfg.size) or real(cfg))
     monkeypatch.setattr(datasets, "_LAST", {})
-    cfg = DatasetConfig(name="synthetic", shape=[1, 6, 6], size=200)
+    cfg = SyntheticConfig(name="synthetic", shape=[1, 6, 6], size=200)
     first = load(cfg, val_fraction=0.2, seed=0)
     first.train.images.zero_()  # a job that scribbles on its data...
     first.test.images.zero_()
@@ -145,7 +145,7 @@ def test_a_data_set_is_loaded_once_per_process_and_never_shared_mutably(monkeypa
     assert calls == [200]  # generated once
     assert second.train.images.any() and second.test.images.any()  # ...does not see the scribbles
     assert not torch.equal(first.val.labels, second.val.labels)  # its own seeded validation split
-    load(DatasetConfig(name="synthetic", shape=[1, 6, 6], size=300), val_fraction=0.2, seed=0)
+    load(SyntheticConfig(name="synthetic", shape=[1, 6, 6], size=300), val_fraction=0.2, seed=0)
     assert calls == [200, 300]  # another data set is loaded anew
 
 
@@ -190,7 +190,7 @@ def user_module(tmp_path, monkeypatch) -> str:
 
 
 def user(target: str, **kwargs) -> DatasetConfig:
-    return DatasetConfig(name="mine", target=target, kwargs=kwargs, test_fraction=0.25)
+    return UserDataset(name="mine", target=target, kwargs=kwargs, test_fraction=0.25)
 
 
 def test_a_user_data_set_gets_a_fixed_test_split_and_the_usual_validation_split(user_module: str) -> None:
@@ -234,3 +234,28 @@ def test_a_broken_user_data_set_is_explained(user_module: str, target: str, kwar
     with pytest.raises(ConfigError, match=message) as err:
         load(user(f"{user_module}.{target}", **kwargs), val_fraction=0.2, seed=0)
     assert str(err.value).startswith(f"dataset=mine (_target_={user_module}.{target})")
+
+
+@pytest.mark.parametrize("existing_root", [False, True])
+def test_a_failed_download_says_so_and_leaves_no_empty_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing_root: bool
+) -> None:
+    import torchvision.datasets as tvd
+
+    # Nothing listens on port 9 of this machine: the download fails the same way with or without a network.
+    monkeypatch.setattr(tvd.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    monkeypatch.setenv("no_proxy", "*")
+    root = tmp_path / "data" if existing_root else tmp_path / "new" / "data"
+    if existing_root:
+        root.mkdir()
+        (root / "notes.txt").write_text("the user's own file")
+    with pytest.raises(ConfigError) as refused:
+        load(DatasetConfig(name="mnist", root=str(root), download=True), val_fraction=0.2, seed=0)
+    message = str(refused.value)
+    assert message.startswith(f"dataset=mnist: could not download MNIST into {root} (<urlopen error")
+    assert "check the network connection" in message and "damaged" not in message
+    # torchvision made root/MNIST/raw before it failed: all of it is gone, and nothing of the user's.
+    if existing_root:
+        assert [p.name for p in root.iterdir()] == ["notes.txt"]
+    else:
+        assert list(tmp_path.iterdir()) == []

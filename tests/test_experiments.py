@@ -70,10 +70,10 @@ def test_a_users_data_set_that_cannot_be_imported_is_explained(tmp_path: Path) -
 
 
 def test_the_quick_preset_takes_a_norm_list_from_the_shell(tmp_path: Path) -> None:
-    result = run_cli(["-m", "+experiment=quick", "norm=bn,gn", "epochs=1", f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
+    result = run_cli(["-m", "experiment=quick", "norm=bn,gn", "epochs=1", f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(pd.read_csv(tmp_path / "results.csv")["norm"]) == ["bn", "gn"]  # the shell's list, not the preset's
-    assert "`python -m normsweep -m +experiment=quick norm=bn,gn epochs=1" in (tmp_path / "report.md").read_text()
+    assert "`python -m normsweep -m experiment=quick norm=bn,gn epochs=1" in (tmp_path / "report.md").read_text()
 
 
 def test_the_batch_size_preset_scales_the_learning_rate_and_plots_by_batch_size(tmp_path: Path) -> None:
@@ -100,3 +100,27 @@ def test_the_batch_size_preset_scales_the_learning_rate_and_plots_by_batch_size(
         assert first_lr == 0.1 * summary["config"]["batch_size"] / 32  # the linear scaling rule
     report = (tmp_path / "report.md").read_text()
     assert "Test accuracy (%) by batch size" in report and "## Best by norm" in report
+
+
+def test_a_users_own_norm_and_optimizer_sweep_beside_the_built_in_ones(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("multirun", "outputs", "__pycache__"))
+    sweep = tmp_path / "sweep"
+    args = ["--config-dir", "my_conf", "-m", "norm=bn,myln,torch_in", "optimizer=adam,rmsprop", "epochs=1"]
+    result = run_cli([*args, "batch_size=256", f"hydra.sweep.dir={sweep}"], cwd=project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = pd.read_csv(sweep / "results.csv")
+    assert sorted(zip(results["norm"], results["optimizer"])) == sorted(
+        (norm, optimizer) for norm in ("bn", "myln", "torch_in") for optimizer in ("adam", "rmsprop")
+    )
+    assert (results["status"] == "completed").all()
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    rmsprop = next(s for s in summaries if s["optimizer"] == "rmsprop")
+    assert rmsprop["config"]["optimizer"]["_target_"] == "torch.optim.RMSprop"
+
+    # The norm's declared facts are checked like a built-in's: torch_in says it needs feature maps.
+    single = tmp_path / "single"
+    result = run_cli(["--config-dir", "my_conf", "model=mlp", "norm=torch_in", f"hydra.run.dir={single}"], cwd=project)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "model=mlp norm=torch_in: layer fc1 has fc features (N, C)" in output and "Traceback" not in output

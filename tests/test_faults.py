@@ -52,7 +52,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output
     assert "Traceback" not in output
-    assert "failed: job 1 (model=mlp norm=in epochs=1 seed=0): model=mlp norm=in: InstanceNorm" in output
+    assert "failed: job 1 (model=mlp norm=in epochs=1 seed=0): model=mlp norm=in: layer fc1 has fc features" in output
     assert "1 of 3 jobs failed" in output
     failed = _summary(tmp_path / "s" / "1")
     assert failed["status"] == "failed" and failed["error"].startswith("model=mlp norm=in")
@@ -157,21 +157,28 @@ def test_interrupted_with_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
 
 
 def test_resuming_with_another_config_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    # A norm of the user's own, whose YAML changes between two runs of the same command (a default changed under
+    # the same overrides), and a run folder resumed with another epoch count: both refused, nothing touched.
+    mine = tmp_path / "mine" / "norm"
+    mine.mkdir(parents=True)
+    (mine / "mybn.yaml").write_text("defaults: [/schema/norm/bn@_here_, _self_]\neps: 1.0e-5\n")
     sweep, run = tmp_path / "s", tmp_path / "r"
-    assert run_cli(["-m", "norm=bn,gn", "epochs=1", f"hydra.sweep.dir={sweep}"], tmp_path).returncode == 0
+    args = ["--config-dir", str(tmp_path / "mine"), "-m", "norm=mybn,gn", "epochs=1", f"hydra.sweep.dir={sweep}"]
+    assert run_cli(args, tmp_path).returncode == 0
     assert run_cli(["epochs=1", f"hydra.run.dir={run}"], tmp_path).returncode == 0
     before = {**_fingerprint(sweep), **_fingerprint(run)}
 
-    swapped = run_cli(["-m", "norm=gn,bn", "epochs=1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    (mine / "mybn.yaml").write_text("defaults: [/schema/norm/bn@_here_, _self_]\neps: 1.0e-3\n")
+    changed = run_cli(args, tmp_path)
     longer = run_cli(["epochs=2", f"hydra.run.dir={run}"], tmp_path)
-    for proc, difference in ((swapped, "norm.name='bn' there, 'gn' now"), (longer, "epochs=1 there, 2 now")):
+    for proc, difference in ((changed, "norm.eps=1e-05 there, 0.001 now"), (longer, "epochs=1 there, 2 now")):
         output = proc.stdout + proc.stderr
         assert proc.returncode == 2, output
         assert difference in output and "holds a job with another config" in output and "Traceback" not in output
     assert {**_fingerprint(sweep), **_fingerprint(run)} == before
 
     again = run_cli(["epochs=1", f"hydra.run.dir={run}"], tmp_path)  # the same command: kept, not retrained
-    assert again.returncode == 0 and "kept from an earlier run (completed, 1 epochs" in again.stdout
+    assert again.returncode == 0 and "kept from an earlier run (completed, 1 epoch," in again.stdout
 
 
 def test_two_sweeps_started_together_get_their_own_folders(tmp_path: Path) -> None:
@@ -188,7 +195,7 @@ def test_two_sweeps_started_together_get_their_own_folders(tmp_path: Path) -> No
     [
         (["epochs=abc"], "Value 'abc' of type 'str' could not be converted to Integer", 1),
         (["norm=foo"], "Could not find 'norm/foo'\n\nAvailable options in 'norm':", 1),
-        (["optimizer.lr=0"], "optimizer.lr=0.0: the learning rate must be > 0", 2),
+        (["optimizer.lr=0"], "optimizer.lr=0.0: the learning rate must be a number > 0", 2),
         (["batch_size=0"], "batch_size=0: use a batch size of 1 or more", 2),
         (["val_fraction=1"], "val_fraction=1.0: it is the share of the training set held out", 2),
     ],

@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from normsweep.config import ConfigError, NormConfig
+from normsweep.errors import ConfigError
+from normsweep.layers import norm_factory
 from normsweep.models import MLP, DeepCNN, ResNet, SimpleCNN, build_model
-from normsweep.norms import norm_factory
+from normsweep.norms import BUILT_IN as NORMS
+from normsweep.norms import UserNorm
 
 TARGETS = {
     "simple_cnn": "normsweep.models.SimpleCNN",
@@ -33,7 +35,7 @@ def test_any_input_shape(model: str, shape: tuple[int, int, int], classes: int) 
         shape[0],
         shape[1:],
         classes,
-        norm_factory(NormConfig(name="bn"), model),
+        norm_factory(NORMS["bn"](), model),
     )
     out = net(torch.randn(3, *shape))
     assert out.shape == (3, classes)
@@ -42,7 +44,7 @@ def test_any_input_shape(model: str, shape: tuple[int, int, int], classes: int) 
 
 def test_simple_cnn_matches_the_article_layer_for_layer() -> None:
     # The article's SimpleCNN on its 16x16 input flattens 64*6*6 features into fc1.
-    net = SimpleCNN(1, (16, 16), 10, norm_factory(NormConfig(name="bn"), "simple_cnn"))
+    net = SimpleCNN(1, (16, 16), 10, norm_factory(NORMS["bn"](), "simple_cnn"))
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
         (1, 32, (3, 3), (0, 0)),
@@ -52,7 +54,7 @@ def test_simple_cnn_matches_the_article_layer_for_layer() -> None:
 
 
 def test_deep_cnn_matches_the_article_layer_for_layer() -> None:
-    net = DeepCNN(3, (32, 32), 10, norm_factory(NormConfig(name="bn"), "deep_cnn"))
+    net = DeepCNN(3, (32, 32), 10, norm_factory(NORMS["bn"](), "deep_cnn"))
     kinds = [type(m).__name__ for m in net.features]
     assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 3 + ["Flatten"]
     convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
@@ -68,7 +70,7 @@ def test_too_small_images_are_a_clear_error() -> None:
             1,
             (4, 4),
             10,
-            norm_factory(NormConfig(name="none"), "simple_cnn"),
+            norm_factory(NORMS["none"](), "simple_cnn"),
         )
 
 
@@ -80,7 +82,7 @@ def test_unknown_model_argument_is_a_clear_error() -> None:
             1,
             (8, 8),
             10,
-            norm_factory(NormConfig(name="none"), "mlp"),
+            norm_factory(NORMS["none"](), "mlp"),
         )
 
 
@@ -95,12 +97,12 @@ def test_bad_model_argument_values_are_clear_errors(value, message: str) -> None
             1,
             (8, 8),
             10,
-            norm_factory(NormConfig(name="bn"), "mlp"),
+            norm_factory(NORMS["bn"](), "mlp"),
         )
 
 
 def test_resnet20_matches_the_paper() -> None:
-    net = ResNet(3, (32, 32), 10, norm_factory(NormConfig(name="bn"), "resnet20"))
+    net = ResNet(3, (32, 32), 10, norm_factory(NORMS["bn"](), "resnet20"))
     blocks = [m for m in net.modules() if type(m).__name__ == "BasicBlock"]
     assert [block.branch[0].out_channels for block in blocks] == [16] * 3 + [32] * 3 + [64] * 3
     assert [block.branch[0].stride for block in blocks] == [(1, 1)] * 3 + [(2, 2), (1, 1), (1, 1)] * 2
@@ -109,7 +111,7 @@ def test_resnet20_matches_the_paper() -> None:
 
 
 def test_resnet18_is_the_cifar_variant() -> None:
-    net = ResNet(3, (32, 32), 10, norm_factory(NormConfig(name="bn"), "resnet18"), **RESNET18)
+    net = ResNet(3, (32, 32), 10, norm_factory(NORMS["bn"](), "resnet18"), **RESNET18)
     stem = net.features[0]
     assert (stem.kernel_size, stem.stride, stem.out_channels) == ((3, 3), (1, 1), 64)
     assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
@@ -125,7 +127,7 @@ def test_resnet_takes_any_image_size(shape: tuple[int, int, int], keys: dict) ->
         shape[0],
         shape[1:],
         7,
-        norm_factory(NormConfig(name="gn"), "resnet"),
+        norm_factory(NORMS["gn"](), "resnet"),
     )
     out = net(torch.randn(2, *shape))
     assert out.shape == (2, 7)
@@ -133,14 +135,14 @@ def test_resnet_takes_any_image_size(shape: tuple[int, int, int], keys: dict) ->
 
 @pytest.mark.parametrize("norm", ["bn", "none"])
 def test_a_conv_has_a_bias_only_without_a_norm(norm: str) -> None:
-    net = ResNet(3, (8, 8), 10, norm_factory(NormConfig(name=norm), "resnet20"), **TINY)
+    net = ResNet(3, (8, 8), 10, norm_factory(NORMS[norm](), "resnet20"), **TINY)
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert all((c.bias is not None) == (norm == "none") for c in convs)
 
 
 def test_without_a_norm_every_block_starts_as_the_identity_and_its_gain_learns() -> None:
     torch.manual_seed(0)
-    net = ResNet(3, (8, 8), 10, norm_factory(NormConfig(name="none"), "resnet20"), **TINY)
+    net = ResNet(3, (8, 8), 10, norm_factory(NORMS["none"](), "resnet20"), **TINY)
     block = net.features[-3]  # stage 2, block 2: identity shortcut
     x = torch.rand(4, 16, 4, 4)  # a block's input follows a ReLU: non-negative
     assert torch.equal(block(x), x)
@@ -150,12 +152,12 @@ def test_without_a_norm_every_block_starts_as_the_identity_and_its_gain_learns()
 
 
 def test_real_norms_keep_the_standard_resnet() -> None:
-    net = ResNet(3, (8, 8), 10, norm_factory(NormConfig(name="bn"), "resnet20"), **TINY)
+    net = ResNet(3, (8, 8), 10, norm_factory(NORMS["bn"](), "resnet20"), **TINY)
     assert all(getattr(m, "gain", None) is None for m in net.modules())
 
 
 def test_zero_init_residual_zeroes_each_blocks_last_norm() -> None:
-    factory = norm_factory(NormConfig(name="bn"), "resnet20")
+    factory = norm_factory(NORMS["bn"](), "resnet20")
     net = build_model(
         "resnet20", {"_target_": TARGETS["resnet20"], **TINY, "zero_init_residual": True}, 3, (8, 8), 10, factory
     )
@@ -166,7 +168,7 @@ def test_zero_init_residual_zeroes_each_blocks_last_norm() -> None:
 @pytest.mark.parametrize("norm", ["bn", "gn", "none", "ln", "in"])
 def test_resnet_trains_with_each_norm(norm: str) -> None:
     torch.manual_seed(0)
-    net = ResNet(3, (8, 8), 4, norm_factory(NormConfig(name=norm), "resnet20"), **TINY)
+    net = ResNet(3, (8, 8), 4, norm_factory(NORMS[norm](), "resnet20"), **TINY)
     x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     losses = []
@@ -197,35 +199,29 @@ def test_bad_resnet_stages_are_clear_errors(keys: dict, message: str) -> None:
             3,
             (8, 8),
             10,
-            norm_factory(NormConfig(name="bn"), "resnet20"),
+            norm_factory(NORMS["bn"](), "resnet20"),
         )
 
 
-class WithActivation(nn.Module):
-    """Stands in for a norm that brings its own activation (FRN with its thresholded linear unit)."""
+class PassThrough(nn.Module):
+    """Stands in for a user's norm (`_target_: test_models.PassThrough`): any module taking the channel count."""
 
-    includes_activation = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-class WithoutActivation(nn.Module):
-    """Stands in for an ordinary norm: the model follows it with a ReLU."""
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
-def next_layers(net: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
-    """layer name → the type of the module that follows that norm layer in its Sequential."""
-    follows = {}
+def followed_by_relu(net: nn.Module) -> int:
+    """How many of the model's norm layers (PassThrough) a ReLU follows in their Sequential."""
+    count = 0
     for seq in net.modules():
         if isinstance(seq, nn.Sequential):
             children = list(seq)
-            for a, b in zip(children, children[1:]):
-                follows[id(a)] = type(b).__name__
-    return {name: follows.get(id(module), "end") for name, module in layers.items()}
+            count += sum(isinstance(a, PassThrough) and isinstance(b, nn.ReLU) for a, b in zip(children, children[1:]))
+    return count
 
 
 @pytest.mark.parametrize(
@@ -237,57 +233,42 @@ def next_layers(net: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
         (ResNet, ["stem", "stage1.block1.conv1", "stage2.block1.conv1", "stage2.block2.conv1"]),
     ],
 )
-@pytest.mark.parametrize("layer_cls", [WithActivation, WithoutActivation])
-def test_a_norm_with_its_own_activation_replaces_norm_relu(model, norm_relu_layers: list[str], layer_cls) -> None:
-    layers: dict[str, nn.Module] = {}
-
-    def factory(num_features: int, *, layer: str | None = None, dim: int = 2) -> nn.Module:
-        layers[layer] = layer_cls()
-        return layers[layer]
-
+@pytest.mark.parametrize("own_activation", [True, False])
+def test_a_norm_with_its_own_activation_replaces_norm_relu(model, norm_relu_layers: list[str], own_activation) -> None:
+    record = UserNorm(_target_="test_models.PassThrough", name="mine", fc_features=True, own_activation=own_activation)
     kwargs = TINY if model is ResNet else {}
-    follows = next_layers(model(1, (8, 8), 10, factory, **kwargs), layers)
-    assert {name: follows[name] == "ReLU" for name in norm_relu_layers} == dict.fromkeys(
-        norm_relu_layers, layer_cls is WithoutActivation
-    )
+    net = model(1, (8, 8), 10, norm_factory(record, model.__name__), **kwargs)
+    assert followed_by_relu(net) == (0 if own_activation else len(norm_relu_layers))
+
+
+class Counting(nn.Module):
+    """What `adapt_model: test_models.counting` turns a model into: the model, counting its forward passes."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+def counting(model: nn.Module) -> nn.Module:
+    return Counting(model)
+
+
+def refusing(model: nn.Module) -> nn.Module:
+    raise ConfigError("has no convolution to standardize")
 
 
 def test_a_norm_can_adapt_the_model_before_its_trial_run() -> None:
-    class Counting(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner, self.calls = inner, 0
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.calls += 1
-            return self.inner(x)
-
-    class Adapting:
-        def __init__(self) -> None:
-            self.make = norm_factory(NormConfig(name="gn", groups=4), "resnet20")
-            self.seen: list[tuple[str, str]] = []
-
-        def __call__(self, num_features: int, *, layer: str | None = None, dim: int = 2) -> nn.Module:
-            return self.make(num_features, layer=layer, dim=dim)
-
-        def adapt(self, model: nn.Module, model_name: str) -> nn.Module:
-            self.seen.append((type(model).__name__, model_name))
-            return Counting(model)
-
-    norm = Adapting()
-    net = build_model("resnet20", {"_target_": TARGETS["resnet20"], **TINY}, 3, (8, 8), 10, norm)
-    assert norm.seen == [("ResNet", "resnet20")]
+    record = NORMS["gn"](groups=4, adapt_model="test_models.counting")
+    net = build_model("resnet20", {"_target_": TARGETS["resnet20"], **TINY}, 3, (8, 8), 10, norm_factory(record, "r"))
     assert isinstance(net, Counting) and net.calls == 1  # the trial forward pass ran through the adapted model
     assert net.training
 
 
 def test_a_norm_that_refuses_the_model_is_a_config_error() -> None:
-    class Refusing:
-        def __call__(self, num_features: int, *, layer: str | None = None, dim: int = 2) -> nn.Module:
-            return nn.Identity()
-
-        def adapt(self, model: nn.Module, model_name: str) -> nn.Module:
-            raise ConfigError(f"model={model_name} norm=ws_gn: has no convolution to standardize")
-
-    with pytest.raises(ConfigError, match="model=mlp norm=ws_gn"):
-        build_model("mlp", {"_target_": TARGETS["mlp"]}, 1, (8, 8), 10, Refusing())
+    record = UserNorm(_target_="torch.nn.Identity", name="mine", fc_features=True, adapt_model="test_models.refusing")
+    with pytest.raises(ConfigError, match="model=mlp norm=mine: has no convolution to standardize"):
+        build_model("mlp", {"_target_": TARGETS["mlp"]}, 1, (8, 8), 10, norm_factory(record, "mlp"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -9,9 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normsweep.config import ConfigError, NormConfig, validate
+from normsweep.config import ConfigError, compose_run, options
+from normsweep.layers import norm_factory
 from normsweep.models import MLP
-from normsweep.norms import NORM_LAYERS, norm_factory
+from normsweep.norms import BUILT_IN as NORMS
+
+
+def record(name: str, **keys):
+    """The record of a built-in norm with those of `keys` it has (groups only for gn and ws_gn)."""
+    cls = NORMS[name]
+    return cls(**{k: v for k, v in keys.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
 def standardize(x: torch.Tensor, dims: tuple[int, ...], eps: float = 1e-5) -> torch.Tensor:
@@ -52,7 +60,7 @@ EXPECTED_2D = {
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("name", sorted(EXPECTED_2D))
 def test_feature_map_axes(name: str, memory_format: torch.memory_format, feature_map: torch.Tensor) -> None:
-    layer = norm_factory(NormConfig(name=name, groups=4), "test")(8, layer="conv1")
+    layer = norm_factory(record(name, groups=4), "test")(8, layer="conv1")
     layer.train()
     out = layer(feature_map.contiguous(memory_format=memory_format))
     torch.testing.assert_close(out, EXPECTED_2D[name](feature_map), atol=1e-4, rtol=1e-4)
@@ -82,7 +90,7 @@ def test_the_axes_really_differ(feature_map: torch.Tensor) -> None:
 def test_fc_features_axes(name, expected) -> None:
     torch.manual_seed(1)
     x = torch.randn(10, 16) * 2 + torch.arange(16.0)
-    layer = norm_factory(NormConfig(name=name, groups=4), "mlp")(16, layer="fc1", dim=1)
+    layer = norm_factory(record(name, groups=4), "mlp")(16, layer="fc1", dim=1)
     torch.testing.assert_close(layer(x), expected(x), atol=1e-4, rtol=1e-4)
 
 
@@ -100,21 +108,21 @@ def test_fc_features_axes(name, expected) -> None:
     ],
 )
 def test_affine_is_a_scale_and_shift_per_channel(name: str, affine: int, without: int) -> None:
-    layer = norm_factory(NormConfig(name=name, groups=4), "test")(8)
+    layer = norm_factory(record(name, groups=4), "test")(8)
     assert [p.shape for p in layer.parameters()] == [torch.Size([8])] * affine
-    no_affine = norm_factory(NormConfig(name=name, groups=4, affine=False), "test")(8)
+    no_affine = norm_factory(record(name, groups=4, affine=False), "test")(8)
     assert [p.shape for p in no_affine.parameters()] == [torch.Size([8])] * without
 
 
 def test_bn_momentum_and_eps_are_used(feature_map: torch.Tensor) -> None:
-    layer = norm_factory(NormConfig(name="bn", momentum=0.25, eps=0.5), "test")(8)
+    layer = norm_factory(NORMS["bn"](momentum=0.25, eps=0.5), "test")(8)
     layer(feature_map)
     torch.testing.assert_close(layer.running_mean, 0.25 * feature_map.mean(dim=(0, 2, 3)))
     assert layer.eps == 0.5
 
 
 def test_bn_without_running_stats_evaluates_with_batch_statistics(feature_map: torch.Tensor) -> None:
-    layer = norm_factory(NormConfig(name="bn", track_running_stats=False), "test")(8)
+    layer = norm_factory(NORMS["bn"](track_running_stats=False), "test")(8)
     layer(feature_map)
     assert list(layer.buffers()) == []
     layer.eval()
@@ -122,7 +130,7 @@ def test_bn_without_running_stats_evaluates_with_batch_statistics(feature_map: t
 
 
 def test_bn_momentum_null_keeps_a_cumulative_average(compose_cfg, feature_map: torch.Tensor) -> None:
-    cfg = validate(compose_cfg(["norm=bn", "norm.momentum=null"]), "simple_cnn").norm
+    cfg = compose_run(["norm=bn", "norm.momentum=null"]).norm
     assert cfg.momentum is None
     layer = norm_factory(cfg, "test")(8)
     for shift in (0.0, 1.0, 5.0):
@@ -131,48 +139,56 @@ def test_bn_momentum_null_keeps_a_cumulative_average(compose_cfg, feature_map: t
 
 
 def test_frn_uses_its_learned_scale_shift_and_threshold(feature_map: torch.Tensor) -> None:
-    layer = norm_factory(NormConfig(name="frn", eps=1e-6), "test")(8)
+    layer = norm_factory(NORMS["frn"](eps=1e-6), "test")(8)
     gamma, beta, tau = torch.randn(3, 8).unbind()
     with torch.no_grad():
         layer.weight.copy_(gamma), layer.bias.copy_(beta), layer.tau.copy_(tau)
     per_channel = (1, 8, 1, 1)
     y = gamma.view(per_channel) * rms(feature_map, (2, 3), eps=1e-6) + beta.view(per_channel)
     torch.testing.assert_close(layer(feature_map), torch.maximum(y, tau.view(per_channel)), atol=1e-4, rtol=1e-4)
-    assert layer.includes_activation  # so the models leave out the ReLU after it
 
 
-@pytest.mark.parametrize("name", ["in", "frn"])
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_the_factory_puts_a_relu_after_a_norm_unless_it_brings_its_own(name: str) -> None:
+    factory = norm_factory(record(name, groups=4), "test")
+    layers = [type(m) for m in factory.act(8, layer="conv1")]
+    assert layers[0] is type(factory(8))
+    assert layers[1:] == ([] if NORMS[name].own_activation else [nn.ReLU])
+    assert NORMS["frn"].own_activation and not NORMS["bn"].own_activation  # FRN's TLU is its activation
+
+
+@pytest.mark.parametrize("name", [name for name, norm in NORMS.items() if not norm.fc_features])
 def test_spatial_norms_on_fc_features_are_a_clear_error(name: str) -> None:
-    factory = norm_factory(NormConfig(name=name), "mlp")
-    with pytest.raises(ConfigError, match=rf"model=mlp norm={name}: .* spatial positions, and layer fc1"):
+    factory = norm_factory(NORMS[name](), "mlp")
+    with pytest.raises(ConfigError, match=rf"model=mlp norm={name}: layer fc1 has fc features .* feature maps"):
         factory(128, layer="fc1", dim=1)
 
 
 @pytest.mark.parametrize("name", ["gn", "ws_gn"])
 def test_gn_groups_must_divide_channels(name: str) -> None:
-    factory = norm_factory(NormConfig(name=name, groups=5), "simple_cnn")
-    with pytest.raises(ConfigError, match=r"norm.groups=5 does not divide the 32 channels of layer conv1"):
+    factory = norm_factory(record(name, groups=5), "simple_cnn")
+    with pytest.raises(ConfigError, match=r"layer conv1: norm.groups=5 does not divide its 32 channels"):
         factory(32, layer="conv1")
 
 
 def test_gn_group_size_fixes_the_channels_per_group(feature_map: torch.Tensor) -> None:
-    factory = norm_factory(NormConfig(name="gn", groups=8, group_size=2), "test")
+    factory = norm_factory(NORMS["gn"](groups=8, group_size=2), "test")
     assert [factory(c).num_groups for c in (8, 16, 64)] == [4, 8, 32]
     torch.testing.assert_close(factory(8)(feature_map), grouped(feature_map, 4), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ConfigError, match=r"norm.group_size=5 does not divide the 32 channels of layer conv1"):
-        norm_factory(NormConfig(name="gn", group_size=5), "simple_cnn")(32, layer="conv1")
+    with pytest.raises(ConfigError, match=r"layer conv1: norm.group_size=5 does not divide its 32 channels"):
+        norm_factory(NORMS["gn"](group_size=5), "simple_cnn")(32, layer="conv1")
 
 
 @pytest.mark.parametrize("name", ["gn", "ws_gn"])
 def test_group_size_below_one_is_refused(compose_cfg, name: str) -> None:
     with pytest.raises(ConfigError, match=r"norm.group_size=0: must be 1 or more"):
-        validate(compose_cfg([f"norm={name}", "norm.group_size=0"]), "simple_cnn")
+        compose_run([f"norm={name}", "norm.group_size=0"])
 
 
 def ws_gn_net() -> nn.Module:
     torch.manual_seed(0)
-    factory = norm_factory(NormConfig(name="ws_gn", groups=4), "test")
-    net = factory.adapt(nn.Sequential(nn.Conv2d(3, 8, 3), factory(8, layer="conv1")), "test")
+    factory = norm_factory(NORMS["ws_gn"](groups=4), "test")
+    net = factory.adapt(nn.Sequential(nn.Conv2d(3, 8, 3), factory(8, layer="conv1")))
     with torch.no_grad():
         net[0].parametrizations.weight.original.mul_(10).add_(0.5)  # far from standardized to begin with
     return net
@@ -197,8 +213,8 @@ def test_ws_gn_survives_a_checkpoint_and_channels_last() -> None:
     buffer = io.BytesIO()
     torch.save(net.state_dict(), buffer)
     buffer.seek(0)
-    fresh = norm_factory(NormConfig(name="ws_gn", groups=4), "test")
-    restored = fresh.adapt(nn.Sequential(nn.Conv2d(3, 8, 3), fresh(8)), "test")
+    fresh = norm_factory(NORMS["ws_gn"](groups=4), "test")
+    restored = fresh.adapt(nn.Sequential(nn.Conv2d(3, 8, 3), fresh(8)))
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     torch.testing.assert_close(restored(x), net(x))
     restored.to(memory_format=torch.channels_last)
@@ -206,17 +222,19 @@ def test_ws_gn_survives_a_checkpoint_and_channels_last() -> None:
 
 
 def test_ws_gn_without_convolutions_is_a_clear_error() -> None:
-    factory = norm_factory(NormConfig(name="ws_gn"), "mlp")
+    factory = norm_factory(NORMS["ws_gn"](), "mlp")
     with pytest.raises(ConfigError, match=r"model=mlp norm=ws_gn: weight standardization .* use norm=gn"):
-        factory.adapt(MLP(1, (8, 8), 10, factory), "mlp")
+        factory.adapt(MLP(1, (8, 8), 10, factory))
 
 
-@pytest.mark.parametrize("name", sorted(set(NORM_LAYERS) - {"ws_gn"}))
+@pytest.mark.parametrize("name", [name for name, norm in NORMS.items() if not norm.adapt_model])
 def test_other_norms_leave_the_model_as_it_is(name: str) -> None:
     conv = nn.Conv2d(3, 8, 3)
     weight = conv.weight
-    assert norm_factory(NormConfig(name=name), "test").adapt(conv, "test") is conv and conv.weight is weight
+    assert norm_factory(NORMS[name](), "test").adapt(conv) is conv and conv.weight is weight
 
 
-def test_registry_has_the_nine_norms() -> None:
-    assert set(NORM_LAYERS) == {"none", "bn", "ln", "ln2d", "rms", "in", "gn", "ws_gn", "frn"}
+def test_every_norm_yaml_has_its_record_and_back() -> None:
+    assert sorted(NORMS) == options("norm")
+    for name in NORMS:
+        assert compose_run([f"norm={name}"]).norm == NORMS[name]()  # the YAML's values are the record's defaults

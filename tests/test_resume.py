@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -75,14 +76,24 @@ def test_another_config_is_refused_naming_the_keys(tmp_path: Path) -> None:
     assert "hydra.sweep.dir" in message  # and how to start afresh instead
 
 
-def test_config_differences_lists_added_and_removed_keys_last() -> None:
-    new = _with(norm__name="gn", norm__groups=8)
-    del new["norm"]["momentum"]
-    assert config_differences(CONFIG, new) == [
-        "norm.name='bn' there, 'gn' now",
-        "norm.groups=(absent) there, 8 now",
-        "norm.momentum=0.1 there, (absent) now",
+def test_config_differences_lists_changed_values_then_the_keys_one_side_lacks() -> None:
+    saved = {"norm": {"_target_": "my_norms.Norm", "name": "mine", "eps": 1e-5, "momentum": 0.1}, "seed": 0}
+    new = {"norm": {"_target_": "my_norms.Norm", "name": "other", "eps": 1e-5, "groups": 8, "group_size": 4}}
+    assert config_differences(saved, {**new, "seed": 0}) == [
+        "norm.name='mine' there, 'other' now",
+        "1 key only the saved job has: norm.momentum",
+        "2 keys only this job has: norm.group_size, norm.groups",
     ]
+
+
+def test_a_folder_saved_before_norms_and_optimizers_had_records_is_the_same_job() -> None:
+    from normsweep.config import compose_run
+
+    run = compose_run([])  # bn and adam, as a 0.1 folder saved them: without _target_ and the records' facts
+    now = {"norm": dataclasses.asdict(run.norm), "optimizer": dataclasses.asdict(run.optimizer)}
+    saved = {"norm": CONFIG["norm"] | {"track_running_stats": True}, "optimizer": CONFIG["optimizer"]}
+    saved["optimizer"] |= {"weight_decay": 0.0, "schedule": "constant", "lr_batch_size": None}
+    assert config_differences(saved, now) == []
 
 
 def test_a_folder_from_before_a_key_was_added_resumes_when_the_key_keeps_the_old_behaviour() -> None:
@@ -90,7 +101,7 @@ def test_a_folder_from_before_a_key_was_added_resumes_when_the_key_keeps_the_old
     new["optimizer"]["lr_batch_size"] = None
     assert config_differences(CONFIG, new) == []  # what the saved job computed is what this config computes
     changed = _with(norm__track_running_stats=False)
-    assert config_differences(CONFIG, changed) == ["norm.track_running_stats=(absent) there, False now"]
+    assert config_differences(CONFIG, changed) == ["1 key only this job has: norm.track_running_stats"]
 
 
 def test_a_job_still_running_in_another_process_is_refused(tmp_path: Path) -> None:

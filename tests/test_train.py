@@ -8,22 +8,24 @@ import io
 import pytest
 import torch
 
-from normsweep.config import ConfigError, DatasetConfig, NormConfig, OptimizerConfig
+from normsweep.config import DatasetConfig
 from normsweep.data import Data, Split, load
+from normsweep.errors import ConfigError
+from normsweep.layers import norm_factory
 from normsweep.models import MLP, SimpleCNN
-from normsweep.norms import norm_factory
+from normsweep.norms import BUILT_IN as NORMS
+from normsweep.optimizers import BUILT_IN as OPTIMIZERS
+from normsweep.optimizers import build_optimizer, build_scheduler
 from normsweep.train import (
     Compute,
     _cpu_has_native_bf16,
     batch_slices,
-    build_optimizer,
-    build_scheduler,
     evaluate,
     fit,
     resolve_compute,
 )
 
-ADAM = OptimizerConfig(name="adam", lr=1e-3)
+ADAM = OPTIMIZERS["adam"](lr=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def digits() -> Data:
 
 def train(data: Data, norm: str = "bn", epochs: int = 3, batch_size: int = 64, seed: int = 0):
     torch.manual_seed(seed)
-    model = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name=norm), "simple_cnn"))
+    model = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS[norm](), "simple_cnn"))
     return model, fit(model, data, ADAM, epochs=epochs, batch_size=batch_size, seed=seed)
 
 
@@ -61,7 +63,7 @@ def test_last_batch_of_one_sample_with_batchnorm(digits: Data) -> None:
     # features (the MLP) cannot normalize a batch of one, and raises if it is ever given one.
     small = dataclasses.replace(digits, train=Split(digits.train.images[:65], digits.train.labels[:65]))
     torch.manual_seed(0)
-    model = MLP(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "mlp"))
+    model = MLP(1, (8, 8), 10, norm_factory(NORMS["bn"](), "mlp"))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         model(torch.zeros(1, 1, 8, 8))
     history = fit(model, small, ADAM, epochs=2, batch_size=64, seed=0)
@@ -80,13 +82,13 @@ def test_resuming_from_a_snapshot_gives_the_uninterrupted_numbers(digits: Data) 
             torch.save(snapshot(), buffer)
             saved["state"] = buffer.getvalue()
 
-    cosine_sgd = OptimizerConfig(name="sgd", lr=0.05, schedule="cosine")  # momentum and a schedule to restore
+    cosine_sgd = OPTIMIZERS["sgd"](lr=0.05, schedule="cosine")  # momentum and a schedule to restore
     torch.manual_seed(0)
-    model = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "simple_cnn"))
+    model = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS["bn"](), "simple_cnn"))
     full = fit(model, digits, cosine_sgd, epochs=4, batch_size=64, seed=0, on_epoch=keep_epoch_2)
 
     torch.manual_seed(123)  # a fresh model with other weights: everything must come from the snapshot
-    fresh = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "simple_cnn"))
+    fresh = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS["bn"](), "simple_cnn"))
     state = torch.load(io.BytesIO(saved["state"]), weights_only=True)
     resumed = fit(fresh, digits, cosine_sgd, epochs=4, batch_size=64, seed=0, state=state)
     assert numbers(resumed) == numbers(full)
@@ -96,9 +98,9 @@ def test_resuming_from_a_snapshot_gives_the_uninterrupted_numbers(digits: Data) 
 
 def test_a_diverging_run_stops_at_its_first_non_finite_epoch(digits: Data) -> None:
     torch.manual_seed(0)
-    model = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="none"), "simple_cnn"))
+    model = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS["none"](), "simple_cnn"))
     seen = []
-    history = fit(model, digits, OptimizerConfig(name="sgd", lr=1000.0), 5, 64, 0, on_epoch=lambda m, _: seen.append(m))
+    history = fit(model, digits, OPTIMIZERS["sgd"](lr=1000.0), 5, 64, 0, on_epoch=lambda m, _: seen.append(m))
     assert len(history) < 5 and not history[-1].finite and all(m.finite for m in history[:-1])
     assert seen == history  # the diverged epoch is reported too
 
@@ -132,16 +134,16 @@ def test_cosine_schedule_decays_to_zero() -> None:
 
 def test_metrics_report_the_epoch_learning_rate(digits: Data) -> None:
     torch.manual_seed(0)
-    model = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="none"), "simple_cnn"))
-    history = fit(model, digits, OptimizerConfig(name="sgd", lr=0.1, schedule="cosine"), 2, 64, 0)
+    model = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS["none"](), "simple_cnn"))
+    history = fit(model, digits, OPTIMIZERS["sgd"](lr=0.1, schedule="cosine"), 2, 64, 0)
     assert history[0].lr == pytest.approx(0.1) and history[1].lr == pytest.approx(0.05)
     assert all(m.epoch_seconds > 0 and m.images_per_second > 0 for m in history)
 
 
 def test_auto_layout_is_channels_last_for_conv_models_on_the_cpu() -> None:
     cpu = torch.device("cpu")
-    cnn = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "simple_cnn"))
-    mlp = MLP(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "mlp"))
+    cnn = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS["bn"](), "simple_cnn"))
+    mlp = MLP(1, (8, 8), 10, norm_factory(NORMS["bn"](), "mlp"))
     assert resolve_compute("fp32", None, False, cnn, cpu).channels_last
     assert not resolve_compute("fp32", None, False, mlp, cpu).channels_last  # nothing to gain without convolutions
     assert not resolve_compute("fp32", False, False, cnn, cpu).channels_last  # the user's choice wins
@@ -149,7 +151,7 @@ def test_auto_layout_is_channels_last_for_conv_models_on_the_cpu() -> None:
 
 def test_bf16_on_a_cpu_without_native_bf16_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("normsweep.train._cpu_has_native_bf16", lambda: False)
-    cnn = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "simple_cnn"))
+    cnn = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS["bn"](), "simple_cnn"))
     with pytest.raises(ConfigError, match="precision=bf16: this CPU has no native bf16"):
         resolve_compute("bf16", None, False, cnn, torch.device("cpu"))
 
@@ -158,7 +160,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_refused(monkeypatch: pytest.Monkey
 def test_channels_last_changes_speed_not_results(digits: Data, norm: str) -> None:
     def run(channels_last: bool):
         torch.manual_seed(0)
-        model = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name=norm), "simple_cnn"))
+        model = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS[norm](), "simple_cnn"))
         return fit(model, digits, ADAM, 3, 64, 0, compute=Compute(channels_last=channels_last))
 
     plain, fast, again = run(False), run(True), run(True)
@@ -172,7 +174,7 @@ def test_channels_last_changes_speed_not_results(digits: Data, norm: str) -> Non
 def test_bf16_trains_as_well_as_fp32_on_digits(digits: Data) -> None:
     def final_val_acc(precision: str) -> float:
         torch.manual_seed(0)
-        model = SimpleCNN(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "simple_cnn"))
+        model = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS["bn"](), "simple_cnn"))
         compute = resolve_compute(precision, None, False, model, torch.device("cpu"))
         return fit(model, digits, ADAM, 4, 64, 0, compute=compute)[-1].val_acc
 
@@ -181,7 +183,7 @@ def test_bf16_trains_as_well_as_fp32_on_digits(digits: Data) -> None:
 
 def test_the_optimizer_is_fused_where_torch_has_a_kernel() -> None:
     params = [torch.nn.Parameter(torch.zeros(3))]
-    for cfg in (ADAM, OptimizerConfig(name="sgd", lr=0.1)):
+    for cfg in (ADAM, OPTIMIZERS["sgd"](lr=0.1)):
         optimizer = build_optimizer(params, cfg)
         assert optimizer.defaults.get("fused") is True and optimizer.defaults["lr"] == cfg.lr
 
@@ -189,7 +191,7 @@ def test_the_optimizer_is_fused_where_torch_has_a_kernel() -> None:
 def test_compile_gives_the_same_training(digits: Data) -> None:
     def val_accs(compile: bool) -> list[float]:
         torch.manual_seed(0)
-        model = MLP(1, (8, 8), 10, norm_factory(NormConfig(name="bn"), "mlp"))  # the quickest model to compile
+        model = MLP(1, (8, 8), 10, norm_factory(NORMS["bn"](), "mlp"))  # the quickest model to compile
         return [m.val_acc for m in fit(model, digits, ADAM, 2, 64, 0, compute=Compute(compile=compile))]
 
     assert val_accs(True) == pytest.approx(val_accs(False), abs=0.5)

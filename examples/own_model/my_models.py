@@ -9,12 +9,11 @@ class TinyResNet(nn.Module):
 
     def __init__(self, in_channels, image_size, num_classes, norm, width=16):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), norm(width, layer="stem"), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), norm.act(width, layer="stem"))
         self.blocks = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(width, width, 3, padding=1),
-                norm(width, layer=f"block{i}.1"),
-                nn.ReLU(),
+                norm.act(width, layer=f"block{i}.1"),  # the norm, then its activation (ReLU, or FRN's own)
                 nn.Conv2d(width, width, 3, padding=1),
                 norm(width, layer=f"block{i}.2"),
             )

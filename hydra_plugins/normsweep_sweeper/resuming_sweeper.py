@@ -1,4 +1,5 @@
-"""Hydra's basic sweeper, plus a check before launch that an existing job folder holds this same job."""
+"""Hydra's basic sweeper, plus job folders known by their settings: a resumed sweep finds each job it ran, whatever
+its position in the new command, and an existing folder that holds another job is refused before launch."""
 
 from __future__ import annotations
 
@@ -8,16 +9,25 @@ from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
+
+NUMBERED = "${hydra.job.num}"  # conf/hydra/default.yaml's subdir: then a new job takes the lowest free number
+
+
+def _quoted(name: str) -> str:
+    """A folder name as a Hydra override value: quoted (a name may hold `,` or `=`), Hydra's and OmegaConf's
+    special characters escaped."""
+    return "'" + name.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
 class ResumingSweeper(BasicSweeper):
-    """Before a batch of jobs launches, every job folder that already exists must hold this same job, so a resumed
-    sweep is refused before Hydra rewrites anything in a folder it would mix. Otherwise Hydra's basic sweeper."""
+    """Before the first batch launches, every job of the sweep is given its folder, as a per-job
+    `hydra.sweep.subdir=…` override (a Hydra override: not among the job's task overrides), so every launcher
+    (basic, joblib, submitit) puts it there; `hydra.job.num` keeps its meaning, the job's position in the sweep.
+    Otherwise Hydra's basic sweeper."""
 
     def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
-        self._next_job = 0
         self._multirun_yaml: tuple[Path, bytes] | None = None
 
     def sweep(self, arguments: list[str]) -> Any:
@@ -30,27 +40,64 @@ class ResumingSweeper(BasicSweeper):
         self._multirun_yaml = (saved, saved.read_bytes()) if saved.is_file() else None
         return super().sweep(arguments)
 
-    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+    def get_job_batch(self) -> Sequence[Sequence[str]]:
+        if self.batch_index == 0:  # every batch at once: a refusal comes before any job of the sweep has run
+            assert self.overrides is not None
+            self.overrides = self._with_folders(self.overrides)
+        return super().get_job_batch()
+
+    def _with_folders(self, batches: Sequence[Sequence[Sequence[str]]]) -> list[list[list[str]]]:
         # Imported here: Hydra imports every plugin module at start-up, for any app; torch loads only for ours.
-        from normsweep.jobfiles import atomic_write
-        from normsweep.placement import JOBS_AT_ONCE_ENV, available_cpus, jobs_at_once
-        from normsweep.resume import ResumeConflict, check_resumable, refuse, task_config
+        from normsweep.config import check_keys
+        from normsweep.errors import ConfigError
+        from normsweep.resume import SweepFolders, refuse, task_config
 
         assert self.hydra_context is not None and self.config is not None
-        for offset, overrides in enumerate(batch):
-            job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(job_cfg):
-                job_cfg.hydra.job.num = job_cfg.hydra.job.id = self._next_job + offset
-            job_dir = Path(str(job_cfg.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
-            if job_dir.exists():
+        folders = SweepFolders(Path(str(self.config.hydra.sweep.dir)))
+        numbered = OmegaConf.to_container(self.config.hydra.sweep)["subdir"] == NUMBERED
+        placed, num = [], 0
+        for batch in batches:
+            placed.append([])
+            for overrides in batch:
+                job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                with open_dict(job_cfg):
+                    job_cfg.hydra.job.num = job_cfg.hydra.job.id = num
                 try:
-                    check_resumable(job_dir, task_config(job_cfg))
-                except ResumeConflict as err:
-                    if self._multirun_yaml is not None:
-                        atomic_write(*self._multirun_yaml)
+                    check_keys(job_cfg)  # `+epoch=3`: refused once, before launch, not by every job
+                    name = folders.claim(
+                        task_config(job_cfg),
+                        list(job_cfg.hydra.overrides.task),
+                        None if numbered else str(job_cfg.hydra.sweep.subdir),
+                    )
+                except ConfigError as err:
+                    self._put_back()
                     refuse(err)
-        self._next_job += len(batch)
-        # The last step before the batch launches: tell its jobs how many of them share this machine's CPUs,
-        # so that each takes its fair share of threads (the launched processes inherit the environment).
+                placed[-1].append([*overrides, f"hydra.sweep.subdir={_quoted(name)}"])
+                num += 1
+        return placed
+
+    def _put_back(self) -> None:
+        """Leave the sweep folder as it was before this refused launch: its old multirun.yaml, or no folder at all
+        when this launch made it (nothing ran there)."""
+        from normsweep.jobfiles import atomic_write
+
+        assert self.config is not None
+        folder = Path(str(self.config.hydra.sweep.dir))
+        if self._multirun_yaml is not None:
+            atomic_write(*self._multirun_yaml)
+            return
+        (folder / "multirun.yaml").unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:  # it holds something else: not ours to remove
+            pass
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        # Each job's config was composed, and its folder checked, when the jobs were given their folders. The last
+        # step before the batch launches: tell its jobs how many of them share this machine's CPUs, so that each
+        # takes its fair share of threads (the launched processes inherit the environment).
+        from normsweep.placement import JOBS_AT_ONCE_ENV, available_cpus, jobs_at_once
+
+        assert self.config is not None
         at_once = jobs_at_once(self.config.hydra.launcher, len(batch), available_cpus())
         os.environ[JOBS_AT_ONCE_ENV] = str(at_once)
