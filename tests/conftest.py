@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test that launches normsweep in a new process (run_cli, subprocess) is `slow`: `pytest -m "not slow"`
-    leaves them out and answers in under a minute."""
+    """Every test that launches normsweep in a new process (run_cli, subprocess), or whose fixtures do, is `slow`:
+    `pytest -m "not slow"` leaves them out and answers in under a minute. Tests that train for seconds in-process
+    carry the mark themselves."""
     for item in items:
         functions = [getattr(item, "function", None)]  # the test, and the fixtures it uses
         info = getattr(item, "_fixtureinfo", None)

@@ -28,6 +28,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # trains for seconds in-process; `pytest -m 'not slow'` skips it
 def test_bench_times_every_variant_and_writes_bench_csv(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench.csv"
     assert main([*TINY, "--norm", "bn,gn", "--repeats", "2", "--out", str(out)]) == 0

@@ -50,7 +50,8 @@ def forward_backward(run, data) -> None:
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("norm", options("norm"))
 def test_model_and_norm_compose_and_train(compose_cfg, model: str, norm: str) -> None:
-    run = compose_run([f"model={model}", f"norm={norm}"])
+    narrow = {"resnet18": ["model.widths=[8,8,16,16]"], "resnet20": ["model.widths=[8,16,16]"]}  # same structure
+    run = compose_run([f"model={model}", f"norm={norm}", *narrow.get(model, [])])
     data = load(run.dataset, run.val_fraction, run.seed)
     record = NORMS[norm]()
     if model == "mlp" and (not record.fc_features or record.adapt_model):  # feature maps only; convolutions only

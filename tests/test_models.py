@@ -165,6 +165,7 @@ def test_zero_init_residual_zeroes_each_blocks_last_norm() -> None:
     assert len(lasts) == 3 and all(torch.count_nonzero(n.weight) == 0 for n in lasts)
 
 
+@pytest.mark.slow  # trains for seconds in-process; `pytest -m 'not slow'` skips it
 @pytest.mark.parametrize("norm", ["bn", "gn", "none", "ln", "in"])
 def test_resnet_trains_with_each_norm(norm: str) -> None:
     torch.manual_seed(0)

@@ -39,6 +39,7 @@ def train(data: Data, norm: str = "bn", epochs: int = 3, batch_size: int = 64, s
     return model, fit(model, data, ADAM, epochs=epochs, batch_size=batch_size, seed=seed)
 
 
+@pytest.mark.slow  # trains for seconds in-process; `pytest -m 'not slow'` skips it
 def test_it_learns_digits_well_above_chance(digits: Data) -> None:
     model, history = train(digits, epochs=5)
     assert [m.epoch for m in history] == [1, 2, 3, 4, 5]
@@ -47,6 +48,7 @@ def test_it_learns_digits_well_above_chance(digits: Data) -> None:
     assert evaluate(model, digits.test, digits)[1] > 80
 
 
+@pytest.mark.slow  # trains for seconds in-process; `pytest -m 'not slow'` skips it
 def test_same_seed_same_numbers_other_seed_other_numbers(digits: Data) -> None:
     def numbers(h):
         return [(m.train_loss, m.train_acc, m.val_loss, m.val_acc) for m in h]
@@ -132,6 +134,7 @@ def test_cosine_schedule_decays_to_zero() -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.slow  # trains for seconds in-process; `pytest -m 'not slow'` skips it
 def test_metrics_report_the_epoch_learning_rate(digits: Data) -> None:
     torch.manual_seed(0)
     model = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS["none"](), "simple_cnn"))
@@ -156,6 +159,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_refused(monkeypatch: pytest.Monkey
         resolve_compute("bf16", None, False, cnn, torch.device("cpu"))
 
 
+@pytest.mark.slow  # trains for seconds in-process; `pytest -m 'not slow'` skips it
 @pytest.mark.parametrize("norm", ["bn", "in"])
 def test_channels_last_changes_speed_not_results(digits: Data, norm: str) -> None:
     def run(channels_last: bool):
@@ -188,6 +192,7 @@ def test_the_optimizer_is_fused_where_torch_has_a_kernel() -> None:
         assert optimizer.defaults.get("fused") is True and optimizer.defaults["lr"] == cfg.lr
 
 
+@pytest.mark.slow  # trains for seconds in-process; `pytest -m 'not slow'` skips it
 def test_compile_gives_the_same_training(digits: Data) -> None:
     def val_accs(compile: bool) -> list[float]:
         torch.manual_seed(0)
