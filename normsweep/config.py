@@ -52,7 +52,7 @@ OmegaConf.register_new_resolver("normsweep.new_dir", new_dir, use_cache=True, re
 
 @dataclass
 class DatasetConfig:
-    """A built-in data set: its YAML starts from `/schema/dataset/base` (synthetic's from its own, below)."""
+    """A built-in data set: its YAML starts from `/schema_dataset` (synthetic's from `/schema_dataset_synthetic`)."""
 
     name: str = MISSING
     root: str = "data"
@@ -108,16 +108,17 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def register_configs() -> None:
-    """The schemas, in Hydra's ConfigStore: the top level, and one per built-in option under schema/ (its YAML starts
-    from it: `defaults: [/schema/norm/bn@_here_, _self_]`), so they are not listed as options themselves."""
+    """The schemas, in Hydra's ConfigStore: the top level, and one per built-in option, outside the groups so that
+    neither `--help` nor an unknown option's error lists them (its YAML starts from it:
+    `defaults: [/schema_norm_bn@_here_, _self_]`)."""
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
     for name, record in NORMS.items():
-        store.store(group="schema/norm", name=name, node=record)
+        store.store(name=f"schema_norm_{name}", node=record)
     for name, record in OPTIMIZERS.items():
-        store.store(group="schema/optimizer", name=name, node=record)
-    store.store(group="schema/dataset", name="base", node=DatasetConfig)
-    store.store(group="schema/dataset", name="synthetic", node=SyntheticConfig)
+        store.store(name=f"schema_optimizer_{name}", node=record)
+    store.store(name="schema_dataset", node=DatasetConfig)
+    store.store(name="schema_dataset_synthetic", node=SyntheticConfig)
 
 
 def check_keys(cfg: DictConfig) -> None:

@@ -1,6 +1,6 @@
 """What normsweep knows about each norm, one record per norm: its builder, its keys, and the facts the checks use.
 
-A record is the structured config of one `norm=` option (registered in Hydra's ConfigStore as `schema/norm/<name>`,
+A record is the structured config of one `norm=` option (registered in Hydra's ConfigStore as `schema_norm_<name>`,
 so a wrong key or type fails at composition). Its `_target_` names the builder, a class or function called as
 `builder(num_features, dim=2|1, **keys)` (normsweep/layers.py holds the built-in ones). A user's norm is a YAML
 with a `_target_` of its own and, optionally, the same facts: it becomes a `UserNorm` record with safe defaults.
@@ -192,7 +192,7 @@ class UserNorm(NormConfig):
         return dict(self.kwargs)
 
 
-# The built-in norms, by option name (conf/norm/<name>.yaml); their YAMLs start from `/schema/<group>/<name>`.
+# The built-in norms, by option name (conf/norm/<name>.yaml); their YAMLs start from `/schema_norm_<name>`.
 _RECORDS = (
     NoNorm,
     BatchNorm,

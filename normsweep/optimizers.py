@@ -116,7 +116,7 @@ class UserOptimizer(OptimizerConfig):
         return {"lr": self.lr, **self.kwargs}
 
 
-# The built-in optimizers, by option name (conf/optimizer/<name>.yaml); their YAMLs start from `/schema/<group>/<name>`.
+# The built-in optimizers by option name (conf/optimizer/<name>.yaml); each YAML starts from `/schema_optimizer_<name>`.
 BUILT_IN: dict[str, type[OptimizerConfig]] = {record.name: record for record in (Adam, AdamW, SGD)}
 
 

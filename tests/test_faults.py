@@ -161,14 +161,14 @@ def test_resuming_with_another_config_is_refused_and_changes_nothing(tmp_path: P
     # the same overrides), and a run folder resumed with another epoch count: both refused, nothing touched.
     mine = tmp_path / "mine" / "norm"
     mine.mkdir(parents=True)
-    (mine / "mybn.yaml").write_text("defaults: [/schema/norm/bn@_here_, _self_]\neps: 1.0e-5\n")
+    (mine / "mybn.yaml").write_text("defaults: [/schema_norm_bn@_here_, _self_]\neps: 1.0e-5\n")
     sweep, run = tmp_path / "s", tmp_path / "r"
     args = ["--config-dir", str(tmp_path / "mine"), "-m", "norm=mybn,gn", "epochs=1", f"hydra.sweep.dir={sweep}"]
     assert run_cli(args, tmp_path).returncode == 0
     assert run_cli(["epochs=1", f"hydra.run.dir={run}"], tmp_path).returncode == 0
     before = {**_fingerprint(sweep), **_fingerprint(run)}
 
-    (mine / "mybn.yaml").write_text("defaults: [/schema/norm/bn@_here_, _self_]\neps: 1.0e-3\n")
+    (mine / "mybn.yaml").write_text("defaults: [/schema_norm_bn@_here_, _self_]\neps: 1.0e-3\n")
     changed = run_cli(args, tmp_path)
     longer = run_cli(["epochs=2", f"hydra.run.dir={run}"], tmp_path)
     for proc, difference in ((changed, "norm.eps=1e-05 there, 0.001 now"), (longer, "epochs=1 there, 2 now")):
