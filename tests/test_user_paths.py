@@ -46,20 +46,6 @@ def test_a_diverged_run_also_ends_with_where_its_files_are(tmp_path: Path) -> No
     assert not any("ran one job" in line for line in lines)  # nothing to sweep: no hint
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["epochs=0"], "epochs=0: train for at least one epoch (epochs=1 or more)"),
-        (["norm=bn", "batch_size=1"], "norm=bn batch_size=1:"),
-    ],
-)
-def test_a_refused_run_is_one_line_and_leaves_no_folder(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = run_cli(args, cwd=tmp_path)
-    lines = _lines(proc)
-    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], "\n".join(lines)
-    assert list(tmp_path.iterdir()) == []  # no outputs/DATE/TIME, nor outputs/
-
-
 def test_a_refused_run_leaves_the_folders_it_did_not_make(tmp_path: Path) -> None:
     earlier = tmp_path / "outputs" / "2026-01-01" / "10-00-00"
     earlier.mkdir(parents=True)
