@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import make_mnist, run_cli
 
-NORMS = ["none", "bn", "ln", "in", "gn"]
+NORMS = ["none", "bn", "ln", "in", "gn"]  # the quickstart's five (the article's), as the README runs them
 
 
 @pytest.fixture(scope="module")
