@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing import resource_tracker
 from pathlib import Path
 
@@ -122,20 +122,23 @@ def app(cfg: DictConfig) -> float | None:
         tag.attach()
     try:
         hold_ctrl_c(False)  # a Ctrl-C held back while this (worker) process started up arrives here
-        check_resumable(job_dir, config)  # first: a folder that is refused must not be marked failed either
-        job_num = hydra_cfg.job.num if in_sweep else 0  # a single run has no job number
-        choices = hydra_cfg.runtime.choices
-        run = place(validate(cfg, dict(choices)), job_num, in_sweep)
-        summary = run_job(run, job_dir, overrides, config)
-    except KeyboardInterrupt:
+        with stop_on_sigterm():
+            check_resumable(job_dir, config)  # first: a folder that is refused must not be marked failed either
+            job_num = hydra_cfg.job.num if in_sweep else 0  # a single run has no job number
+            choices = hydra_cfg.runtime.choices
+            run = place(validate(cfg, dict(choices)), job_num, in_sweep)
+            summary = run_job(run, job_dir, overrides, config)
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        what = "stopped by SIGTERM (SLURM ended or requeued the job)" if terminated else "interrupted"
         if multiprocessing.parent_process() is not None:  # a joblib worker: its launcher says how to resume
-            log.warning("interrupted; the checkpoint keeps the last finished epoch")
+            log.warning("%s; the checkpoint keeps the last finished epoch", what)
             raise
         where = f"hydra.sweep.dir={hydra_cfg.sweep.dir}" if in_sweep else f"hydra.run.dir={job_dir}"
         log.warning(
-            "interrupted; the checkpoint keeps the last finished epoch. To resume, run the same command with %s", where
+            "%s; the checkpoint keeps the last finished epoch. To resume, run the same command with %s", what, where
         )
-        sys.exit(130)
+        sys.exit(143 if terminated else 130)
     except ResumeConflict as err:
         refuse(err)  # another job's folder: nothing is written into it, and the launch stops
     except Exception as err:
@@ -156,6 +159,34 @@ def app(cfg: DictConfig) -> float | None:
     if not in_sweep:
         report_single_run(job_dir, hydra_cfg, cfg)
     return summary.get("final_val_acc")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a SLURM job: taken as Ctrl-C is, so the job stops at once and its folder is marked `incomplete`."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Inside a SLURM job, SIGTERM (scancel, a requeue, the time limit, a preemption) stops the job now.
+
+    SLURM sends SIGKILL KillWait seconds after SIGTERM; submitit only logs "Bypassing signal SIGTERM", so the job would
+    train on, and a job that finished inside that window would be counted done after its cancel. Submitit's own
+    pre-emption signal (SIGUSR2 before the time limit: checkpoint and requeue) stays with submitit.
+    """
+    preempt = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    if not os.environ.get("SLURM_JOB_ID") or preempt == "TERM" or threading.current_thread() != threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut short the summary
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def hold_ctrl_c(hold: bool) -> None:

@@ -20,7 +20,16 @@ import torch
 from normsweep import data as datasets
 from normsweep.config import Config
 from normsweep.errors import ConfigError
-from normsweep.jobfiles import FINISHED, GROUPS, Status, load_summary, process_start, write_metrics, write_summary
+from normsweep.jobfiles import (
+    FINISHED,
+    GROUPS,
+    Status,
+    load_summary,
+    process_start,
+    slurm_job,
+    write_metrics,
+    write_summary,
+)
 from normsweep.layers import norm_factory
 from normsweep.models import build_model
 from normsweep.resume import load_checkpoint, save_checkpoint
@@ -96,7 +105,7 @@ def run_job(run: Config, job_dir: Path, overrides: list[str], config: dict[str, 
         "pid_start": process_start(os.getpid()),
         "host": socket.gethostname(),
         "device": str(device),
-        "slurm_job": os.environ.get("SLURM_JOB_ID"),  # a requeued SLURM job keeps its id: it may resume itself
+        "slurm_job": slurm_job(os.environ),  # as squeue shows it; a requeued job keeps it and may resume itself
         "hardware": describe_hardware(device),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),

@@ -15,9 +15,11 @@ import math
 import os
 import socket
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from normsweep import scheduler
 from normsweep.norms import BUILT_IN as NORMS
 from normsweep.optimizers import BUILT_IN as OPTIMIZERS
 
@@ -54,7 +56,9 @@ class Status(str, enum.Enum):
     """A job's status, as summary.json and the aggregator report it."""
 
     NOT_STARTED = "not started"  # no summary.json yet
-    RUNNING = "running"  # training now (its process is alive, or it runs on another machine)
+    # Training now, or about to: SLURM says its job is pending or running (also one stopped and requeued), else its
+    # process is alive here (or it ran on another machine and SLURM cannot be asked).
+    RUNNING = "running"
     INCOMPLETE = "incomplete"  # stopped before the end (killed, interrupted, preempted): resuming continues it
     COMPLETED = "completed"  # trained every epoch
     DIVERGED = "diverged"  # stopped early on a non-finite loss: a result, not an error
@@ -162,8 +166,28 @@ def process_start(pid: int) -> int | None:
     return None if fields[0] == "Z" else int(fields[19])  # a zombie has finished: no start time to match
 
 
-def _alive(summary: dict[str, Any]) -> bool:
-    """Whether the process that wrote a `running` summary still runs (a job on another host is given the benefit)."""
+def slurm_job(environ: Mapping[str, str]) -> str | None:
+    """The SLURM job this process runs in, as squeue, sacct and scancel name it (`12_3` for task 3 of array 12,
+    where SLURM_JOB_ID holds the task's own number), or None outside SLURM. A requeued job keeps it."""
+    array, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else environ.get("SLURM_JOB_ID") or None
+
+
+def is_own_slurm_job(job: Any, environ: Mapping[str, str]) -> bool:
+    """Whether a summary's `slurm_job` names the SLURM job this process runs in (a requeued job finding its own
+    folder). Older summaries hold the raw SLURM_JOB_ID, which differs from `12_3` for an array task."""
+    return bool(job) and str(job) in {slurm_job(environ), environ.get("SLURM_JOB_ID")}
+
+
+def slurm_alive(summary: dict[str, Any]) -> bool | None:
+    """What SLURM says of the job a summary names: True while it is pending or running, False once it has ended
+    (or SLURM no longer knows it); None when the summary names no SLURM job or SLURM cannot be asked."""
+    job = summary.get("slurm_job")
+    return scheduler.is_alive(str(job)) if job else None
+
+
+def process_alive(summary: dict[str, Any]) -> bool:
+    """Whether the process that wrote a summary still runs (one on another host is given the benefit of the doubt)."""
     pid = summary.get("pid")
     if summary.get("host") != socket.gethostname() or not isinstance(pid, int):
         return True
@@ -177,6 +201,13 @@ def _alive(summary: dict[str, Any]) -> bool:
         started = process_start(pid)
         return started is not None and summary.get("pid_start") in (None, started)
     return True
+
+
+def _alive(summary: dict[str, Any]) -> bool:
+    """Whether the job that wrote a `running` summary still runs: SLURM's word for a SLURM job (its process may be on
+    a node this machine cannot see, or waiting to run again after a requeue), else its process's."""
+    said = slurm_alive(summary)
+    return process_alive(summary) if said is None else said
 
 
 def load_summary(job_dir: Path) -> dict[str, Any]:
@@ -193,6 +224,10 @@ def load_summary(job_dir: Path) -> dict[str, Any]:
         return {"status": Status.CORRUPT.value, "error": f"{SUMMARY_FILE} holds no job status"}
     if summary["status"] == Status.RUNNING and not _alive(summary):
         summary["status"] = Status.INCOMPLETE.value
+    elif summary["status"] == Status.INCOMPLETE and slurm_alive(summary):
+        # Stopped by SIGTERM, then requeued (scontrol requeue, preemption, submitit at the time limit): SLURM will run
+        # it again, and it resumes itself; a second copy must not.
+        summary["status"] = Status.RUNNING.value
     return summary
 
 

@@ -10,10 +10,12 @@ JOBS_AT_ONCE_ENV = "NORMSWEEP_JOBS_AT_ONCE"  # set by the sweeper for the jobs i
 
 
 def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity: what SLURM or taskset gave it), else the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The CPUs this process may run on: its affinity (what taskset, or a scheduler that binds CPUs, gave it), else
+    the machine's; inside a SLURM job no more than SLURM_CPUS_PER_TASK, since a cluster that binds no CPUs
+    (TaskPlugin=task/none) leaves the whole node in the affinity."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cpus, int(allocated)) if allocated.isdigit() and int(allocated) > 0 else cpus
 
 
 def jobs_at_once(launcher: Mapping[str, Any], batch_size: int, cpus: int) -> int:

@@ -24,17 +24,19 @@ from normsweep.jobfiles import (
     SUMMARY_FILE,
     Status,
     atomic_write,
+    is_own_slurm_job,
     job_dirs,
     load_summary,
     preferred_copy,
+    process_alive,
     settings,
     settings_key,
+    slurm_alive,
 )
 
 log = logging.getLogger("normsweep")
 
 CHECKPOINT_FILE = "checkpoint.pt"
-SLURM_ID = "SLURM_JOB_ID"
 
 
 class ResumeConflict(ConfigError):
@@ -91,7 +93,8 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any], limit: int = 
 
 
 def check_resumable(job_dir: Path, config: dict[str, Any]) -> None:
-    """Raise ResumeConflict unless `job_dir` is new, or holds this same job with no process still running it."""
+    """Raise ResumeConflict unless `job_dir` is new, or holds this same job with nothing still running it (no
+    SLURM job queued or running for it, no process of it on this machine)."""
     job_dir = Path(job_dir)
     summary = load_summary(job_dir)
     status = summary["status"]
@@ -106,23 +109,8 @@ def check_resumable(job_dir: Path, config: dict[str, Any]) -> None:
         return
     if status == Status.CORRUPT:
         raise ResumeConflict(f"{job_dir}: {summary['error']}, so what ran there cannot be checked; {fix}")
-    # load_summary has already turned `running` into `incomplete` if its process is gone from this machine. A job
-    # recorded on another host cannot be checked from here: it is taken as stopped (a requeued or resubmitted
-    # cluster job must be able to resume), with a warning in case it is in fact still running there.
-    if status == Status.RUNNING and summary.get("host") != socket.gethostname():
-        log.warning(
-            "%s was last recorded running on %s (process %s); taking it as stopped and resuming it",
-            job_dir,
-            summary.get("host"),
-            summary.get("pid"),
-        )
-    elif status == Status.RUNNING and summary.get("slurm_job") and summary["slurm_job"] == os.environ.get(SLURM_ID):
-        log.info("%s: SLURM requeued job %s; resuming it", job_dir, summary["slurm_job"])
-    elif status == Status.RUNNING and summary.get("pid") != os.getpid():
-        raise ResumeConflict(
-            f"{job_dir} is being trained right now (process {summary.get('pid')} on {summary.get('host')}); "
-            "wait for it to end, or stop it and run the same command again to resume it"
-        )
+    if status == Status.RUNNING:
+        _check_stopped(job_dir, summary)
     saved = summary.get("config")
     if not isinstance(saved, dict):
         raise ResumeConflict(f"{job_dir}: {SUMMARY_FILE} does not record the job's config; {fix}")
@@ -133,6 +121,42 @@ def check_resumable(job_dir: Path, config: dict[str, Any]) -> None:
             f"{job_dir} holds a job with another config ({listed}). Resume it with the command that started it, or "
             f"{fix}"
         )
+
+
+def _check_stopped(job_dir: Path, summary: dict[str, Any]) -> None:
+    """Refuse a job recorded `running` that load_summary found alive (SLURM says its job is queued or running, else
+    its process runs here), unless it is this very SLURM job, requeued and finding its own folder. A job recorded on
+    another host that SLURM cannot vouch for is taken as stopped, with a warning: it cannot be checked from here."""
+    job = summary.get("slurm_job")
+    here = summary.get("host") == socket.gethostname()
+    busy = (
+        f"{job_dir} is being trained right now (process {summary.get('pid')} on {summary.get('host')}); "
+        "wait for it to end, or stop it and run the same command again to resume it"
+    )
+    if is_own_slurm_job(job, os.environ):
+        if here and summary.get("pid") != os.getpid() and process_alive(summary):  # another copy in this allocation
+            raise ResumeConflict(busy)
+        log.info("%s: SLURM requeued job %s; resuming it", job_dir, job)
+        return
+    said = slurm_alive(summary)
+    if said:  # never a second copy beside the one SLURM runs or will run
+        raise ResumeConflict(
+            f"job {job_dir.name} (SLURM {job}) is still queued or running on the cluster ({job_dir}); wait for it or "
+            f"scancel {job}, then run the same command again"
+        )
+    if said is False:  # it ended since load_summary asked
+        return
+    if not here:
+        log.warning(
+            "%s was last recorded running on %s (process %s%s), which cannot be checked from here; taking it as "
+            "stopped and resuming it",
+            job_dir,
+            summary.get("host"),
+            summary.get("pid"),
+            f", SLURM job {job}: squeue does not answer" if job else "",
+        )
+    elif summary.get("pid") != os.getpid():
+        raise ResumeConflict(busy)
 
 
 def _saved_overrides(job_dir: Path, summary: dict[str, Any]) -> tuple[str, ...] | None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from normsweep.placement import fair_threads, job_device, jobs_at_once, pinned_gpus
+from normsweep.placement import available_cpus, fair_threads, job_device, jobs_at_once, pinned_gpus
+from normsweep.train import set_threads
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 LOCAL = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
@@ -33,6 +36,18 @@ def test_threads_are_a_fair_share_and_never_zero() -> None:
     assert fair_threads(16, 4) == 4
     assert fair_threads(16, 5) == 3  # 5 x 3 = 15 threads on 16 CPUs: no oversubscription
     assert fair_threads(2, 8) == 1
+
+
+def test_threads_follow_the_slurm_allocation_where_slurm_binds_no_cpus(monkeypatch) -> None:
+    # TaskPlugin=task/none: a job that asked for one CPU still has the whole 2-CPU node in its affinity.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert set_threads(0) == 2
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert set_threads(0) == 1 and available_cpus() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")  # never more than the CPUs it may run on
+    assert set_threads(0) == 2
+    assert set_threads(3) == 3  # threads=3 is the user's choice
 
 
 def test_jobs_spread_over_unpinned_gpus() -> None:

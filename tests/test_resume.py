@@ -112,7 +112,7 @@ def test_a_job_still_running_in_another_process_is_refused(tmp_path: Path) -> No
 
 
 def test_a_job_recorded_running_on_another_host_may_be_resumed(tmp_path: Path, caplog) -> None:
-    # A cluster job requeued onto another node finds its own old record: it must not be locked out.
+    # No scheduler to ask (no SLURM id): a job on another machine cannot be checked from here; a warning says so.
     check_resumable(_job(tmp_path, "running", pid=os.getppid(), host="node-17"), CONFIG)
     assert "last recorded running on node-17" in caplog.text
 
