@@ -13,6 +13,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from normsweep.errors import ConfigError
+from normsweep.jobfiles import COMPARE_METRICS
 from normsweep.norms import BUILT_IN as NORMS
 from normsweep.norms import norm_record
 from normsweep.optimizers import BUILT_IN as OPTIMIZERS
@@ -99,6 +100,7 @@ class Config:
     compile: bool = False
     threads: int = 0
     compare: str = "norm"  # the axis best_by_<compare>.csv compares; only the aggregation reads it
+    compare_metric: str = "val_acc"  # what results.csv sorts by and "best" means; only the aggregation reads it
 
 
 # The keys normsweep itself reads from a user data set's YAML; every other key goes to its `_target_` callable.
@@ -210,6 +212,11 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Config:
         OmegaConf.select(cfg, run.compare, default=_ABSENT) is not _ABSENT,
         f"compare={run.compare}: no such config key; name the axis to compare best settings on, e.g. compare=norm, "
         "compare=model or compare=optimizer.lr",
+    )
+    _check(
+        run.compare_metric in COMPARE_METRICS,
+        f"compare_metric={run.compare_metric}: choose val_acc (the last epoch's validation accuracy, the default), "
+        "test_acc or best_val_acc",
     )
     if run.optimizer.lr_batch_size is not None:
         run.optimizer.lr = run.optimizer.lr * run.batch_size / run.optimizer.lr_batch_size

@@ -164,6 +164,7 @@ def run_job(run: Config, job_dir: Path, overrides: list[str], config: dict[str, 
         "final_train_acc": last.train_acc,
         "test_acc": test_acc,
         "test_loss": test_loss,
+        "test_images": len(data.test),  # one image is 100 / test_images points: the resolution of test_acc
         "params": params,
         "sec_per_epoch": sum(m.epoch_seconds for m in history) / len(history),
         "wall_seconds": time.perf_counter() - started,

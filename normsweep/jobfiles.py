@@ -37,9 +37,15 @@ METRIC_COLUMNS = [
     "images_per_second",
 ]
 GROUPS = ("model", "norm", "optimizer", "dataset")  # the config groups, as named in summary.json
+# compare_metric → what it is, in words (a runs.csv column): results.csv sorts by its mean; the best row tops it.
+COMPARE_METRICS = {
+    "val_acc": "validation accuracy",
+    "test_acc": "test accuracy",
+    "best_val_acc": "best-epoch validation accuracy",
+}
 # Keys that say where a job runs or finds its data, or how the sweep is aggregated, not what a job computes: a
 # resumed job may change them.
-WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare")
+WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare", "compare_metric")
 # Keys added to the config after normsweep 0.1.0's first sweeps, with the value that computes what those jobs
 # computed: a folder saved without the key resumes when the key has that value now (an upgrade mid-sweep).
 ADDED_KEYS = {

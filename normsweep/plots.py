@@ -1,71 +1,324 @@
-"""The sweep's figures: curves.png (accuracy and loss per epoch, and accuracy against batch size when swept)."""
+"""The sweep's figures: curves.png (accuracy and loss per epoch, mean ± std over seeds, and test accuracy against
+every swept numeric key), each norm in the same colour in every figure."""
 
 from __future__ import annotations
 
 import io
+import math
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from normsweep.jobfiles import atomic_write
-from normsweep.tables import Report, batch_size_lines, label_of, matching, settings_text
+from normsweep.tables import (
+    Report,
+    is_data_key,
+    label_of,
+    lines_against,
+    matching,
+    setting,
+    settings_text,
+    swept_numbers,
+)
+
+# tab10, one colour per built-in norm: a norm reads the same in every figure of every sweep.
+NORM_COLOURS = {
+    "bn": "#1f77b4",
+    "ln": "#ff7f0e",
+    "in": "#2ca02c",
+    "gn": "#d62728",
+    "none": "#7f7f7f",
+    "ln2d": "#9467bd",
+    "rms": "#8c564b",
+    "ws_gn": "#e377c2",
+    "frn": "#bcbd22",
+}
+# For a user's own norms: tab10's last colour, then darker ones of tab20b/c, none of them a built-in norm's.
+OTHER_COLOURS = (
+    "#17becf",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+    "#7b4173",
+    "#3182bd",
+    "#e6550d",
+    "#31a354",
+    "#756bb1",
+    "#636363",
+    "#9c9ede",
+)
+DEFAULT_COLOUR = "#1f77b4"
+LINE_STYLES = ("-", "--", ":", "-.")  # a second swept key with up to this many values may be line styles...
+MAX_LINES = 6  # ...when a panel then holds at most this many lines; otherwise it gets a panel per value
+PANEL_COLUMNS = 6  # epoch panels per row when a swept key is drawn as separate panels
+FAR_BELOW = 20.0  # a curve ending this many points under its panel's best is left below the y-axis, and named
+DODGE = 0.02  # points of different lines at one x are moved apart by this share of the x-range, so bars show
+
+
+def palette(names: Iterable[Any]) -> dict[str, str]:
+    """The colour of each norm name: a built-in norm has its fixed one; another name gets a colour chosen from its
+    text (crc32: the same in every process), or the next free one if another name of `names` took it. Called with
+    all the norms of a sweep, it gives every figure of the sweep the same colours."""
+    names = {str(n) for n in names}
+    colours = {n: NORM_COLOURS[n] for n in names if n in NORM_COLOURS}
+    for name in sorted(names - set(colours)):
+        start = zlib.crc32(name.encode()) % len(OTHER_COLOURS)
+        turn = OTHER_COLOURS[start:] + OTHER_COLOURS[:start]
+        colours[name] = next((c for c in turn if c not in colours.values()), turn[0])
+    return colours
+
+
+@dataclass
+class Encoding:
+    """How the swept keys are drawn: `colour` (the norm when it is swept), `style` (another key with few values)
+    and `panels` (the remaining keys: one panel per combination of their values)."""
+
+    colour: str | None = None
+    style: str | None = None
+    panels: list[str] = field(default_factory=list)
+    colours: dict[str, str] = field(default_factory=dict)  # str(value of `colour`) → colour
+    styles: dict[str, str] = field(default_factory=dict)  # str(value of `style`) → line style
+    legend: list[tuple[str, str, str]] = field(default_factory=list)  # (label, colour, line style)
+
+    def colour_of(self, row: pd.Series) -> str:
+        return self.colours[str(row[self.colour])] if self.colour in row.index else DEFAULT_COLOUR
+
+    def style_of(self, row: pd.Series) -> str:
+        return self.styles[str(row[self.style])] if self.style in row.index else "-"
+
+
+def encoding(report: Report) -> Encoding:
+    """Colour by norm (else by the first swept key), line style for the other swept key with the fewest values
+    when the panel stays readable (at most four styles, six lines), panels for the rest and for data sets."""
+    import matplotlib
+
+    results, varying = report.results, report.varying
+    if not varying:
+        return Encoding()
+    colour = "norm" if "norm" in varying else varying[0]
+    # Data sets always get panels of their own: their accuracies are on different scales and never compared.
+    others = sorted((k for k in varying if k != colour and not is_data_key(k)), key=lambda k: results[k].nunique())
+    styles = results[others[0]].nunique() if others else 0
+    few = styles <= len(LINE_STYLES) and styles * results[colour].nunique() <= MAX_LINES
+    style = others[0] if others and few else None
+    code = Encoding(colour, style, [k for k in varying if k not in (colour, style)])
+    in_order = list(dict.fromkeys(results[colour].tolist()))  # best row first, as results.csv
+    if colour != "norm" and results[colour].dtype.kind in "iuf":  # an ordered key gets an ordered colour map
+        ordered = sorted(in_order)
+        shade = matplotlib.colormaps["viridis"]
+        code.colours = {
+            str(v): matplotlib.colors.to_hex(shade(0.9 * ordered.index(v) / max(1, len(ordered) - 1))) for v in in_order
+        }
+    else:
+        code.colours = palette(in_order)
+    labels = [str(v) if colour == "norm" else setting(colour, v) for v in in_order]
+    code.legend = [(label, code.colours[str(v)], "-") for label, v in zip(labels, in_order)]
+    if style is not None:
+        values = sorted(results[style].dropna().unique())
+        code.styles = {str(v): LINE_STYLES[i] for i, v in enumerate(values)}
+        code.legend += [(setting(style, v), "#333333", code.styles[str(v)]) for v in values]
+    return code
 
 
 def plot_curves(report: Report, path: Path) -> None:
-    """Validation accuracy and training loss per epoch, one line per configuration (mean over seeds); when the
-    batch size was swept, a third panel with test accuracy against batch size per setting of the other keys."""
+    """Validation accuracy and training loss per epoch, mean ± std over seeds, one line per configuration (colour:
+    the norm; line style or separate panels: the other swept keys), and for every swept numeric key a panel of
+    test accuracy against it, one line per norm with 95% CI bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.lines import Line2D
 
-    by_batch = batch_size_lines(report)
-    panels = 3 if by_batch is not None else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
-    ax_acc, ax_loss = axes[0], axes[1]
-    label_keys = report.varying or report.keys
-    curves = report.curves
-    # Legend in the order of results.csv: best first.
+    code = encoding(report)
     configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
-    for _, config in configs.iterrows():
-        line = curves[matching(curves, config, report.keys)].sort_values("epoch")
-        label = label_of(config, label_keys)
-        ax_acc.plot(line["epoch"], line["val_acc"], marker="o", markersize=3, label=label)
-        ax_loss.plot(line["epoch"], line["train_loss"], marker="o", markersize=3, label=label)
+    panels = configs[code.panels].drop_duplicates() if code.panels else pd.DataFrame(index=[0])
+    panels = panels.sort_values(code.panels, kind="stable") if code.panels else panels  # lr=1e-4 before 1e-3
+    numbers = swept_numbers(report)
+    if len(panels) == 1:  # one row: accuracy, loss, then a panel per numeric key
+        columns, pairs, number_rows = 2 + len(numbers), 0, 0
+    else:  # rows of accuracy panels, each above the loss panels of the same settings; numeric keys at the bottom
+        columns = max(min(len(panels), PANEL_COLUMNS), min(len(numbers), PANEL_COLUMNS))
+        pairs, number_rows = math.ceil(len(panels) / columns), math.ceil(len(numbers) / columns)
+    rows = max(1, 2 * pairs + number_rows)
+    width = 4.8 if columns <= 4 else 4.2
+    fig = plt.figure(figsize=(width * columns, 0.8 * width * rows + 1.0), layout="constrained")
+    grid = fig.add_gridspec(rows, columns)
+    if len(panels) == 1:
+        acc_axes, loss_axes = [fig.add_subplot(grid[0, 0])], [fig.add_subplot(grid[0, 1])]
+        number_axes = [fig.add_subplot(grid[0, 2 + i]) for i in range(len(numbers))]
+    else:
+        places = [(pair, column) for pair in range(pairs) for column in range(columns)][: len(panels)]
+        acc_axes = [fig.add_subplot(grid[2 * pair, column]) for pair, column in places]
+        loss_axes = [fig.add_subplot(grid[2 * pair + 1, column]) for pair, column in places]
+        span = max(1, min(3, columns // max(1, len(numbers))))  # a numeric key's panel, wider when room allows
+        per_row = columns // span
+        number_axes = [
+            fig.add_subplot(grid[2 * pairs + i // per_row, (i % per_row) * span : (i % per_row + 1) * span])
+            for i in range(len(numbers))
+        ]
+    for (_, panel), ax_acc, ax_loss in zip(panels.iterrows(), acc_axes, loss_axes):
+        shown = configs[matching(configs, panel, code.panels)] if code.panels else configs
+        where = f" ({label_of(panel, code.panels)})" if code.panels else ""
+        _plot_epochs(ax_acc, ax_loss, report, shown, code)
+        ax_acc.set_title(f"Validation accuracy{where}", fontsize="medium")
+        ax_loss.set_title(f"Training loss{where}", fontsize="medium")
     n_seeds = report.runs["seed"].nunique()
-    suffix = f" (mean over {n_seeds} seeds)" if n_seeds > 1 else ""
-    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy" + suffix)
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss" + suffix)
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_acc.legend(fontsize="small")
-    if by_batch is not None:
-        _plot_batch_sizes(axes[2], by_batch, [k for k in report.varying if k != "batch_size"], n_seeds)
-    if report.fixed:
-        fig.suptitle(settings_text(report.fixed), fontsize="medium")
-    fig.tight_layout()
+    for key, ax in zip(numbers, number_axes):
+        _plot_against(ax, lines_against(report, key), key, code, n_seeds)
+    if code.legend:
+        handles = [Line2D([], [], color=c, ls=s, lw=2.2, label=label) for label, c, s in code.legend]
+        fig.legend(
+            handles=handles, loc="outside lower center", ncols=min(len(handles), 9), fontsize="small", frameon=False
+        )
+    title = [settings_text(report.fixed)] if report.fixed else []
+    if n_seeds > 1:
+        title.append(f"curves: mean ± std (band) over {n_seeds} seeds")
+    if title:
+        fig.suptitle("\n".join(title), fontsize="medium")
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
     atomic_write(path, image.getvalue())
 
 
-def _plot_batch_sizes(ax: Any, table: pd.DataFrame, others: list[str], n_seeds: int) -> None:
-    groups = table.groupby(others, dropna=False, sort=False) if others else [((), table)]
-    for _, line in groups:
-        errors = line["test_acc_ci95"] if line["test_acc_ci95"].notna().any() else None
-        label = label_of(line.iloc[0], others) if others else "test accuracy"
-        ax.errorbar(
-            line["batch_size"], line["test_acc_mean"], yerr=errors, marker="o", markersize=4, capsize=3, label=label
+def _plot_epochs(ax_acc: Any, ax_loss: Any, report: Report, configs: pd.DataFrame, code: Encoding) -> None:
+    """One panel pair: validation accuracy and training loss per epoch of `configs`, mean ± std bands, y-limits
+    from the data (accuracy over the last two-thirds of training)."""
+    from matplotlib.ticker import MaxNLocator
+
+    curves = report.curves
+    epochs = curves["epoch"]
+    late_from = epochs.min() + (epochs.max() - epochs.min()) / 3
+    drawn = []
+    for _, config in configs.iterrows():
+        line = curves[matching(curves, config, report.keys)].sort_values("epoch")
+        if not len(line):
+            continue
+        style = {"color": code.colour_of(config), "ls": code.style_of(config), "lw": 1.8}
+        marker = {"marker": "o", "markersize": 2.5} if len(line) <= 20 else {}
+        for ax, metric in ((ax_acc, "val_acc"), (ax_loss, "train_loss")):
+            mean, std = line[f"{metric}_mean"], line[f"{metric}_std"].fillna(0)
+            ax.plot(line["epoch"], mean, **style, **marker)
+            ax.fill_between(line["epoch"], mean - std, mean + std, color=style["color"], alpha=0.15, lw=0)
+        drawn.append((config, line))
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+    ax_acc.set_ylabel("validation accuracy (%)")
+    ax_loss.set_ylabel("training loss")
+    if drawn:
+        _accuracy_limits(ax_acc, drawn, late_from, report.varying)
+        _loss_limits(ax_loss, [line for _, line in drawn])
+
+
+def _accuracy_limits(ax: Any, drawn: list[tuple[pd.Series, pd.DataFrame]], late_from: float, keys: list[str]) -> None:
+    """y from the mean ± std of the last two-thirds of training; a curve that ends far below the best (a run at
+    chance, say) is left under the axis and named in the panel, so the curves that compete stay readable."""
+    finals = {
+        i: line["val_acc_mean"].dropna().iloc[-1]
+        for i, (_, line) in enumerate(drawn)
+        if line["val_acc_mean"].notna().any()
+    }
+    if not finals:
+        return
+    top = max(finals.values())
+    kept = [i for i, final in finals.items() if final >= top - FAR_BELOW]
+    late = pd.concat([drawn[i][1][drawn[i][1]["epoch"] >= late_from] for i in kept])
+    spread = late["val_acc_std"].fillna(0)
+    lo, hi = (late["val_acc_mean"] - spread).min(), (late["val_acc_mean"] + spread).max()
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return
+    pad = max(0.08 * (hi - lo), 0.25)
+    ax.set_ylim(max(lo - pad, 0), min(hi + pad, 100 + pad / 2))
+    _no_ticks_over_100(ax)
+    below = [i for i in finals if i not in kept]
+    if below:
+        names = [f"{label_of(drawn[i][0], keys) if keys else 'all runs'} ({finals[i]:.1f}%)" for i in below]
+        ax.text(
+            0.02,
+            0.03,
+            "below the axis: " + ", ".join(names),
+            transform=ax.transAxes,
+            fontsize="x-small",
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
         )
-    sizes = sorted(table["batch_size"].dropna().unique())
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
-    ax.minorticks_off()
-    bars = " ± 95% CI" if n_seeds > 1 else ""
-    ax.set(xlabel="batch size", ylabel="test accuracy (%)", title=f"Test accuracy by batch size{bars}")
+
+
+def _no_ticks_over_100(ax: Any) -> None:
+    """An accuracy axis leaves room above 100% for the line at 100, but labels no tick there."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}" if value <= 100 else ""))
+
+
+def _loss_limits(ax: Any, lines: list[pd.DataFrame]) -> None:
+    """Log scale when the losses span more than 10x; a loss above the highest first-epoch loss (a run blowing
+    up) is left above the axis."""
+    from matplotlib.ticker import FuncFormatter
+
+    means = pd.concat([line["train_loss_mean"] for line in lines])
+    means = means[np.isfinite(means) & (means > 0)]
+    starts = [line["train_loss_mean"].iloc[0] for line in lines]
+    starts = [start for start in starts if np.isfinite(start)]
+    if not len(means):
+        return
+    lo, hi = means.min(), min(means.max(), max(starts, default=means.max()))
+    hi = max(hi, lo * 1.01)
+    if hi / lo > 10:
+        ax.set_yscale("log")
+        ax.set_ylim(lo / 1.3, hi * 1.3)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.3, not 3 × 10⁻¹
+        if hi / lo < 100:  # within two decades, label the 2s and 5s between them too
+            ax.yaxis.set_minor_formatter(FuncFormatter(_twos_and_fives))
+    else:
+        pad = max(0.05 * (hi - lo), 1e-3)
+        ax.set_ylim(max(lo - pad, 0), hi + pad)
+
+
+def _twos_and_fives(value: float, _: Any) -> str:
+    leading = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f"{value:g}" if round(leading) in (2, 5) else ""
+
+
+def _plot_against(ax: Any, table: pd.DataFrame, key: str, code: Encoding, n_seeds: int) -> None:
+    """Test accuracy against the swept numeric `key`, one line per setting of the other swept keys (coloured by
+    norm) with 95% CI bars; log x when the values span more than 10x."""
+    others = [c for c in table.columns if c not in (key, "test_acc_mean", "test_acc_ci95", "test_acc_std", "runs")]
+    groups = list(table.groupby(others, dropna=False, sort=False)) if others else [((), table)]
+    values = sorted(float(v) for v in table[key].dropna().unique())
+    logarithmic = values[0] > 0 and values[-1] / values[0] > 10
+    for i, (_, line) in enumerate(groups):
+        first = line.iloc[0]
+        shift = (i - (len(groups) - 1) / 2) * DODGE
+        x = line[key].astype(float)
+        x = x * (values[-1] / values[0]) ** shift if logarithmic else x + shift * (values[-1] - values[0])
+        bars = line["test_acc_ci95"] if line["test_acc_ci95"].notna().any() else None
+        colour = code.colour_of(first) if code.colour != key else DEFAULT_COLOUR
+        style = code.style_of(first) if code.style != key else "-"
+        ax.errorbar(x, line["test_acc_mean"], yerr=bars, color=colour, ls=style, marker="o", ms=4, capsize=3, lw=1.6)
+    if logarithmic:
+        powers_of_two = all(v.is_integer() and int(v) & (int(v) - 1) == 0 for v in values)
+        ax.set_xscale("log", base=2 if powers_of_two else 10)
+    if len(values) <= 12:
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.minorticks_off()
+    means = table["test_acc_mean"]
+    half = table["test_acc_ci95"].fillna(0)
+    if means.notna().any():
+        lo, hi = max((means - half).min(), 0), min((means + half).max(), 100)
+        pad = max(0.08 * (hi - lo), 0.25)
+        ax.set_ylim(lo - pad, hi + pad)
+        _no_ticks_over_100(ax)
+    bars_note = " ± 95% CI" if n_seeds > 1 else ""
+    scale = " (log scale)" if logarithmic else ""
+    ax.set(xlabel=f"{key}{scale}", ylabel="test accuracy (%)")
+    ax.set_title(f"Test accuracy by {key}{bars_note}", fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")

@@ -14,15 +14,21 @@ import yaml
 from normsweep import __version__
 from normsweep.jobfiles import atomic_write
 from normsweep.tables import (
+    COMPARE_METRICS,
+    SIGNIFICANCE,
     Report,
-    batch_size_lines,
     best_columns,
     best_file,
     cells,
     label_of,
+    lines_against,
     matching,
+    noise_sentences,
     problems,
+    resolution_notes,
+    setting,
     settings_text,
+    swept_numbers,
     table_columns,
 )
 
@@ -89,7 +95,8 @@ def setup(report: Report) -> dict[str, Any]:
 
 
 def epoch_table(report: Report, width: int = 6) -> pd.DataFrame | None:
-    """curves.png's validation accuracy in text: mean over seeds at up to `width` epochs, first and last kept."""
+    """curves.png's validation accuracy in text: mean (± std over seeds) at up to `width` epochs, first and last
+    kept."""
     curves = report.curves
     if not len(curves):
         return None
@@ -100,14 +107,68 @@ def epoch_table(report: Report, width: int = 6) -> pd.DataFrame | None:
     configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
     rows = []
     for _, config in configs.iterrows():
-        line = curves[matching(curves, config, report.keys)].set_index("epoch")["val_acc"]
+        line = curves[matching(curves, config, report.keys)].set_index("epoch")
         rows.append(
             {
                 "configuration": label_of(config, label_keys),
-                **{f"epoch {e}": "-" if e not in line.index else f"{line[e]:.2f}" for e in shown},
+                **{f"epoch {e}": _mean_std(line, e) for e in shown},
             }
         )
     return pd.DataFrame(rows)
+
+
+def _mean_std(line: pd.DataFrame, epoch: int) -> str:
+    if epoch not in line.index:
+        return "-"
+    mean, std = line.loc[epoch, "val_acc_mean"], line.loc[epoch, "val_acc_std"]
+    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def against_table(report: Report, key: str) -> pd.DataFrame:
+    """A numeric key's panel of curves.png in text: a row per line (the other swept keys), a column per value of
+    `key`, each cell the mean test accuracy ± its 95% interval."""
+    table = lines_against(report, key)
+    others = [k for k in report.varying if k != key]
+    values = sorted(table[key].dropna().unique())
+    rows = []
+    groups = table.groupby(others, dropna=False, sort=False) if others else [((), table)]
+    for _, line in groups:
+        row = {"configuration": label_of(line.iloc[0], others) if others else "all runs"}
+        for value in values:
+            at = line[line[key] == value]
+            mean = at["test_acc_mean"].iloc[0] if len(at) else float("nan")
+            half = at["test_acc_ci95"].iloc[0] if len(at) else float("nan")
+            text = "-" if pd.isna(mean) else f"{mean:.2f}" if pd.isna(half) else f"{mean:.2f} ± {half:.2f}"
+            row[setting(key, value)] = text
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def results_text(report: Report) -> str:
+    """What the results table's columns mean, for the metric this sweep compares."""
+    metric, several = report.metric, report.results["runs"].max() > 1
+    parts = [
+        f"One row per configuration, best mean {COMPARE_METRICS[metric]} (`{metric}_mean`: compare_metric) first, "
+        "the test accuracy beside it. Accuracies in %; `val_acc` is the last epoch's validation accuracy and "
+        "`test_acc` the final model's on the held-out test split."
+    ]
+    if several:
+        parts.append(
+            "`_std` is the spread over seeds and `test_acc_ci95` the half-width of the 95% confidence interval of "
+            "the mean (Student's t)."
+        )
+    parts.append("`gap_to_best` is the best row's test accuracy minus this row's, in points.")
+    if several:
+        parts.append(
+            "`p_vs_best` is the two-sided p of that gap over seeds (a paired t-test when the seeds match, else "
+            "Welch's; `-` for the best row itself and where the gap is the same in every seed)."
+        )
+    alternative = f" or p ≥ {SIGNIFICANCE:g}" if several else ""
+    parts.append(
+        f"`within_noise`: the row cannot be told from the best (a gap under one test image{alternative}); one "
+        "test image, in points, is results.csv's `resolution`."
+    )
+    return " ".join(parts)
 
 
 def render(report: Report, sweep_dir: Path, command: str | None) -> str:
@@ -128,24 +189,20 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
         "",
         "## Results",
         "",
-        "One row per configuration, best mean validation accuracy first. Accuracies in %; `val_acc` is the last "
-        "epoch's validation accuracy and `test_acc` the final model's on the held-out test split"
-        + (
-            "; `_std` is the spread over seeds and `test_acc_ci95` the half-width of the 95% confidence interval "
-            "of the mean (Student's t)."
-            if report.results["runs"].max() > 1
-            else "."
-        ),
+        results_text(report),
         "",
         markdown(cells(report.results, table_columns(report))),
         "",
     ]
+    for line in [*resolution_notes(report), *(f"**{tie}**" for tie in noise_sentences(report))]:
+        out += [line, ""]
     if best is not None and compare:
         tuned = [c for c in best.columns if c not in (compare, "runs", "settings_tried", "status") and "_acc" not in c]
         out += [
             f"## Best by {compare}",
             "",
-            f"Each {compare} at its own best {', '.join(f'`{k}`' for k in tuned)} (by mean validation accuracy), "
+            f"Each {compare} at its own best {', '.join(f'`{k}`' for k in tuned)} (by mean "
+            f"{COMPARE_METRICS[report.metric]}), "
             f"and the test accuracy there; `settings_tried` counts the settings with a result ({best_file(compare)}).",
             "",
             markdown(cells(best, best_columns(best))),
@@ -156,20 +213,22 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
         out += ["## Jobs that need attention", "", *(f"- {line}" for line in trouble), ""]
     figures = epoch_table(report)
     if figures is not None:
+        spread = " ± std over seeds" if report.runs["seed"].nunique() > 1 else ""
         out += [
             "## Figures",
             "",
-            "![validation accuracy and training loss per epoch](curves.png)",
+            "![validation accuracy and training loss per epoch, and test accuracy against each swept number]"
+            "(curves.png)",
             "",
-            "Validation accuracy (%) by epoch, mean over seeds, as plotted in curves.png:",
+            f"Validation accuracy (%) by epoch, mean{spread}, as plotted in curves.png (whose y-axis is fitted "
+            "to the last two-thirds of training):",
             "",
             markdown(figures),
             "",
         ]
-    by_batch = batch_size_lines(report)
-    if by_batch is not None:
-        columns = [c for c in by_batch.columns if c != "runs" and (c != "test_acc_ci95" or by_batch["runs"].max() > 1)]
-        out += ["Test accuracy (%) by batch size (curves.png, right):", "", markdown(cells(by_batch, columns)), ""]
+    for key in swept_numbers(report):
+        bars = " ± 95% CI" if report.results["runs"].max() > 1 else ""
+        out += [f"Test accuracy (%) by {key}{bars} (curves.png):", "", markdown(against_table(report, key)), ""]
     return "\n".join(out)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import yaml
 
 from normsweep.jobfiles import (
     ATTENTION,
+    COMPARE_METRICS,
     FINISHED,
     GROUPS,
     METRIC_COLUMNS,
@@ -28,7 +30,12 @@ from normsweep.jobfiles import (
 )
 
 log = logging.getLogger("normsweep")
-NOT_SETTINGS = ("seed", "compare")  # overrides that do not define a configuration: seeds are averaged over
+# Overrides that do not define a configuration: seeds are averaged over, the others only steer the aggregation.
+NOT_SETTINGS = ("seed", "compare", "compare_metric")
+DEFAULT_METRIC = "val_acc"
+SIGNIFICANCE = 0.05  # p_vs_best at or above it: the row cannot be told apart from the best
+TIES_NAMED = 8  # the tie sentence names this many rows at most
+MAX_TEST_IMAGES = 100_000  # the largest test set whose size is inferred from its accuracies
 RESULT_COLUMNS = [
     "runs",
     "val_acc_mean",
@@ -37,6 +44,10 @@ RESULT_COLUMNS = [
     "test_acc_mean",
     "test_acc_std",
     "test_acc_ci95",
+    "gap_to_best",
+    "p_vs_best",
+    "within_noise",
+    "resolution",
     "val_loss_mean",
     "train_loss_mean",
     "sec_per_epoch_mean",
@@ -53,6 +64,7 @@ RUN_FIELDS = {
     "test_acc": "test_acc",
     "val_loss": "final_val_loss",
     "test_loss": "test_loss",
+    "test_images": "test_images",
     "train_loss": "final_train_loss",
     "train_acc": "final_train_acc",
     "sec_per_epoch": "sec_per_epoch",
@@ -106,6 +118,22 @@ class Report:
     config: dict[str, Any] = field(default_factory=dict)  # one job's resolved config: the settings not swept
     compare: str | None = None  # the compared axis of `best`
     best: pd.DataFrame | None = None  # best_by(compare): None when nothing besides the axis was swept
+    metric: str = DEFAULT_METRIC  # compare_metric: rows sort by its mean, and the best row tops it
+
+
+def compare_metric(config: dict[str, Any], metric: str | None = None) -> str:
+    """The metric the user compares: `metric` if given, else the sweep's `compare_metric` (val_acc by default).
+    The jobs have run by now, so an unknown name is warned about and the default used, not refused."""
+    chosen = metric if metric is not None else config.get("compare_metric", DEFAULT_METRIC)
+    if chosen in COMPARE_METRICS:
+        return str(chosen)
+    log.warning(
+        "compare_metric=%s: not a metric of results.csv; sorted by %s instead (choose %s)",
+        chosen,
+        DEFAULT_METRIC,
+        ", ".join(COMPARE_METRICS),
+    )
+    return DEFAULT_METRIC
 
 
 def _numeric(values: pd.Series) -> pd.Series:
@@ -150,8 +178,9 @@ def _distinct_jobs(sweep_dir: Path) -> list[tuple[Path, JobFiles, list[Path]]]:
     return [(job_dir, files, repeats.get(job_dir, [])) for job_dir, files in jobs if job_dir not in dropped]
 
 
-def collect(sweep_dir: Path) -> Report:
-    """Read every job folder of a sweep into tidy tables, one row per job."""
+def collect(sweep_dir: Path, metric: str | None = None) -> Report:
+    """Read every job folder of a sweep into tidy tables, one row per job. `metric` (val_acc, test_acc or
+    best_val_acc) overrides the sweep's compare_metric."""
     sweep_dir = Path(sweep_dir)
     rows, curves, keys, choices, config = [], [], [], [], {}
     for job_dir, (overrides, summary, metrics), duplicates in _distinct_jobs(sweep_dir):
@@ -176,14 +205,24 @@ def collect(sweep_dir: Path) -> Report:
     fixed.update({k: runs[k].iloc[0] for k in keys if k not in varying})
     per_epoch = pd.concat(curves) if curves else pd.DataFrame(columns=["job", *METRIC_COLUMNS])
     per_epoch = per_epoch.merge(runs[["job", *keys]], on="job")
-    curve_means = (
-        per_epoch.groupby([*keys, "epoch"] if keys else "epoch", dropna=False)[["val_acc", "train_loss"]]
-        .mean()
-        .reset_index()
+    curves = per_epoch.groupby([*keys, "epoch"] if keys else "epoch", dropna=False).agg(
+        runs=("job", "count"),
+        val_acc_mean=("val_acc", "mean"),
+        val_acc_std=("val_acc", "std"),
+        train_loss_mean=("train_loss", "mean"),
+        train_loss_std=("train_loss", "std"),
     )
-    results = summarize(runs, keys) if len(runs) else pd.DataFrame(columns=[*keys, *RESULT_COLUMNS])
+    chosen = compare_metric(config, metric)
+    results = summarize(runs, keys, chosen) if len(runs) else pd.DataFrame(columns=[*keys, *RESULT_COLUMNS])
     return Report(
-        runs=runs, results=results, keys=keys, varying=varying, fixed=fixed, curves=curve_means, config=config
+        runs=runs,
+        results=results,
+        keys=keys,
+        varying=varying,
+        fixed=fixed,
+        curves=curves.reset_index(),
+        config=config,
+        metric=chosen,
     )
 
 
@@ -194,11 +233,13 @@ def _status(statuses: pd.Series) -> str:
     return ", ".join(f"{n} {status}" for status, n in counts.items())
 
 
-def summarize(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """One row per configuration (the jobs that differ only by seed), best mean validation accuracy first."""
+def summarize(runs: pd.DataFrame, keys: list[str], metric: str = DEFAULT_METRIC) -> pd.DataFrame:
+    """One row per configuration (the jobs that differ only by seed), best mean `metric` first, each compared with
+    the best row (of its data set, when data sets were swept): gap_to_best, p_vs_best, within_noise, resolution."""
     frame = runs.assign(_all="all")
     by = keys or ["_all"]
-    results = frame.groupby(by, dropna=False, sort=False).agg(
+    grouped = frame.groupby(by, dropna=False, sort=False)
+    results = grouped.agg(
         runs=("val_acc", "count"),  # jobs with a result: completed or diverged
         val_acc_mean=("val_acc", "mean"),
         val_acc_std=("val_acc", "std"),
@@ -213,10 +254,97 @@ def summarize(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         _tests=("test_acc", "count"),
     )
     results.insert(results.columns.get_loc("test_acc_std") + 1, "test_acc_ci95", ci95(results))
+    # Each configuration's test accuracies by seed, in the groups' order (the results' order before sorting).
+    results["_scores"] = [group.dropna(subset="test_acc").set_index("seed")["test_acc"] for _, group in grouped]
     results = results.drop(columns="_tests").reset_index().drop(columns="_all", errors="ignore")
-    return results.sort_values("val_acc_mean", ascending=False, na_position="last", kind="stable").reset_index(
-        drop=True
+    results = results.sort_values(f"{metric}_mean", ascending=False, na_position="last", kind="stable")
+    context = [k for k in keys if is_data_key(k) and runs[k].nunique(dropna=False) > 1]
+    if context:  # each data set's rows together, best first: they are compared with each other only
+        results = results.sort_values(context, kind="stable")
+    results = results.reset_index(drop=True)
+    at = results.columns.get_loc("test_acc_ci95") + 1
+    judged = versus_best(results, runs, context, metric)
+    for offset, column in enumerate(judged.columns):
+        results.insert(at + offset, column, judged[column])
+    return results.drop(columns="_scores")
+
+
+def is_data_key(key: str) -> bool:
+    """Keys that choose the data (and so the test set): rows of different data sets are compared apart."""
+    return key == "dataset" or key.startswith("dataset.")
+
+
+def versus_best(results: pd.DataFrame, runs: pd.DataFrame, context: list[str], metric: str) -> pd.DataFrame:
+    """gap_to_best, p_vs_best, within_noise and resolution of each row of `results` (sorted, best first, with each
+    row's test accuracies by seed in `_scores`), against the row with the best mean `metric` of its data set."""
+    judged = pd.DataFrame(
+        {
+            "gap_to_best": float("nan"),
+            "p_vs_best": float("nan"),
+            "within_noise": pd.array([pd.NA] * len(results), dtype="boolean"),
+            "resolution": float("nan"),
+        },
+        index=results.index,
     )
+    groups = results.groupby(context, dropna=False, sort=False) if context else [((), results)]
+    for _, group in groups:
+        images = test_image_count(runs[matching(runs, group.iloc[0], context)])
+        resolution = 100.0 / images if images else float("nan")
+        judged.loc[group.index, "resolution"] = resolution
+        # A gap under one image (less 1e-9 for the rounding of means of image counts); none if the size is unknown.
+        under = resolution * (1 - 1e-9) if images else 1e-9
+        tried = group[group[f"{metric}_mean"].notna() & group["test_acc_mean"].notna()]
+        if not len(tried):
+            continue
+        best = tried.iloc[0]
+        for index, row in tried.iterrows():
+            gap = best["test_acc_mean"] - row["test_acc_mean"]
+            p = p_value(row["_scores"], best["_scores"])
+            within = abs(gap) < under or (not math.isnan(p) and p >= SIGNIFICANCE)
+            judged.loc[index, ["gap_to_best", "p_vs_best", "within_noise"]] = [gap, p, within]
+    return judged
+
+
+def p_value(scores: pd.Series, best: pd.Series) -> float:
+    """Two-sided p of a difference in mean test accuracy between two rows (each a Series of accuracies by seed):
+    a paired t-test when both ran the same seeds (a sweep's seeds match), else Welch's. NaN when undefined: fewer
+    than two runs on a side, or differences (or spreads) that do not vary."""
+    from scipy.special import stdtr  # Student's t CDF; scipy.stats would add 0.4 s of imports to every sweep
+
+    if len(scores) < 2 or len(best) < 2:
+        return float("nan")
+    paired = scores.index.is_unique and best.index.is_unique and set(scores.index) == set(best.index)
+    if paired:
+        diffs = scores - best.reindex(scores.index)
+        spread = diffs.std()
+        if spread < 1e-9:  # the same difference in every seed: no variance to test against
+            return float("nan")
+        t, dof = diffs.mean() / (spread / math.sqrt(len(diffs))), len(diffs) - 1.0
+    else:
+        var_a, var_b = scores.var() / len(scores), best.var() / len(best)
+        if var_a + var_b < 1e-18:
+            return float("nan")
+        t = (scores.mean() - best.mean()) / math.sqrt(var_a + var_b)
+        # Welch–Satterthwaite degrees of freedom
+        dof = (var_a + var_b) ** 2 / (var_a**2 / (len(scores) - 1) + var_b**2 / (len(best) - 1))
+    return float(2 * stdtr(dof, -abs(t)))
+
+
+def test_image_count(runs: pd.DataFrame) -> int | None:
+    """The size of the test set behind these runs: as summary.json records it, else inferred from the test
+    accuracies (each is 100·k/n: the smallest n that fits them all, at most MAX_TEST_IMAGES); None if neither."""
+    recorded = pd.to_numeric(runs["test_images"], errors="coerce").dropna().unique()
+    if len(recorded) == 1:
+        return int(recorded[0])
+    n = 1
+    for accuracy in pd.to_numeric(runs["test_acc"], errors="coerce").dropna():
+        share = Fraction(float(accuracy) / 100).limit_denominator(MAX_TEST_IMAGES)
+        if abs(float(share) * 100 - accuracy) > 1e-6:
+            return None
+        n = math.lcm(n, share.denominator)
+        if n > MAX_TEST_IMAGES:  # accuracies of different test sets, or not counts of images
+            return None
+    return n if n > 1 else None
 
 
 def ci95(results: pd.DataFrame) -> pd.Series:
@@ -233,42 +361,48 @@ def settings_text(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in values.items())
 
 
+def setting(key: str, value: Any) -> str:
+    """`optimizer.lr=0.001`: a swept value as the user typed it (%g), not as Python prints a float."""
+    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+
+
 def label_of(row: pd.Series, keys: list[str]) -> str:
-    return ", ".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys) or "all runs"
+    return ", ".join(setting(k, row[k]) for k in keys) or "all runs"
 
 
 def best_by(report: Report, axis: str = "norm") -> pd.DataFrame | None:
     """For each value of the compared `axis`: the setting of the other swept hyperparameters with the best mean
-    validation accuracy, and the test accuracy at that setting (so each norm is judged at its own best learning
-    rate, say). Swept data sets are kept apart, never picked from. None when nothing else was swept: results.csv
-    is then the comparison already."""
+    compared metric (validation accuracy unless compare_metric says otherwise), and the test accuracy at that
+    setting (so each norm is judged at its own best learning rate, say). Swept data sets are kept apart, never
+    picked from. None when nothing else was swept: results.csv is then the comparison already."""
     if axis not in report.keys and axis_value(report, axis) is None:
         swept = ", ".join(report.keys) or "none"
         raise ValueError(
             f"compare={axis}: the jobs of this sweep have no key {axis!r}; compare one of the swept keys ({swept}), "
             "or a config key such as norm, model or optimizer.lr"
         )
-    context = [k for k in report.varying if k != axis and (k == "dataset" or k.startswith("dataset."))]
+    context = [k for k in report.varying if k != axis and is_data_key(k)]
     tuned = [k for k in report.varying if k != axis and k not in context]
     if not tuned:
         return None
-    results = report.results
+    results, compared = report.results, f"{report.metric}_mean"
     by = [*context, axis] if axis in report.keys else context
     groups = results.groupby(by, dropna=False, sort=False) if by else [((), results)]
+    figures = ["runs", *dict.fromkeys([compared, "val_acc_mean", "val_acc_std"])]
+    figures += ["test_acc_mean", "test_acc_std", "test_acc_ci95"]
     rows = []
     for _, group in groups:
-        tried = group[group["runs"] > 0]
-        best = tried.loc[tried["val_acc_mean"].idxmax()] if len(tried) else group.iloc[0]
+        tried = group[(group["runs"] > 0) & group[compared].notna()]
+        best = tried.loc[tried[compared].idxmax()] if len(tried) else group.iloc[0]
         row = {axis: best[axis] if axis in report.keys else axis_value(report, axis)}
         row.update({k: best[k] for k in context})
         row.update({k: best[k] if len(tried) else None for k in tuned})
-        figures = ("runs", "val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std", "test_acc_ci95")
         row.update({c: best[c] if len(tried) else (0 if c == "runs" else None) for c in figures})
         row["settings_tried"] = len(tried)
         row["status"] = best["status"] if len(tried) else "; ".join(group["status"].unique())
         rows.append(row)
     table = pd.DataFrame(rows)
-    order = [*context, "val_acc_mean"] if context else ["val_acc_mean"]
+    order = [*context, compared] if context else [compared]
     ascending = [True] * len(context) + [False]
     return table.sort_values(order, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 
@@ -292,37 +426,50 @@ def matching(frame: pd.DataFrame, config: pd.Series, keys: list[str]) -> pd.Seri
     return mask
 
 
-def batch_size_lines(report: Report) -> pd.DataFrame | None:
-    """Mean test accuracy against batch size, one line per setting of the other swept keys (the GroupNorm
-    paper's batch-size study); None unless batch_size was swept."""
-    if "batch_size" not in report.varying:
-        return None
-    others = [k for k in report.varying if k != "batch_size"]
-    table = report.results[[*others, "batch_size", "test_acc_mean", "test_acc_ci95", "test_acc_std", "runs"]]
-    return table.sort_values([*others, "batch_size"], kind="stable").reset_index(drop=True)
+def swept_numbers(report: Report) -> list[str]:
+    """The swept keys whose values are numbers (optimizer.lr, batch_size, epochs, ...): each gets a figure of test
+    accuracy against it."""
+    return [k for k in report.varying if report.results[k].dtype.kind in "iuf" and report.results[k].nunique() > 1]
+
+
+def lines_against(report: Report, key: str) -> pd.DataFrame:
+    """Mean test accuracy against the swept numeric `key`, one line per setting of the other swept keys (e.g. the
+    GroupNorm paper's batch-size study, or each norm over a learning-rate range)."""
+    others = [k for k in report.varying if k != key]
+    table = report.results[[*others, key, "test_acc_mean", "test_acc_ci95", "test_acc_std", "runs"]]
+    return table.sort_values([*others, key], kind="stable").reset_index(drop=True)
+
+
+def _show(value: Any, column: str) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if column == "p_vs_best":
+        return "<0.001" if value < 0.001 else f"{value:.2g}" if value < 0.01 else f"{value:.2f}"
+    if isinstance(value, float) and column.endswith(("_mean", "_std", "_ci95", "gap_to_best", "resolution")):
+        return f"{value:.2f}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def cells(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """`frame[columns]` as text: two decimals for the figures, swept values as typed (%g), `-` for none."""
-
-    def show(value: Any, column: str) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "-"
-        if isinstance(value, float) and column.endswith(("_mean", "_std", "_ci95")):
-            return f"{value:.2f}"
-        if isinstance(value, float):
-            return f"{value:g}"
-        return str(value)
-
-    return pd.DataFrame({c: [show(v, c) for v in frame[c].tolist()] for c in columns}, index=frame.index)
+    """`frame[columns]` as text: two decimals for the figures, p to two digits, yes/no for within_noise, swept
+    values as typed (%g), `-` for none."""
+    return pd.DataFrame({c: [_show(v, c) for v in frame[c].tolist()] for c in columns}, index=frame.index)
 
 
 def table_columns(report: Report) -> list[str]:
-    """The columns shown for results.csv: swept keys and the figures that matter (the losses stay in the CSV);
-    spreads and intervals only when some configuration has more than one run."""
-    shown = [*report.varying, *(c for c in RESULT_COLUMNS if c not in ("val_loss_mean", "train_loss_mean"))]
+    """The columns shown for results.csv: swept keys, the compared metric with the test accuracy beside it, the
+    comparison with the best row, then time, size and status (losses, best-epoch accuracy unless compared, and the
+    resolution stay in the CSV; the resolution gets a note). Spreads, intervals and p only with several runs."""
+    compared = [f"{report.metric}_mean", f"{report.metric}_std"]
+    test = ["test_acc_mean", "test_acc_std", "test_acc_ci95", "gap_to_best", "p_vs_best", "within_noise"]
+    rest = ["val_acc_mean", "val_acc_std", "sec_per_epoch_mean", "params", "status"]
+    shown = [*report.varying, "runs", *dict.fromkeys(c for c in [*compared, *test, *rest] if c in RESULT_COLUMNS)]
     if report.results["runs"].max() <= 1:
-        shown = [c for c in shown if not c.endswith(("_std", "_ci95"))]
+        shown = [c for c in shown if not c.endswith(("_std", "_ci95")) and c != "p_vs_best"]
     return shown
 
 
@@ -333,17 +480,88 @@ def best_columns(best: pd.DataFrame) -> list[str]:
     return columns
 
 
+def row_names(rows: pd.DataFrame, keys: list[str]) -> list[str]:
+    """Short names of result rows: the value of the one swept key (`bn`), else `norm=bn optimizer.lr=0.001`."""
+    if len(keys) == 1:
+        return [_show(v, keys[0]) for v in rows[keys[0]].tolist()]
+    return [" ".join(f"{k}={_show(v, k)}" for k, v in zip(keys, values)) for values in rows[keys].itertuples(False)]
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def noise_sentences(report: Report) -> list[str]:
+    """Which rows are tied with the best (one sentence per data set when data sets were swept), e.g. `bn and gn
+    are within noise of the best (ln by val_acc_mean): a test-accuracy gap under one test image (0.28 points) or
+    p ≥ 0.05 over 3 seeds.` Nothing when fewer than two rows have a result."""
+    context = [k for k in report.varying if is_data_key(k)]
+    named = [k for k in report.varying if k not in context]
+    results = report.results
+    groups = results.groupby(context, dropna=False, sort=False) if context else [((), results)]
+    sentences = []
+    for _, group in groups:
+        judged = group[group["within_noise"].notna()]
+        if len(judged) < 2:
+            continue
+        others = judged.iloc[1:]
+        tied = others[others["within_noise"].astype(bool)]
+        runs = sorted({int(n) for n in judged["runs"]})
+        resolution = judged["resolution"].iloc[0]
+        rules = [
+            f"a test-accuracy gap under one test image ({resolution:.2f} points)"
+            if pd.notna(resolution)
+            else "the same test accuracy"
+        ]
+        if runs[-1] >= 2:
+            seeds = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
+            rules.append(f"p ≥ {SIGNIFICANCE:g} over {seeds} seeds")
+        rule = " or ".join(rules)
+        where = f"{label_of(judged.iloc[0], context)}: " if context else ""
+        best = row_names(judged.head(1), named)[0] if named else "all runs"
+        the_best = f"the best ({best} by {report.metric}_mean)"
+        if len(tied):
+            names = row_names(tied, named)
+            verb = "is" if len(names) == 1 else "are"
+            if len(names) > TIES_NAMED:
+                names = [*names[: TIES_NAMED - 1], f"{len(names) - TIES_NAMED + 1} more rows (within_noise)"]
+            caution = (
+                "; two seeds tell only large, steady gaps apart: more seeds sharpen the test" if runs[0] == 2 else ""
+            )
+            sentences.append(f"{where}{_listed(names)} {verb} within noise of {the_best}: {rule}{caution}.")
+        else:
+            sentences.append(f"{where}no other row is within noise of {the_best} ({rule}).")
+    return sentences
+
+
+def resolution_notes(report: Report) -> list[str]:
+    """A line for the rows whose test accuracy did not vary over n ≥ 2 seeds: a spread of 0 means the seeds agree
+    to within one test image, the finest step the test set can show, not that the result is certain."""
+    results = report.results
+    still = results[(results["runs"] >= 2) & (results["test_acc_std"] == 0)]
+    if not len(still):
+        return []
+    names = row_names(still, report.varying) if report.varying else ["all runs"]
+    resolution = still["resolution"].dropna()
+    step = "one test image"
+    if len(resolution) and resolution.nunique() == 1:
+        step += f" = {resolution.iloc[0]:.2f} points ({round(100 / resolution.iloc[0])} test images)"
+    return [f"test_acc_std 0.00 for {_listed(names)}: every seed scored the same; the test set's resolution is {step}"]
+
+
 def format_table(report: Report) -> str:
-    """The comparison table as printed at the end of a sweep."""
+    """The comparison table as printed at the end of a sweep, with which rows are tied with the best."""
     lines = [cells(report.results, table_columns(report)).to_string(index=False)]
+    lines += resolution_notes(report)
     if report.fixed:
         lines.append("same in every run: " + settings_text(report.fixed))
+    lines += noise_sentences(report)
     return "\n".join(lines)
 
 
-def format_best(best: pd.DataFrame, axis: str) -> str:
-    tuned = [c for c in best.columns if c not in (axis, "runs", "settings_tried", "status") and "_acc_" not in c]
-    title = f"best by {axis} (each at its best {', '.join(tuned)} by mean validation accuracy):"
+def format_best(best: pd.DataFrame, axis: str, metric: str = DEFAULT_METRIC) -> str:
+    tuned = [c for c in best.columns if c not in (axis, "runs", "settings_tried", "status") and "_acc" not in c]
+    title = f"best by {axis} (each at its best {', '.join(tuned)} by mean {COMPARE_METRICS[metric]}):"
     return title + "\n" + cells(best, best_columns(best)).to_string(index=False)
 
 

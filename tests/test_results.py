@@ -17,7 +17,7 @@ import yaml
 from normsweep.aggregate import aggregate
 from normsweep.aggregate import main as aggregate_main
 from normsweep.jobfiles import atomic_write, parse_overrides, process_start, write_summary
-from normsweep.tables import batch_size_lines, format_table, problems
+from normsweep.tables import format_table, lines_against, problems
 
 # val_acc per (norm, seed): bn is best on average, none worst.
 VAL = {
@@ -99,6 +99,10 @@ def test_results_has_one_row_per_norm_with_seeds_averaged(sweep: Path) -> None:
         "test_acc_mean",
         "test_acc_std",
         "test_acc_ci95",
+        "gap_to_best",
+        "p_vs_best",
+        "within_noise",
+        "resolution",
         "val_loss_mean",
         "train_loss_mean",
         "sec_per_epoch_mean",
@@ -419,15 +423,13 @@ def test_batch_size_sweeps_plot_test_accuracy_against_batch_size(tmp_path: Path)
             make_job(tmp_path, num, [f"norm={norm}", f"batch_size={batch}"], acc, 0)
             num += 1
     report = aggregate(tmp_path)
-    lines = batch_size_lines(report)
-    assert lines is not None
+    lines = lines_against(report, "batch_size")
     assert list(lines[lines["norm"] == "bn"]["batch_size"]) == [2, 8, 32]
     assert list(lines[lines["norm"] == "bn"]["test_acc_mean"]) == [61.0, 67.0, 91.0]
     text = (tmp_path / "report.md").read_text() if (tmp_path / "report.md").exists() else ""
     assert text == ""  # aggregate() alone writes no report; the CLI and the sweep callback do
     aggregate_main([str(tmp_path)])
-    assert "Test accuracy (%) by batch size" in (tmp_path / "report.md").read_text()
-    assert batch_size_lines(aggregate(lr_sweep(tmp_path / "other"))) is None
+    assert "Test accuracy (%) by batch_size (curves.png):" in (tmp_path / "report.md").read_text()
 
 
 def test_a_norm_with_no_finished_run_keeps_its_row_in_best_by_norm(tmp_path: Path) -> None:
