@@ -300,7 +300,9 @@ def versus_best(results: pd.DataFrame, runs: pd.DataFrame, context: list[str], m
         for index, row in tried.iterrows():
             gap = best["test_acc_mean"] - row["test_acc_mean"]
             p = p_value(row["_scores"], best["_scores"])
-            within = abs(gap) < under or (not math.isnan(p) and p >= SIGNIFICANCE)
+            # One run on a side: no test can tell the two apart, so the row is not called different.
+            untestable = min(len(row["_scores"]), len(best["_scores"])) < 2
+            within = abs(gap) < under or untestable or (not math.isnan(p) and p >= SIGNIFICANCE)
             judged.loc[index, ["gap_to_best", "p_vs_best", "within_noise"]] = [gap, p, within]
     return judged
 
@@ -516,6 +518,8 @@ def noise_sentences(report: Report) -> list[str]:
         if runs[-1] >= 2:
             seeds = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
             rules.append(f"p ≥ {SIGNIFICANCE:g} over {seeds} seeds")
+        if runs[0] < 2:
+            rules.append("one run, which no test can tell apart: add seeds (seed=0,1,2)")
         rule = " or ".join(rules)
         where = f"{label_of(judged.iloc[0], context)}: " if context else ""
         best = row_names(judged.head(1), named)[0] if named else "all runs"
