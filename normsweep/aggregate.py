@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from normsweep.jobfiles import Status, atomic_write, job_dirs
+from normsweep.jobfiles import ATTENTION, Status, atomic_write, job_dirs
 from normsweep.plots import plot_curves
-from normsweep.report import write_report
+from normsweep.report import sweep_command, write_report
 from normsweep.tables import Report, best_by, best_file, collect, format_best, format_table, problems
+
+LOG = "normsweep.log"  # each job's log, as Hydra names it (hydra.job.name + .log)
 
 
 def aggregate(sweep_dir: Path, compare: str | None = "norm") -> Report:
@@ -46,7 +50,7 @@ def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
     where = Path(sweep_dir).resolve()
     print(format_table(result), flush=True)
     if best is not None and compare:
-        print("\n" + format_best(best, compare), flush=True)
+        print("\n" + format_best(best, compare, result.metric), flush=True)
     files = ["results.csv", best_file(compare) if best is not None and compare else None, "curves.png"]
     shown = ", ".join(f for f in files if f and (where / f).is_file())
     jobs = len(result.runs)
@@ -60,7 +64,8 @@ def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
 
 class AggregateCallback(Callback):
     """Runs the aggregator in the launcher process once every job of a multirun has ended; the sweep then exits
-    with status 1 if any job failed (a diverged job is a result, not a failure)."""
+    with status 1 if any job failed or stopped before its last epoch (a diverged job is a result, not a failure),
+    after the command that resumes them."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -70,16 +75,38 @@ class AggregateCallback(Callback):
         except ValueError as err:  # the jobs check `compare` names a config key; this is the sweep's keys
             print(f"{err}; aggregated without a best-by table", file=sys.stderr, flush=True)
             result = report(sweep_dir, None)
-        failed = int((result.runs["status"] == Status.FAILED).sum())
-        if failed:
-            print(
-                f"{failed} of {len(result.runs)} jobs failed; each job's log is {sweep_dir}/JOB/normsweep.log"
-                if len(result.runs) > 1
-                else f"the job failed; its log is {sweep_dir / result.runs['job'].iloc[0] / 'normsweep.log'}",
-                file=sys.stderr,
-                flush=True,
-            )
-            sys.exit(1)
+        statuses = result.runs["status"]
+        unfinished = int(statuses.isin(ATTENTION).sum())
+        if not unfinished:
+            return
+        print(trouble_line(statuses, sweep_dir, result.runs["job"].iloc[0]), file=sys.stderr, flush=True)
+        command = resume_command(sweep_dir)
+        if command:
+            print(f"to resume the jobs that did not complete (the others are kept): {command}", flush=True)
+        sys.exit(1)
+
+
+def trouble_line(statuses: pd.Series, sweep_dir: Path, first_job: str) -> str:
+    """`1 of 3 jobs failed, 1 incomplete; each job's log is ...`: how many jobs need another run, and where to look."""
+    counts = statuses[statuses.isin(ATTENTION)].value_counts()
+    failed = int(counts.get(Status.FAILED, 0))
+    others = ", ".join(f"{n} {status}" for status, n in counts.items() if status != Status.FAILED)
+    if len(statuses) == 1:
+        return f"the job {'failed' if failed else 'did not complete'}; its log is {sweep_dir / first_job / LOG}"
+    total = int(counts.sum())
+    what = f"{failed} of {len(statuses)} jobs failed" + (f", {others}" if others else "")
+    if not failed:
+        what = f"{total} of {len(statuses)} jobs did not complete ({others})"
+    return f"{what}; each job's log is {sweep_dir}/JOB/{LOG}"
+
+
+def resume_command(sweep_dir: Path) -> str | None:
+    """The sweep's own command line with its folder named (absolute), which resumes it; None without multirun.yaml."""
+    command = sweep_command(sweep_dir)
+    if command is None:
+        return None
+    args = [arg for arg in shlex.split(command) if not arg.startswith("hydra.sweep.dir=")]
+    return shlex.join([*args, f"hydra.sweep.dir={Path(sweep_dir).resolve()}"])
 
 
 def main(argv: list[str] | None = None) -> int:

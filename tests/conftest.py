@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         functions = [getattr(item, "function", None)]  # the test, and the fixtures it uses
         info = getattr(item, "_fixtureinfo", None)
-        for definitions in (info.name2fixturedefs.values() if info else ()):
+        for definitions in info.name2fixturedefs.values() if info else ():
             functions += [definition.func for definition in definitions]
         sources = [inspect.getsource(f) for f in functions if f is not None and not _foreign(f)]
         if any(call in source for source in sources for call in ("run_cli(", "_popen(", "subprocess.")):

@@ -1,0 +1,1 @@
+"""normsweep's SLURM launcher plugin (Hydra registers launcher schemas found in the `hydra_plugins` namespace)."""
