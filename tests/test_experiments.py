@@ -101,7 +101,7 @@ def test_the_batch_size_preset_scales_the_learning_rate_and_plots_by_batch_size(
         first_lr = pd.read_csv(tmp_path / str(job) / "metrics.csv")["lr"].iloc[0]
         assert first_lr == 0.1 * summary["config"]["batch_size"] / 32  # the linear scaling rule
     report = (tmp_path / "report.md").read_text()
-    assert "Test accuracy (%) by batch size" in report and "## Best by norm" in report
+    assert "Test accuracy (%) by batch_size" in report and "## Best by norm" in report
 
 
 def test_a_users_own_norm_and_optimizer_sweep_beside_the_built_in_ones(tmp_path: Path) -> None:
