@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
@@ -54,9 +54,9 @@ ConfigStore.instance().store(
 )
 
 
-@dataclass(frozen=True)
-class Request:
-    """What each job asks SLURM for, `auto` resolved; None: the key is not passed to sbatch."""
+class Request(NamedTuple):
+    """What each job asks SLURM for, `auto` resolved; None: the key is not passed to sbatch. A tuple, so that two
+    requests compare by value even after Hydra's plugin scan has executed this module a second time."""
 
     gpus_per_node: int | None
     cpus_per_task: int | None
