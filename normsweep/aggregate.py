@@ -7,23 +7,21 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 from normsweep.jobfiles import ATTENTION, Status, atomic_write, job_dirs
-from normsweep.plots import plot_curves
-from normsweep.report import sweep_command, write_report
-from normsweep.tables import Report, best_by, best_file, collect, format_best, format_table, problems
+from normsweep.plots import plot_curves, plot_diagnostics
+from normsweep.report import DIAGNOSTICS_FIGURE, sweep_command, write_report
+from normsweep.tables import Report, best_by, best_file, collect, diagnostics, format_best, format_table, problems
 
 LOG = "normsweep.log"  # each job's log, as Hydra names it (hydra.job.name + .log)
 
 
 def aggregate(sweep_dir: Path, compare: str | None = "norm") -> Report:
     """Write runs.csv, results.csv, best_by_<compare>.csv (when something besides `compare` was swept) and
-    curves.png into `sweep_dir`, and return what was aggregated.
+    curves.png (and diagnostics.png, when the jobs wrote diagnostics.csv) into `sweep_dir`, and return what was
+    aggregated.
 
     Raises ValueError, before writing anything, if `compare` names no key of the sweep (None: no best-by table).
     """
@@ -37,6 +35,9 @@ def aggregate(sweep_dir: Path, compare: str | None = "norm") -> Report:
         atomic_write(sweep_dir / best_file(compare), report.best.to_csv(index=False, float_format="%.6g"))
     if len(report.curves):
         plot_curves(report, sweep_dir / "curves.png")
+    layers = diagnostics(report, sweep_dir)
+    if layers is not None:  # jobs run with diagnostics=true (older sweeps have none: no figure)
+        plot_diagnostics(report, layers, sweep_dir / DIAGNOSTICS_FIGURE)
     return report
 
 
@@ -52,6 +53,7 @@ def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
     if best is not None and compare:
         print("\n" + format_best(best, compare, result.metric), flush=True)
     files = ["results.csv", best_file(compare) if best is not None and compare else None, "curves.png"]
+    files.append(DIAGNOSTICS_FIGURE)
     shown = ", ".join(f for f in files if f and (where / f).is_file())
     jobs = len(result.runs)
     print(f"\nresults: {where / 'results.csv'}  ({jobs} job{'s' if jobs != 1 else ''})", flush=True)
@@ -62,28 +64,24 @@ def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
     return result
 
 
-class AggregateCallback(Callback):
-    """Runs the aggregator in the launcher process once every job of a multirun has ended; the sweep then exits
+def end_of_sweep(sweep_dir: Path, compare: str) -> None:
+    """What a multirun does once every job has ended (normsweep.callback.AggregateCallback): aggregate, then exit
     with status 1 if any job failed or stopped before its last epoch (a diverged job is a result, not a failure),
     after the command that resumes them."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        compare = str(config.get("compare", "norm"))
-        try:
-            result = report(sweep_dir, compare)
-        except ValueError as err:  # the jobs check `compare` names a config key; this is the sweep's keys
-            print(f"{err}; aggregated without a best-by table", file=sys.stderr, flush=True)
-            result = report(sweep_dir, None)
-        statuses = result.runs["status"]
-        unfinished = int(statuses.isin(ATTENTION).sum())
-        if not unfinished:
-            return
-        print(trouble_line(statuses, sweep_dir, result.runs["job"].iloc[0]), file=sys.stderr, flush=True)
-        command = resume_command(sweep_dir)
-        if command:
-            print(f"to resume the jobs that did not complete (the others are kept): {command}", flush=True)
-        sys.exit(1)
+    try:
+        result = report(sweep_dir, compare)
+    except ValueError as err:  # the jobs check `compare` names a config key; this is the sweep's keys
+        print(f"{err}; aggregated without a best-by table", file=sys.stderr, flush=True)
+        result = report(sweep_dir, None)
+    statuses = result.runs["status"]
+    unfinished = int(statuses.isin(ATTENTION).sum())
+    if not unfinished:
+        return
+    print(trouble_line(statuses, sweep_dir, result.runs["job"].iloc[0]), file=sys.stderr, flush=True)
+    command = resume_command(sweep_dir)
+    if command:
+        print(f"to resume the jobs that did not complete (the others are kept): {command}", flush=True)
+    sys.exit(1)
 
 
 def trouble_line(statuses: pd.Series, sweep_dir: Path, first_job: str) -> str:

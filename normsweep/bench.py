@@ -4,10 +4,12 @@ compute ceiling, side by side on the same model, data, batch size, thread count 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -16,15 +18,19 @@ from torch import nn
 
 from normsweep.config import Config, SyntheticConfig, compose_run, options
 from normsweep.data import Data, Split, load, normalize
+from normsweep.diagnostics import Diagnostics, probe_size
 from normsweep.errors import ConfigError
 from normsweep.jobfiles import atomic_write
 from normsweep.layers import norm_factory
 from normsweep.models import build_model
 from normsweep.optimizers import Adam, build_optimizer
+from normsweep.placement import available_cpus
+from normsweep.threads import choose_threads, step_macs
 from normsweep.train import Compute, prepare, resolve_compute, resolve_device, set_threads, train_epoch
 
 VARIANTS = ("reference", "normsweep", "ceiling")
 CROP_PADDING = 4  # CIFAR's augmentation, in every variant that touches data: crop with padding 4, random flip
+EPOCH_IMAGES = 40_000  # CIFAR-10's training split at val_fraction 0.2: the epoch --diagnostics compares with
 
 
 class ArticleDataset(torch.utils.data.Dataset):
@@ -72,11 +78,16 @@ class Setup:
 
     def build(self) -> nn.Module:
         """The model with this norm, from conf/ as a run would build it (every check of a run applies)."""
+        return self.build_with_slots()[0]
+
+    def build_with_slots(self) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+        """The model, and its norm layers as the diagnostics find them."""
         torch.manual_seed(0)
         c, h, w = self.data.shape
         run = self.config()
         factory = norm_factory(run.norm, self.model)
-        return build_model(self.model, run.model, c, (h, w), self.data.num_classes, factory).to(self.device)
+        model = build_model(self.model, run.model, c, (h, w), self.data.num_classes, factory).to(self.device)
+        return model, factory.slots(model)
 
     def config(self) -> Config:
         return compose_run([f"model={self.model}", f"norm={self.norm}", f"batch_size={self.batch_size}"])
@@ -130,6 +141,25 @@ def run_normsweep(setup: Setup) -> float:
     return setup.batch_size * setup.steps / (time.perf_counter() - start)
 
 
+def time_diagnostics(setup: Setup, epoch_images: int) -> float:
+    """Seconds one epoch's diagnostics take (diagnostics.py, with the probe batch of an `epoch_images`-image
+    training split), on the model after its warm-up steps; the first measurement warms up, the second is timed."""
+    model, slots = setup.build_with_slots()
+    compute = setup.compute(model)
+    forward = prepare(model, compute)
+    optimizer = build_optimizer(model.parameters(), Adam(lr=1e-3))
+    generator = torch.Generator(device=setup.device).manual_seed(0)
+    probe = Diagnostics(model, slots, setup.data, setup.batch_size, 0, compute, images=probe_size(epoch_images))
+    warm = dataclasses.replace(setup.data, train=setup.data.train[: max(1, setup.warmup) * setup.batch_size])
+    train_epoch(forward, warm, optimizer, setup.batch_size, generator, compute)
+    probe.measure(1)
+    _sync(setup.device)
+    start = time.perf_counter()
+    probe.measure(2)
+    _sync(setup.device)
+    return time.perf_counter() - start
+
+
 def run_ceiling(setup: Setup) -> float:
     """Forward, backward and step on one batch already normalized in memory, in normsweep's precision and layout:
     no data work at all, the most this hardware gives this model in that setting."""
@@ -173,8 +203,16 @@ def make_data(shape: tuple[int, int, int], batch_size: int, steps: int, device: 
     return data.to(device)
 
 
-def bench(setup_args: dict, norms: list[str], repeats: int, log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Time every variant `repeats` times per norm, alternating their order; one row per (norm, variant, repeat)."""
+def bench(
+    setup_args: dict,
+    norms: list[str],
+    repeats: int,
+    log: Callable[[str], None] = print,
+    diagnostics_epoch: int | None = None,
+) -> pd.DataFrame:
+    """Time every variant `repeats` times per norm, alternating their order; one row per (norm, variant, repeat).
+    With `diagnostics_epoch` (training images per epoch), each repeat also times one epoch's diagnostics: a row of
+    variant `diagnostics` with its `seconds`."""
     rows = []
     for norm in norms:
         setup = Setup(norm=norm, **setup_args)
@@ -185,16 +223,68 @@ def bench(setup_args: dict, norms: list[str], repeats: int, log: Callable[[str],
                 rate = RUNNERS[variant](setup)
                 rows.append({"norm": norm, "variant": variant, "repeat": repeat, "images_per_second": rate})
                 log(f"  {norm:>4} {variant:<9} repeat {repeat + 1}/{repeats}: {rate:8.0f} img/s")
+            if diagnostics_epoch:
+                seconds = time_diagnostics(setup, diagnostics_epoch)
+                rows.append({"norm": norm, "variant": "diagnostics", "repeat": repeat, "seconds": seconds})
+                log(f"  {norm:>4} {'diagnostics':<11} repeat {repeat + 1}/{repeats}: {seconds * 1000:8.1f} ms")
     return pd.DataFrame(rows)
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Median images per second per (norm, variant), and the two ratios that matter, as ratios of medians."""
-    table = runs.pivot_table(index="norm", columns="variant", values="images_per_second", aggfunc="median", sort=False)
+def summarize(runs: pd.DataFrame, epoch_images: int = EPOCH_IMAGES) -> pd.DataFrame:
+    """Median images per second per (norm, variant), and the two ratios that matter, as ratios of medians. With
+    diagnostics rows: their median seconds, and that as a share of an `epoch_images`-image epoch of normsweep's
+    training at its median rate (validation left out, so the share is an upper bound)."""
+    index = ["norm", *(key for key in ("threads", "busy") if key in runs and runs[key].nunique() > 1)]
+    table = runs.pivot_table(index=index, columns="variant", values="images_per_second", aggfunc="median", sort=False)
     table = table[list(VARIANTS)]
     table["normsweep/reference"] = table["normsweep"] / table["reference"]
     table["normsweep/ceiling"] = table["normsweep"] / table["ceiling"]
+    if "seconds" in runs and (runs["variant"] == "diagnostics").any():
+        probe = runs[runs["variant"] == "diagnostics"].groupby(index, sort=False)["seconds"].median()
+        table["diagnostics_s"] = probe
+        table["diagnostics/epoch"] = probe / (epoch_images / table["normsweep"])
     return table.reset_index()
+
+
+def slowdowns(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per norm, thread count and variant: the median images per second of the quiet runs over the busy ones."""
+    timed = runs[runs["variant"].isin(VARIANTS)]
+    medians = timed.groupby(["norm", "threads", "variant", "busy"], sort=False)["images_per_second"].median()
+    table = medians.unstack("busy")
+    quiet, busy = table.columns.min(), table.columns.max()
+    out = (table[quiet] / table[busy]).unstack("variant")[list(VARIANTS)]
+    return out.reset_index()
+
+
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """`n` processes that each keep a CPU busy (a browser tab, another sweep), for as long as the block runs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.5 if n else 0)  # scheduled and running before anything is timed
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def job_threads(setting: int, setup: Setup, device: torch.device) -> int:
+    """The threads a job would train this setup with: `threads=N`, or what threads=0 picks for its model."""
+    if setting or device.type != "cpu":
+        return setting or available_cpus()
+    macs = step_macs(setup.build(), setup.data.shape, setup.batch_size)
+    return choose_threads(0, available_cpus(), macs).threads
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give thread counts, 0 or more, e.g. 0 or 1,2")
+    return list(dict.fromkeys(counts))
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -219,9 +309,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each run (default: 3)")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each variant, alternated (default: 5)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="normsweep and ceiling")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: every CPU available)")
+    parser.add_argument(
+        "--threads",
+        type=_counts,
+        default=[0],
+        help="CPU threads, or a comma list to compare (default 0: what a job with threads=0 uses)",
+    )
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time everything again beside N processes that each keep a CPU busy, and give each variant's slowdown "
+        "against its quiet run (default 0: quiet only)",
+    )
     parser.add_argument("--shape", type=_shape, default=(3, 32, 32), help="image shape C,H,W (default: 3,32,32)")
     parser.add_argument("--out", type=Path, default=Path("bench.csv"), help="where to write (default: bench.csv)")
+    parser.add_argument(
+        "--diagnostics",
+        type=int,
+        nargs="?",
+        const=EPOCH_IMAGES,
+        metavar="EPOCH_IMAGES",
+        help="also time one epoch's diagnostics (diagnostics=true) and give it as a share of an epoch of this many "
+        f"training images at normsweep's rate (default {EPOCH_IMAGES}: CIFAR-10 at val_fraction 0.2)",
+    )
     args = parser.parse_args(argv)
     norms = [n.strip() for n in args.norm.split(",") if n.strip()]
     unknown = [n for n in norms if n not in options("norm")]
@@ -230,12 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be 1 or more")
-    if args.warmup < 0 or args.threads < 0:
-        parser.error("--warmup and --threads must be 0 or more")
+    if args.warmup < 0 or args.busy < 0:
+        parser.error("--warmup and --busy must be 0 or more")
+    if args.diagnostics is not None and args.diagnostics < 1:
+        parser.error("--diagnostics: give the training images of one epoch, 1 or more (e.g. --diagnostics 40000)")
 
     try:
         device = resolve_device(args.device)
-        threads = set_threads(args.threads)
+        set_threads(max(args.threads) or available_cpus())
         data = make_data(args.shape, args.batch_size, args.steps, device)
         setup_args = dict(
             model=args.model,
@@ -254,27 +368,47 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).replace("device=", "--device ").replace("batch_size=", "--batch-size ")
         parser.error(message.replace("model=", "--model ").replace("norm=", "--norm "))
     plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device}, {plural(threads, 'thread')}"
+    counts = {t: job_threads(t, probes[0], device) for t in args.threads}
+    shown = " / ".join(plural(n, "thread") + (" (threads=0)" if t == 0 else "") for t, n in counts.items())
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device}, {shown}"
     header = (
         f"{args.model}, batch {args.batch_size}, {'x'.join(map(str, args.shape))} synthetic uint8 images, "
         f"{plural(args.steps, 'timed step')} x {plural(args.repeats, 'repeat')}, {where}; normsweep and ceiling in "
         f"{compute.precision}{', channels_last' if compute.channels_last else ''}, reference in fp32"
     )
     print(header, flush=True)
-    runs = bench(setup_args, norms, args.repeats, log=lambda line: print(line, flush=True))
-    table = summarize(runs)
+    parts = []
+    for busy in (0, args.busy) if args.busy else (0,):
+        with busy_processes(busy):
+            for setting, threads in counts.items():
+                torch.set_num_threads(threads)
+                say = (
+                    f"threads={setting}"
+                    + (f" ({threads})" if setting == 0 else "")
+                    + (f", busy {busy}" if busy else "")
+                )
+                part = bench(
+                    setup_args,
+                    norms,
+                    args.repeats,
+                    log=lambda line, say=say: print(f"{line}  [{say}]", flush=True),
+                    diagnostics_epoch=args.diagnostics,
+                )
+                parts.append(part.assign(threads=threads, thread_setting=setting, busy=busy))
+    runs = pd.concat(parts, ignore_index=True)
+    table = summarize(runs, args.diagnostics or EPOCH_IMAGES)
     settings = {
         "model": args.model,
         "batch_size": args.batch_size,
         "steps": args.steps,
         "shape": "x".join(map(str, args.shape)),
         "device": str(device),
-        "device_name": where,
-        "threads": threads,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__,
     }
     # What each row ran in: the reference loop always in fp32 and the default (contiguous) layout.
-    ran_in = {v: (compute.precision, compute.channels_last) for v in VARIANTS} | {"reference": ("fp32", False)}
+    ran_in = {v: (compute.precision, compute.channels_last) for v in (*VARIANTS, "diagnostics")}
+    ran_in["reference"] = ("fp32", False)
     runs = runs.assign(
         **settings,
         precision=runs["variant"].map(lambda v: ran_in[v][0]),
@@ -289,11 +423,22 @@ def main(argv: list[str] | None = None) -> int:
                 **{v: "{:.0f}".format for v in VARIANTS},
                 "normsweep/reference": "{:.2f}".format,
                 "normsweep/ceiling": "{:.2f}".format,
+                "diagnostics_s": "{:.3f}".format,
+                "diagnostics/epoch": "{:.2%}".format,
             },
         )
     )
     each = f"median of {args.repeats} runs" if args.repeats > 1 else "one run each"
     print(f"\nimages per second, {each}; every run in {args.out.resolve()}")
+    if args.busy:
+        print(f"\nslowdown beside {plural(args.busy, 'busy process')} (quiet images/s over busy images/s):")
+        print(slowdowns(runs).to_string(index=False, float_format="{:.2f}x".format))
+    if args.diagnostics:
+        probe = min(probe_size(args.diagnostics), args.steps * args.batch_size)
+        print(
+            f"diagnostics_s: one epoch's diagnostics ({probe}-image probe batch), seconds; "
+            f"diagnostics/epoch: that over a {args.diagnostics}-image training epoch at the normsweep rate"
+        )
     return 0
 
 

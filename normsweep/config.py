@@ -101,6 +101,10 @@ class Config:
     threads: int = 0
     compare: str = "norm"  # the axis best_by_<compare>.csv compares; only the aggregation reads it
     compare_metric: str = "val_acc"  # what results.csv sorts by and "best" means; only the aggregation reads it
+    # A run has diverged once an epoch's training loss exceeds it (or any loss is not finite): a number, `auto`
+    # (train.DIVERGE_FACTOR × ln(classes), resolved when the data set is known), or null (non-finite losses only).
+    diverge_loss: Any = "auto"
+    diagnostics: bool = True  # each norm layer measured on a probe batch every epoch: diagnostics.csv (diagnostics.py)
 
 
 # The keys normsweep itself reads from a user data set's YAML; every other key goes to its `_target_` callable.
@@ -109,10 +113,20 @@ _ABSENT = object()
 PRECISIONS = ("fp32", "bf16")
 
 
+def _share_the_config_store() -> None:
+    """Hydra 1.3 deep-copies its ConfigStore singleton, every schema in it, each time it makes a config repository:
+    75 times for `--help`, once per job of a sweep; most of `--help`'s time. Nothing writes to the copy (the store's
+    load() returns a copy of the node), so a copy of the singleton is the singleton itself, as Hydra has it since
+    facebookresearch/hydra#2928 (which refetches the singleton instead of keeping a copy)."""
+    if "__deepcopy__" not in vars(ConfigStore):
+        ConfigStore.__deepcopy__ = lambda self, memo: self
+
+
 def register_configs() -> None:
     """The schemas, in Hydra's ConfigStore: the top level, and one per built-in option, outside the groups so that
     neither `--help` nor an unknown option's error lists them (its YAML starts from it:
     `defaults: [/schema_norm_bn@_here_, _self_]`)."""
+    _share_the_config_store()
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
     for name, record in NORMS.items():
@@ -217,6 +231,17 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Config:
         run.compare_metric in COMPARE_METRICS,
         f"compare_metric={run.compare_metric}: choose val_acc (the last epoch's validation accuracy, the default), "
         "test_acc or best_val_acc",
+    )
+    limit = run.diverge_loss
+    _check(
+        limit is None or limit == "auto" or (type(limit) in (int, float) and limit > 0),  # type(): a bool is no limit
+        f"diverge_loss={run.diverge_loss}: give the training loss above which a run has diverged (a number > 0, e.g. "
+        "diverge_loss=20), auto (10 × ln(classes)), or null to stop only on a loss that is not finite",
+    )
+    _check(
+        run.optimizer.warmup_epochs <= run.epochs,
+        f"optimizer.warmup_epochs={run.optimizer.warmup_epochs:g} epochs={run.epochs}: the warm-up must fit in the "
+        "training; use fewer warm-up epochs",
     )
     if run.optimizer.lr_batch_size is not None:
         run.optimizer.lr = run.optimizer.lr * run.batch_size / run.optimizer.lr_batch_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pickle
 from collections.abc import Callable
@@ -59,14 +60,27 @@ class Data:
         )
 
 
-def _digits(cfg: DatasetConfig) -> tuple[Split, Split, int]:
-    from sklearn.datasets import load_digits
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: 1797 images of 8×8 pixel counts 0..16, and their labels 0..9. Read from the
+    file scikit-learn ships (what its load_digits reads), without importing scikit-learn: that import alone takes
+    longer than training the default job."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else None
+    if path is None or not path.is_file():  # another layout: ask scikit-learn
+        from sklearn.datasets import load_digits
 
-    bunch = load_digits()
+        bunch = load_digits()
+        return bunch.images, bunch.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
+def _digits(cfg: DatasetConfig) -> tuple[Split, Split, int]:
+    pixels, target = digits_arrays()
     # Pixel values are counts 0..16; spread them over 0..255 like any 8-bit image.
-    images = torch.from_numpy(np.clip(bunch.images * 16, 0, 255).astype(np.uint8)).unsqueeze(1)
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
-    return (*_fixed_test_split(images, labels, cfg), len(bunch.target_names))
+    images = torch.from_numpy(np.clip(pixels * 16, 0, 255).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(target.astype(np.int64))
+    return (*_fixed_test_split(images, labels, cfg), 10)
 
 
 def _synthetic(cfg: SyntheticConfig) -> tuple[Split, Split, int]:

@@ -7,6 +7,7 @@ file imports this module alone.
 
 from __future__ import annotations
 
+import copy
 import csv
 import enum
 import io
@@ -15,7 +16,7 @@ import math
 import os
 import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from normsweep.norms import BUILT_IN as NORMS
 from normsweep.optimizers import BUILT_IN as OPTIMIZERS
 
 METRICS_FILE = "metrics.csv"
+DIAGNOSTICS_FILE = "diagnostics.csv"
+DIAGNOSTICS_COLUMNS = ["epoch", "layer", "depth", "metric", "value"]
 SUMMARY_FILE = "summary.json"
 OVERRIDES_FILE = ".hydra/overrides.yaml"
 METRIC_COLUMNS = [
@@ -43,11 +46,12 @@ COMPARE_METRICS = {
     "test_acc": "test accuracy",
     "best_val_acc": "best-epoch validation accuracy",
 }
-# Keys that say where a job runs or finds its data, or how the sweep is aggregated, not what a job computes: a
-# resumed job may change them.
-WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare", "compare_metric")
+# Keys that say where a job runs or finds its data, how the sweep is aggregated, or what is measured beside the
+# training (diagnostics), not what a job computes: a resumed job may change them.
+WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare", "compare_metric", "diagnostics")
 # Keys added to the config after normsweep 0.1.0's first sweeps, with the value that computes what those jobs
-# computed: a folder saved without the key resumes when the key has that value now (an upgrade mid-sweep).
+# computed: a folder saved without the key is the same job when the key has that value now, and resumes with it
+# when the command does not give the key (saved_behaviour: an upgrade mid-sweep, whatever today's default).
 ADDED_KEYS = {
     "norm.track_running_stats": True,
     "norm.group_size": None,
@@ -55,6 +59,12 @@ ADDED_KEYS = {
     # Since the built-in data sets have a schema (0.2): keys that only some of them read, at its defaults.
     "dataset.test_fraction": 0.2,
     "dataset.split_seed": 0,
+    # The fair recipe, whose defaults differ from what jobs computed before it: no loss threshold, every parameter
+    # decayed, no warm-up, the schedule moved once per epoch.
+    "diverge_loss": None,
+    "optimizer.decay_norm_and_bias": True,
+    "optimizer.warmup_epochs": 0,
+    "optimizer.schedule_step": "epoch",
 }
 
 
@@ -112,13 +122,33 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def write_metrics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """metrics.csv: one row per finished epoch, in METRIC_COLUMNS."""
+def _write_csv(path: Path, columns: tuple[str, ...] | list[str], rows: list[dict[str, Any]]) -> None:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(METRIC_COLUMNS)
-    writer.writerows([_cell(row.get(column)) for column in METRIC_COLUMNS] for row in rows)
-    atomic_write(Path(job_dir) / METRICS_FILE, text.getvalue())
+    writer.writerow(columns)
+    writer.writerows([_cell(row.get(column)) for column in columns] for row in rows)
+    atomic_write(path, text.getvalue())
+
+
+def write_metrics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """metrics.csv: one row per finished epoch, in METRIC_COLUMNS."""
+    _write_csv(Path(job_dir) / METRICS_FILE, METRIC_COLUMNS, rows)
+
+
+def write_diagnostics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """diagnostics.csv: the diagnostics of every finished epoch, one row per (epoch, layer, metric)."""
+    _write_csv(Path(job_dir) / DIAGNOSTICS_FILE, DIAGNOSTICS_COLUMNS, rows)
+
+
+def read_diagnostics(job_dir: Path, up_to_epoch: int) -> list[dict[str, Any]]:
+    """diagnostics.csv's rows of the epochs up to `up_to_epoch` (a resume drops those after its checkpoint), as
+    written; none when the file is missing or unreadable."""
+    try:
+        with open(Path(job_dir) / DIAGNOSTICS_FILE, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    return [row for row in rows if str(row.get("epoch")).isdigit() and int(row["epoch"]) <= up_to_epoch]
 
 
 def _json_safe(value: Any) -> Any:
@@ -254,7 +284,8 @@ def _upgraded(config: dict[str, Any]) -> dict[str, Any]:
         node = config.get(group)
         if isinstance(node, dict) and "_target_" not in node and node.get("name") in records:
             record = records[node["name"]]()
-            config[group] = {**{key: getattr(record, key) for key in record.OWN_KEYS}, **node}
+            own = [key for key in record.OWN_KEYS if f"{group}.{key}" not in ADDED_KEYS]  # those it had then
+            config[group] = {**{key: getattr(record, key) for key in own}, **node}
     return config
 
 
@@ -266,6 +297,32 @@ def settings(config: dict[str, Any]) -> dict[str, Any]:
         for key, value in _flatten(_upgraded(config)).items()
         if key not in WHERE_KEYS and not (key in ADDED_KEYS and value == ADDED_KEYS[key])
     }
+
+
+def lacking_added_keys(saved: dict[str, Any]) -> frozenset[str]:
+    """The added keys a saved job's settings lack: it was saved before them, or with their old value."""
+    return frozenset(ADDED_KEYS.keys() - settings(saved).keys())
+
+
+def saved_behaviour(config: dict[str, Any], lacking: Iterable[str], given: Iterable[str]) -> dict[str, Any]:
+    """The added keys a job resumed in a folder takes at their old value (ADDED_KEYS): each one the saved job
+    lacks (`lacking`, see lacking_added_keys) that `config` has and the command does not give (`given`: the keys of
+    its overrides). The values saved in the folder win over today's defaults; a key given on the command line is
+    compared as it is."""
+    flat, given = _flatten(config), set(given)
+    return {key: ADDED_KEYS[key] for key in lacking if key in flat and key not in given}
+
+
+def with_values(config: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a (nested) config with some flat keys (`optimizer.warmup_epochs`) set."""
+    config = copy.deepcopy(config)
+    for key, value in values.items():
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
 
 
 def settings_key(config: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -154,11 +155,12 @@ class NormFactory:
 
     `dim=2` is a conv feature map (N, C, H, W), `dim=1` fc features (N, C); `layer` names the layer in error
     messages (e.g. "conv2"). `adapt` is for what a per-layer factory cannot reach: build_model passes it the
-    whole model once, before its first forward pass."""
+    whole model once, before its first forward pass. `slots(model)` finds every layer it made, by name."""
 
     def __init__(self, record: NormConfig, model_name: str) -> None:
         self.record = record
         self.model_name = model_name
+        self.made: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.builder = _import(record._target_, "_target_", record.name)
         self.adapter = _import(record.adapt_model, "adapt_model", record.name) if record.adapt_model else None
         self.passes_dim = _takes(self.builder, "dim")
@@ -195,12 +197,19 @@ class NormFactory:
                 f"norm={record.name}: {record._target_}({num_features}) returned a {type(module).__name__}, "
                 "not a torch.nn.Module"
             )
+        self.made.add(module)
         return module
 
     def act(self, num_features: int, *, layer: str | None = None, dim: int = 2) -> nn.Module:
         """The norm layer followed by a ReLU, as one module (iterate it to splice both into a Sequential)."""
         module = self(num_features, layer=layer, dim=dim)
         return nn.Sequential(module) if self.record.own_activation else nn.Sequential(module, nn.ReLU(inplace=True))
+
+    def slots(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Every norm layer this factory made for `model`, named as in it (`features.1`), in the model's order: the
+        layers the diagnostics measure, whatever the model (a user's too). For norm=none the identity in each slot
+        counts, so every norm is measured at the same places."""
+        return [(name, module) for name, module in model.named_modules() if module in self.made]
 
     def adapt(self, model: nn.Module) -> nn.Module:
         """The model as this norm needs it (its record's adapt_model), or unchanged."""

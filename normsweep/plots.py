@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -56,9 +57,12 @@ OTHER_COLOURS = (
 DEFAULT_COLOUR = "#1f77b4"
 LINE_STYLES = ("-", "--", ":", "-.")  # a second swept key with up to this many values may be line styles...
 MAX_LINES = 6  # ...when a panel then holds at most this many lines; otherwise it gets a panel per value
-PANEL_COLUMNS = 6  # epoch panels per row when a swept key is drawn as separate panels
+PANEL_COLUMNS = 5  # epoch panels per row when a swept key is drawn as separate panels
+MAX_EPOCH_PANELS = 15  # more settings than this: the epoch panels of this many, evenly spread (report.md has all)
+NUMBER_SPAN = 3  # columns a numeric key's panel spans above a grid of epoch panels
 FAR_BELOW = 20.0  # a curve ending this many points under its panel's best is left below the y-axis, and named
 DODGE = 0.02  # points of different lines at one x are moved apart by this share of the x-range, so bars show
+NOTE_WIDTH = 44  # characters per line of a note inside a panel
 
 
 def palette(names: Iterable[Any]) -> dict[str, str]:
@@ -140,35 +144,25 @@ def plot_curves(report: Report, path: Path) -> None:
     configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
     panels = configs[code.panels].drop_duplicates() if code.panels else pd.DataFrame(index=[0])
     panels = panels.sort_values(code.panels, kind="stable") if code.panels else panels  # lr=1e-4 before 1e-3
+    shown = _spread(panels, MAX_EPOCH_PANELS)
     numbers = swept_numbers(report)
-    if len(panels) == 1:  # one row: accuracy, loss, then a panel per numeric key
-        columns, pairs, number_rows = 2 + len(numbers), 0, 0
-    else:  # rows of accuracy panels, each above the loss panels of the same settings; numeric keys at the bottom
-        columns = max(min(len(panels), PANEL_COLUMNS), min(len(numbers), PANEL_COLUMNS))
-        pairs, number_rows = math.ceil(len(panels) / columns), math.ceil(len(numbers) / columns)
-    rows = max(1, 2 * pairs + number_rows)
-    width = 4.8 if columns <= 4 else 4.2
-    fig = plt.figure(figsize=(width * columns, 0.8 * width * rows + 1.0), layout="constrained")
-    grid = fig.add_gridspec(rows, columns)
     if len(panels) == 1:
-        acc_axes, loss_axes = [fig.add_subplot(grid[0, 0])], [fig.add_subplot(grid[0, 1])]
-        number_axes = [fig.add_subplot(grid[0, 2 + i]) for i in range(len(numbers))]
+        fig, acc_axes, loss_axes, number_axes = _one_row(plt, len(numbers))
     else:
-        places = [(pair, column) for pair in range(pairs) for column in range(columns)][: len(panels)]
-        acc_axes = [fig.add_subplot(grid[2 * pair, column]) for pair, column in places]
-        loss_axes = [fig.add_subplot(grid[2 * pair + 1, column]) for pair, column in places]
-        span = max(1, min(3, columns // max(1, len(numbers))))  # a numeric key's panel, wider when room allows
-        per_row = columns // span
-        number_axes = [
-            fig.add_subplot(grid[2 * pairs + i // per_row, (i % per_row) * span : (i % per_row + 1) * span])
-            for i in range(len(numbers))
-        ]
-    for (_, panel), ax_acc, ax_loss in zip(panels.iterrows(), acc_axes, loss_axes):
-        shown = configs[matching(configs, panel, code.panels)] if code.panels else configs
-        where = f" ({label_of(panel, code.panels)})" if code.panels else ""
-        _plot_epochs(ax_acc, ax_loss, report, shown, code)
-        ax_acc.set_title(f"Validation accuracy{where}", fontsize="medium")
-        ax_loss.set_title(f"Training loss{where}", fontsize="medium")
+        fig, acc_axes, loss_axes, number_axes = _grid(plt, len(shown), len(numbers))
+    for (_, panel), ax_acc, ax_loss in zip(shown.iterrows(), acc_axes, loss_axes):
+        subset = configs[matching(configs, panel, code.panels)] if code.panels else configs
+        _plot_epochs(ax_acc, ax_loss, report, subset, code)
+        if len(panels) == 1:
+            where = f" ({label_of(panel, code.panels)})" if code.panels else ""
+            ax_acc.set_title(f"Validation accuracy{where}", fontsize="medium")
+            ax_loss.set_title(f"Training loss{where}", fontsize="medium")
+        else:  # a grid: the setting as the title, the quantity once per row (left), the epoch axis under the loss
+            ax_acc.set_title(_short_label(panel, code.panels), fontsize="medium")
+            ax_acc.set_xlabel("")
+            if not ax_acc.get_subplotspec().is_first_col():
+                ax_acc.set_ylabel("")
+                ax_loss.set_ylabel("")
     n_seeds = report.runs["seed"].nunique()
     for key, ax in zip(numbers, number_axes):
         _plot_against(ax, lines_against(report, key), key, code, n_seeds)
@@ -180,6 +174,11 @@ def plot_curves(report: Report, path: Path) -> None:
     title = [settings_text(report.fixed)] if report.fixed else []
     if n_seeds > 1:
         title.append(f"curves: mean ± std (band) over {n_seeds} seeds")
+    if len(shown) < len(panels):
+        title.append(
+            f"epoch curves of {len(shown)} of the {len(panels)} settings of {', '.join(code.panels)}, evenly spread "
+            "(report.md lists them all)"
+        )
     if title:
         fig.suptitle("\n".join(title), fontsize="medium")
     image = io.BytesIO()
@@ -188,14 +187,64 @@ def plot_curves(report: Report, path: Path) -> None:
     atomic_write(path, image.getvalue())
 
 
+def _one_row(plt: Any, numbers: int) -> tuple[Any, list[Any], list[Any], list[Any]]:
+    """One setting of the panel keys: accuracy, loss, then a panel per numeric key, side by side."""
+    width = 4.8 if numbers <= 2 else 4.2  # inches per panel
+    fig = plt.figure(figsize=(width * (2 + numbers), 0.8 * width + 1.0), layout="constrained")
+    grid = fig.add_gridspec(1, 2 + numbers)
+    axes = [fig.add_subplot(grid[0, i]) for i in range(2 + numbers)]
+    return fig, axes[:1], axes[1:2], axes[2:]
+
+
+def _grid(plt: Any, panels: int, numbers: int) -> tuple[Any, list[Any], list[Any], list[Any]]:
+    """Several settings of the panel keys: the numeric keys' panels on top, the sweep's main view (test accuracy
+    against the learning rate, say), each over several columns; under them, rows of accuracy panels, each above
+    the loss panel of the same setting, every epoch panel on the same epoch axis."""
+    columns = min(panels, PANEL_COLUMNS)
+    span = min(columns, NUMBER_SPAN, max(2, columns // max(1, numbers)))  # two numeric keys side by side in 5 columns
+    per_row = max(1, columns // span)
+    number_rows, pairs = math.ceil(numbers / per_row), math.ceil(panels / columns)
+    ratios = [1.3] * number_rows + [1.0] * (2 * pairs)
+    width = 4.6 if columns <= 3 else 3.7  # inches per column
+    fig = plt.figure(figsize=(width * columns, 0.7 * width * sum(ratios) + 1.2), layout="constrained")
+    grid = fig.add_gridspec(len(ratios), columns, height_ratios=ratios)
+    start = (columns - per_row * span) // 2  # centred
+    number_axes = [
+        fig.add_subplot(grid[i // per_row, start + (i % per_row) * span : start + (i % per_row + 1) * span])
+        for i in range(numbers)
+    ]
+    places = [(number_rows + 2 * (i // columns), i % columns) for i in range(panels)]
+    acc_axes = [fig.add_subplot(grid[row, column]) for row, column in places]
+    loss_axes = [fig.add_subplot(grid[row + 1, column]) for row, column in places]
+    return fig, acc_axes, loss_axes, number_axes
+
+
+def _spread(panels: pd.DataFrame, most: int) -> pd.DataFrame:
+    """`panels`, or `most` of them evenly spread over their order (the first and the last among them)."""
+    if len(panels) <= most:
+        return panels
+    return panels.iloc[np.unique(np.linspace(0, len(panels) - 1, most).round().astype(int))]
+
+
+def _short_label(panel: pd.Series, keys: list[str]) -> str:
+    """A grid panel's title: its setting with each key's last part (`lr=0.001`), unless two keys would then read
+    the same; the full names are under the numeric keys' panels and in report.md."""
+    names = [key.rsplit(".", 1)[-1] for key in keys]
+    if len(set(names)) < len(names):
+        names = list(keys)
+    return ", ".join(setting(name, panel[key]) for name, key in zip(names, keys))
+
+
 def _plot_epochs(ax_acc: Any, ax_loss: Any, report: Report, configs: pd.DataFrame, code: Encoding) -> None:
     """One panel pair: validation accuracy and training loss per epoch of `configs`, mean ± std bands, y-limits
-    from the data (accuracy over the last two-thirds of training)."""
+    from the data (accuracy over the last two-thirds of training), x over every epoch of the sweep (a run that
+    stopped in epoch 1 shows where it stopped)."""
     from matplotlib.ticker import MaxNLocator
 
     curves = report.curves
     epochs = curves["epoch"]
     late_from = epochs.min() + (epochs.max() - epochs.min()) / 3
+    margin = max(0.3, 0.02 * (epochs.max() - epochs.min()))
     drawn = []
     for _, config in configs.iterrows():
         line = curves[matching(curves, config, report.keys)].sort_values("epoch")
@@ -211,11 +260,13 @@ def _plot_epochs(ax_acc: Any, ax_loss: Any, report: Report, configs: pd.DataFram
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(epochs.min() - margin, epochs.max() + margin)
         ax.set_xlabel("epoch")
     ax_acc.set_ylabel("validation accuracy (%)")
     ax_loss.set_ylabel("training loss")
     if drawn:
-        _accuracy_limits(ax_acc, drawn, late_from, report.varying)
+        named = [key for key in report.varying if key not in code.panels]  # the panel's title says the rest
+        _accuracy_limits(ax_acc, drawn, late_from, named)
         _loss_limits(ax_loss, [line for _, line in drawn])
 
 
@@ -241,15 +292,16 @@ def _accuracy_limits(ax: Any, drawn: list[tuple[pd.Series, pd.DataFrame]], late_
     _no_ticks_over_100(ax)
     below = [i for i in finals if i not in kept]
     if below:
-        names = [f"{label_of(drawn[i][0], keys) if keys else 'all runs'} ({finals[i]:.1f}%)" for i in below]
-        ax.text(
+        names = [f"{label_of(drawn[i][0], keys)} ({finals[i]:.1f}%)" for i in below]
+        note = ax.text(
             0.02,
             0.03,
-            "below the axis: " + ", ".join(names),
+            textwrap.fill("below the axis: " + ", ".join(names), NOTE_WIDTH),
             transform=ax.transAxes,
             fontsize="x-small",
             bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
         )
+        note.set_in_layout(False)  # a long note must not narrow its panel
 
 
 def _no_ticks_over_100(ax: Any) -> None:
@@ -322,3 +374,115 @@ def _plot_against(ax: Any, table: pd.DataFrame, key: str, code: Encoding, n_seed
     ax.set(xlabel=f"{key}{scale}", ylabel="test accuracy (%)")
     ax.set_title(f"Test accuracy by {key}{bars_note}", fontsize="medium")
     ax.grid(alpha=0.3)
+
+
+# diagnostics.png: (metric, epoch "first"/"last" or None for every epoch, panel title), in reading order.
+DIAGNOSTIC_PANELS = (
+    ("in_std", "first", "Input std of each norm layer, epoch {first}"),
+    ("in_std", "last", "Input std of each norm layer, epoch {last}"),
+    ("train_eval_gap", None, "Probe loss, train mode − eval mode"),
+    ("grad_norm", "first", "Gradient norm at each norm layer, epoch {first}"),
+    ("grad_norm", "last", "Gradient norm at each norm layer, epoch {last}"),
+    ("update_ratio", "last", "Weight update ‖Δw‖/‖w‖ before each norm layer, epoch {last}"),
+)
+MAX_DEPTH_LABELS = 8  # up to this many norm layers, the depth axis names them (features.1, ...)
+MAX_DIAGNOSTIC_BLOCKS = 4  # more settings of the panel keys than this: the rows of this many, evenly spread
+
+
+def plot_diagnostics(report: Report, table: pd.DataFrame, path: Path) -> None:
+    """diagnostics.png from tables.diagnostics: input std and gradient norm of every norm layer against depth at the
+    first and last epoch, the last epoch's update ratio of the weight before each, and train_eval_gap per epoch;
+    one line per configuration (mean over seeds), coloured as in curves.png. Swept keys drawn as panels there get
+    a pair of rows per setting here (of at most MAX_DIAGNOSTIC_BLOCKS settings, evenly spread)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    code = encoding(report)
+    configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
+    blocks = configs[code.panels].drop_duplicates().sort_values(code.panels) if code.panels else pd.DataFrame(index=[0])
+    shown_blocks = _spread(blocks, MAX_DIAGNOSTIC_BLOCKS)
+    first, last = int(table["epoch"].min()), int(table["epoch"].max())
+    epochs = {"first": first, "last": last}
+    fig, axes = plt.subplots(
+        2 * len(shown_blocks), 3, figsize=(15, 7.2 * len(shown_blocks) + 0.8), layout="constrained", squeeze=False
+    )
+    for b, (_, block) in enumerate(shown_blocks.iterrows()):
+        shown = configs[matching(configs, block, code.panels)] if code.panels else configs
+        where = f" ({_short_label(block, code.panels)})" if code.panels else ""
+        for i, (metric, when, title) in enumerate(DIAGNOSTIC_PANELS):
+            ax = axes[2 * b + i // 3, i % 3]
+            for _, config in shown.iterrows():
+                rows = table[matching(table, config, report.keys) & (table["metric"] == metric)]
+                rows = rows[rows["epoch"] == epochs[when]] if when else rows
+                x = "depth" if when else "epoch"
+                rows = rows.groupby(x)["value"].mean().sort_index()
+                style = {"color": code.colour_of(config), "ls": code.style_of(config), "lw": 1.8}
+                ax.plot(rows.index, rows.values, marker="o", markersize=3.5, **style)
+            ax.set_title(title.format(first=first, last=last) + where, fontsize="medium")
+            ax.grid(alpha=0.3)
+            ax.margins(x=0.06)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if when:
+                _depth_axis(ax, table)
+            else:
+                ax.axhline(0, color="#333333", lw=0.8)
+                ax.set(xlabel="epoch", ylabel="loss difference")
+        for row, metric in ((2 * b, "in_std"), (2 * b + 1, "grad_norm")):
+            _share_log_y(axes[row, 0], axes[row, 1], table[table["metric"] == metric]["value"])
+        axes[2 * b, 0].set_ylabel("std of the layer's input")
+        axes[2 * b + 1, 0].set_ylabel("‖∂loss/∂input‖")
+        axes[2 * b + 1, 2].set_ylabel("‖Δw‖ / ‖w‖ over the epoch")
+        _log_if_wide(axes[2 * b + 1, 2])
+    if code.legend:
+        handles = [Line2D([], [], color=c, ls=s, lw=2.2, label=label) for label, c, s in code.legend]
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 9), frameon=False)
+    n_seeds = report.runs["seed"].nunique()
+    title = [settings_text(report.fixed)] if report.fixed else []
+    title.append(
+        "each norm layer on a fixed probe batch of training images"
+        + (f", mean over {n_seeds} seeds" if n_seeds > 1 else "")
+    )
+    if len(shown_blocks) < len(blocks):
+        title.append(
+            f"the rows of {len(shown_blocks)} of the {len(blocks)} settings of {', '.join(code.panels)}, evenly spread "
+            "(report.md lists them all)"
+        )
+    fig.suptitle("\n".join(title), fontsize="medium")
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write(path, image.getvalue())
+
+
+def _depth_axis(ax: Any, table: pd.DataFrame) -> None:
+    """Depth on x; the layers' names under it when there are few (a sweep of one model: the same at every depth)."""
+    layers = table[table["depth"] > 0].groupby("depth")["layer"].agg(lambda names: "/".join(sorted(set(names))))
+    if 0 < len(layers) <= MAX_DEPTH_LABELS:
+        ax.set_xticks(layers.index, [f"{d}\n{name}" for d, name in layers.items()], fontsize="small")
+    ax.set_xlabel("depth (norm layer, in forward order)")
+
+
+def _share_log_y(left: Any, right: Any, values: pd.Series) -> None:
+    """The first and last epoch on one y-range, so they compare; log-scaled when the values span over 10x."""
+    values = values[np.isfinite(values) & (values > 0)]
+    if not len(values):
+        return
+    lo, hi = values.min(), values.max()
+    for ax in (left, right):
+        if hi / lo > 10:
+            ax.set_yscale("log")
+            ax.set_ylim(lo / 1.3, hi * 1.3)
+        else:
+            pad = max(0.08 * (hi - lo), 0.02 * hi)
+            ax.set_ylim(max(lo - pad, 0), hi + pad)
+
+
+def _log_if_wide(ax: Any) -> None:
+    values = np.concatenate([line.get_ydata() for line in ax.get_lines()]) if ax.get_lines() else np.array([])
+    values = values[np.isfinite(values) & (values > 0)]
+    if len(values) and values.max() / values.min() > 10:
+        ax.set_yscale("log")

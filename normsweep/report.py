@@ -20,6 +20,7 @@ from normsweep.tables import (
     best_columns,
     best_file,
     cells,
+    diagnostics,
     label_of,
     lines_against,
     matching,
@@ -33,6 +34,8 @@ from normsweep.tables import (
 )
 
 REPORT_FILE = "report.md"
+DIAGNOSTICS_FIGURE = "diagnostics.png"
+DIAGNOSTIC_DEPTHS = 6  # the diagnostics table shows this many norm layers at most: the first, the last, between
 MULTIRUN_FILE = "multirun.yaml"
 
 
@@ -144,6 +147,78 @@ def against_table(report: Report, key: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _number(value: Any) -> str:
+    return "-" if pd.isna(value) else f"{value:.3g}"
+
+
+def diagnostics_tables(report: Report, table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """diagnostics.png in text: per configuration and norm layer (up to DIAGNOSTIC_DEPTHS of them), input std and
+    gradient norm at the first and last epoch and the last epoch's update ratio; and train_eval_gap per
+    configuration at the first and last epoch. Means over seeds."""
+    first, last = int(table["epoch"].min()), int(table["epoch"].max())
+    label_keys = report.varying or report.keys
+    configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
+    layers, gaps = [], []
+    for _, config in configs.iterrows():
+        rows = table[matching(table, config, report.keys)]
+        name = label_of(config, label_keys)
+        values = rows.set_index(["epoch", "depth", "metric"])["value"]
+        values = values[~values.index.duplicated()]
+        depths = sorted(d for d in rows["depth"].unique() if d > 0)
+        step = max(1, round((len(depths) - 1) / (DIAGNOSTIC_DEPTHS - 1))) if len(depths) > 1 else 1
+        names = rows.groupby("depth")["layer"].first()
+        for depth in sorted(set(depths[::step]) | set(depths[-1:])):
+            layers.append(
+                {
+                    "configuration": name,
+                    "layer": f"{depth} {names[depth]}",
+                    **{
+                        f"{metric} {label}": _number(values.get((epoch, depth, metric)))
+                        for metric in ("in_std", "grad_norm")
+                        for label, epoch in (("first", first), ("last", last))
+                    },
+                    "update_ratio last": _number(values.get((last, depth, "update_ratio"))),
+                }
+            )
+        gaps.append(
+            {
+                "configuration": name,
+                **{f"epoch {e}": _number(values.get((e, 0, "train_eval_gap"))) for e in sorted({first, last})},
+            }
+        )
+    return pd.DataFrame(layers), pd.DataFrame(gaps)
+
+
+def diagnostics_section(report: Report, sweep_dir: Path) -> list[str]:
+    """report.md's diagnostics: the figure, how to read it, and its numbers; nothing when no job measured them."""
+    table = diagnostics(report, sweep_dir) if (Path(sweep_dir) / DIAGNOSTICS_FIGURE).is_file() else None
+    if table is None:
+        return []
+    layers, gaps = diagnostics_tables(report, table)
+    first, last = int(table["epoch"].min()), int(table["epoch"].max())
+    return [
+        "## Inside the network",
+        "",
+        f"![input std, gradient norm and update ratio at each norm layer, and train_eval_gap]({DIAGNOSTICS_FIGURE})",
+        "",
+        "Each norm layer measured at the end of every epoch on one fixed probe batch of training images "
+        "(diagnostics.csv in each job folder; what each quantity shows: docs/diagnostics.md). `in_std`: the spread "
+        "of the layer's input (with norm=none, what the layer would have normalized); `grad_norm`: the loss "
+        "gradient reaching it, over depth the gradient flow; `update_ratio`: how far the preceding conv/linear "
+        "weight moved in the epoch, relative to its size (the effective learning rate).",
+        "",
+        f"Per norm layer (depth, name), at epoch {first} (first) and {last} (last):",
+        "",
+        markdown(layers),
+        "",
+        "`train_eval_gap`: the probe loss in train mode (batch statistics, in batches of the training batch size) "
+        "minus in eval mode (running statistics); far from 0, the model evaluates differently from how it trained:",
+        "",
+        markdown(gaps),
+        "",
+    ]
+
+
 def results_text(report: Report) -> str:
     """What the results table's columns mean, for the metric this sweep compares."""
     metric, several = report.metric, report.results["runs"].max() > 1
@@ -229,6 +304,7 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
     for key in swept_numbers(report):
         bars = " ± 95% CI" if report.results["runs"].max() > 1 else ""
         out += [f"Test accuracy (%) by {key}{bars} (curves.png):", "", markdown(against_table(report, key)), ""]
+    out += diagnostics_section(report, sweep_dir)
     return "\n".join(out)
 
 

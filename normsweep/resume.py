@@ -10,6 +10,7 @@ import os
 import pickle
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,12 +27,16 @@ from normsweep.jobfiles import (
     atomic_write,
     is_own_slurm_job,
     job_dirs,
+    lacking_added_keys,
     load_summary,
+    parse_overrides,
     preferred_copy,
     process_alive,
+    saved_behaviour,
     settings,
     settings_key,
     slurm_alive,
+    with_values,
 )
 
 log = logging.getLogger("normsweep")
@@ -92,9 +97,10 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any], limit: int = 
     return lines
 
 
-def check_resumable(job_dir: Path, config: dict[str, Any]) -> None:
+def check_resumable(job_dir: Path, config: dict[str, Any], overrides: Sequence[str] = ()) -> None:
     """Raise ResumeConflict unless `job_dir` is new, or holds this same job with nothing still running it (no
-    SLURM job queued or running for it, no process of it on this machine)."""
+    SLURM job queued or running for it, no process of it on this machine). A key added since the folder was saved
+    and not among the task `overrides` is compared at the value the saved job ran with (see saved_behaviour)."""
     job_dir = Path(job_dir)
     summary = load_summary(job_dir)
     status = summary["status"]
@@ -114,13 +120,29 @@ def check_resumable(job_dir: Path, config: dict[str, Any]) -> None:
     saved = summary.get("config")
     if not isinstance(saved, dict):
         raise ResumeConflict(f"{job_dir}: {SUMMARY_FILE} does not record the job's config; {fix}")
-    differences = config_differences(saved, config)
+    behaviour = saved_behaviour(config, lacking_added_keys(saved), _given(overrides))
+    differences = config_differences(saved, with_values(config, behaviour))
     if differences:
         listed = "; ".join(differences[:-1]) + "; and " + differences[-1] if len(differences) > 1 else differences[0]
         raise ResumeConflict(
             f"{job_dir} holds a job with another config ({listed}). Resume it with the command that started it, or "
             f"{fix}"
         )
+
+
+def _given(overrides: Sequence[str]) -> set[str]:
+    """The keys the task overrides set (`optimizer.warmup_epochs=1` → optimizer.warmup_epochs)."""
+    return set(parse_overrides(list(overrides)))
+
+
+def keep_saved_behaviour(job_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Set, in a job's composed config, each key added since its folder was saved that the command does not give
+    to the value the saved job ran with (ADDED_KEYS), so that its remaining epochs compute what its first ones did:
+    an old folder resumes the old way, whatever today's defaults are."""
+    saved = load_summary(job_dir).get("config")
+    if isinstance(saved, dict):
+        for key, value in saved_behaviour(task_config(cfg), lacking_added_keys(saved), _given(overrides)).items():
+            OmegaConf.update(cfg, key, value)
 
 
 def _check_stopped(job_dir: Path, summary: dict[str, Any]) -> None:
@@ -181,6 +203,8 @@ class SweepFolders:
         self.sweep_dir = Path(sweep_dir)
         self._by_settings: dict[str, list[tuple[tuple[bool, int], Path]]] = {}
         self._by_overrides: dict[tuple[str, ...], list[Path]] = {}
+        # The sets of added keys saved jobs lack (saved before them): a job is looked up with each set at old values.
+        self._lacking: set[frozenset[str]] = {frozenset()}
         self._claimed: set[Path] = set()  # one folder per job of a launch, even for two jobs with the same settings
         self._numbers = itertools.count()
         for job_dir in job_dirs(self.sweep_dir) if self.sweep_dir.is_dir() else []:
@@ -188,6 +212,7 @@ class SweepFolders:
             if isinstance(summary.get("config"), dict):
                 copy = (preferred_copy(job_dir, summary["status"]), job_dir)
                 self._by_settings.setdefault(settings_key(summary["config"]), []).append(copy)
+                self._lacking.add(lacking_added_keys(summary["config"]))
             overrides = _saved_overrides(job_dir, summary)
             if overrides is not None:
                 self._by_overrides.setdefault(overrides, []).append(job_dir)
@@ -198,13 +223,15 @@ class SweepFolders:
         A new job gets `new_name`, or with None the lowest number no folder has. Raises ResumeConflict for a folder
         that cannot be taken (another config, a job running now, a summary.json that cannot be read).
         """
-        same = [d for _, d in sorted(self._by_settings.get(settings_key(config), []), reverse=True)]
+        given = _given(overrides)
+        keys = {settings_key(with_values(config, saved_behaviour(config, lacking, given))) for lacking in self._lacking}
+        same = [d for _, d in sorted(sum((self._by_settings.get(k, []) for k in keys), []), reverse=True)]
         made = self._by_overrides.get(tuple(sorted(overrides)), [])
         job_dir = next((d for d in [*same, *made] if d not in self._claimed), None)
         if job_dir is None:
             job_dir = self.sweep_dir / new_name if new_name is not None else self._free()
         if job_dir.exists():
-            check_resumable(job_dir, config)
+            check_resumable(job_dir, config, overrides)
         self._claimed.add(job_dir)
         return str(job_dir.relative_to(self.sweep_dir))
 
@@ -253,6 +280,6 @@ class ResumeCheck(Callback):
         ResumeCheck.made = tuple(Path(os.path.abspath(folder)) for folder in made)  # as Hydra's output_dir
         if job_dir.exists():
             try:
-                check_resumable(job_dir, task_config(config))
+                check_resumable(job_dir, task_config(config), list(config.hydra.overrides.task))
             except ResumeConflict as err:
                 refuse(err)

@@ -15,6 +15,8 @@ import yaml
 from normsweep.jobfiles import (
     ATTENTION,
     COMPARE_METRICS,
+    DIAGNOSTICS_COLUMNS,
+    DIAGNOSTICS_FILE,
     FINISHED,
     GROUPS,
     METRIC_COLUMNS,
@@ -591,3 +593,25 @@ def problems(report: Report) -> list[str]:
 
 def best_file(axis: str) -> str:
     return f"best_by_{axis}.csv"
+
+
+def diagnostics(report: Report, sweep_dir: Path) -> pd.DataFrame | None:
+    """Every finished job's diagnostics.csv, averaged over seeds: one row per (configuration, epoch, layer, metric)
+    with `value` (the mean) and `runs`; None when no job has the file (diagnostics=false, or an older sweep)."""
+    frames = []
+    for job, status in zip(report.runs["job"], report.runs["status"]):
+        path = Path(sweep_dir) / str(job) / DIAGNOSTICS_FILE
+        if status not in FINISHED or not path.is_file():
+            continue
+        try:
+            frame = pd.read_csv(path)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            log.warning("%s cannot be read (%s); left out of diagnostics.png", path, str(err).splitlines()[0])
+            continue
+        if set(DIAGNOSTICS_COLUMNS) <= set(frame.columns):
+            frames.append(frame[DIAGNOSTICS_COLUMNS].assign(job=job))
+    if not frames:
+        return None
+    rows = pd.concat(frames).merge(report.runs[["job", *report.keys]], on="job")
+    by = [*report.keys, "epoch", "depth", "layer", "metric"]
+    return rows.groupby(by, dropna=False, sort=False).agg(value=("value", "mean"), runs=("job", "count")).reset_index()

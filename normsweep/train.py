@@ -16,10 +16,20 @@ from torch import nn
 
 from normsweep.data import Data, Split, augment, normalize
 from normsweep.errors import ConfigError
-from normsweep.optimizers import OptimizerConfig, build_optimizer, build_scheduler
+from normsweep.optimizers import (
+    OptimizerConfig,
+    build_optimizer,
+    build_scheduler,
+    last_lr,
+    step_function,
+    without_dynamo,
+)
 from normsweep.placement import available_cpus
 
 EVAL_BATCH = 1024
+# diverge_loss=auto: a run has diverged once an epoch's mean training loss exceeds DIVERGE_FACTOR × ln(classes), the
+# loss of a uniform guess times 10: a mean probability of classes^-10 on the true class, far worse than any guess.
+DIVERGE_FACTOR = 10
 
 
 @dataclass
@@ -37,6 +47,16 @@ class EpochMetrics:
     def finite(self) -> bool:
         """False once the run has diverged: a NaN or infinite loss."""
         return math.isfinite(self.train_loss) and math.isfinite(self.val_loss)
+
+    def diverged(self, diverge_loss: float | None = None) -> bool:
+        """Whether the run diverged in this epoch: a loss not finite, or a training loss above `diverge_loss`."""
+        return not self.finite or (diverge_loss is not None and self.train_loss > diverge_loss)
+
+
+def diverge_limit(setting: float | str | None, classes: int) -> float | None:
+    """The training loss above which a run has diverged: the `diverge_loss` key, its `auto` resolved for the data
+    set's number of classes; None: only a loss that is not finite."""
+    return DIVERGE_FACTOR * math.log(classes) if setting == "auto" else setting
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,14 +190,17 @@ def train_epoch(
     batch_size: int,
     generator: torch.Generator,
     compute: Compute = Compute(),
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> tuple[float, int]:
     """One pass over the training split in a seeded order, augmented on the device; (mean loss, correct count).
+    A `scheduler`, when given, steps after every optimizer step.
 
     The loss and the correct count accumulate on the device and are read once, at the end: no host sync per batch.
     """
     device = data.train.labels.device
     n = len(data.train)
     model.train()
+    step = optimizer.step if compute.compile else step_function(optimizer)  # the same step, without torch._dynamo
     order = torch.randperm(n, device=device, generator=generator)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -190,7 +213,9 @@ def train_epoch(
             loss = nn.functional.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        step()
+        if scheduler is not None:
+            scheduler.step()
         loss_sum += loss.detach() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
     return loss_sum.item() / n, int(correct.item())
@@ -206,19 +231,28 @@ def fit(
     on_epoch: Callable[[EpochMetrics, Callable[[], dict[str, Any]]], None] | None = None,
     state: dict[str, Any] | None = None,
     compute: Compute = Compute(),
+    diverge_loss: float | None = None,
+    diagnose: Callable[[int], None] | None = None,
 ) -> list[EpochMetrics]:
     """Train `model` on `data` (both already on the device); returns one EpochMetrics per epoch.
 
-    After each epoch `on_epoch(metrics, snapshot)` is called; `snapshot()` returns everything needed to continue
+    After each epoch's validation `diagnose(epoch)` measures the model (diagnostics.py), then
+    `on_epoch(metrics, snapshot)` is called; `snapshot()` returns everything needed to continue
     exactly from there (weights, optimizer, scheduler, random state, history), and passing that back as `state`
     resumes the run: the remaining epochs give the same numbers as an uninterrupted run. Training stops after
-    the first epoch whose loss is not finite (the run diverged); that epoch is the last one returned.
+    the first epoch whose loss is not finite or whose training loss exceeds `diverge_loss` (the run diverged);
+    that epoch is the last one returned. The schedule steps per optimizer step, or per epoch
+    (`optimizer_cfg.schedule_step`); each epoch's `lr` is the rate of its last step.
     """
     device = data.train.labels.device
     forward = prepare(model, compute)
     generator = torch.Generator(device=device).manual_seed(seed)
+    if not compute.compile:
+        without_dynamo()
     optimizer = build_optimizer(model.parameters(), optimizer_cfg)
-    scheduler = build_scheduler(optimizer, optimizer_cfg.schedule, epochs)
+    per_step = optimizer_cfg.schedule_step == "step"
+    steps = len(batch_slices(len(data.train), batch_size)) if per_step else 1
+    scheduler = build_scheduler(optimizer, optimizer_cfg.schedule, epochs, optimizer_cfg.warmup_epochs, steps)
     history: list[EpochMetrics] = []
     if state is not None:
         model.load_state_dict(state["model"])
@@ -241,11 +275,16 @@ def fit(
     n = len(data.train)
     for epoch in range(len(history) + 1, epochs + 1):
         start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_correct = train_epoch(forward, data, optimizer, batch_size, generator, compute)
+        train_loss, train_correct = train_epoch(
+            forward, data, optimizer, batch_size, generator, compute, scheduler if per_step else None
+        )
         train_seconds = time.perf_counter() - start
-        scheduler.step()
+        if not per_step:
+            scheduler.step()
+        lr = last_lr(scheduler)
         val_loss, val_acc = evaluate(forward, data.val, data, compute)
+        if diagnose is not None:  # inside the epoch's time: sec_per_epoch includes what the diagnostics cost
+            diagnose(epoch)
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=train_loss,
@@ -259,6 +298,6 @@ def fit(
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics, snapshot)
-        if not metrics.finite:
+        if metrics.diverged(diverge_loss):
             break
     return history

@@ -23,11 +23,15 @@ from normsweep.config import config_dir, register_configs
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test that launches normsweep in a new process (run_cli, subprocess), or whose fixtures do, is `slow`:
     `pytest -m "not slow"` leaves them out and answers in under a minute. Tests that train for seconds in-process
-    carry the mark themselves."""
+    carry the mark themselves. The tests on the SLURM cluster share one xdist worker (`--dist loadgroup`): one
+    node, whose queue each of them expects to itself."""
     for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
         functions = [getattr(item, "function", None)]  # the test, and the fixtures it uses
         info = getattr(item, "_fixtureinfo", None)
         for definitions in info.name2fixturedefs.values() if info else ():

@@ -37,6 +37,7 @@ def test_bench_times_every_variant_and_writes_bench_csv(tmp_path: Path, capsys: 
     assert set(runs["variant"]) == set(VARIANTS) and set(runs["norm"]) == {"bn", "gn"}
     assert (runs["images_per_second"] > 0).all()
     assert (runs[["model", "batch_size", "steps", "device", "threads"]].iloc[0] == ["simple_cnn", 8, 2, "cpu", 1]).all()
+    assert (runs["busy"] == 0).all()
     # The order of the variants rotates between repeats, so drift on the machine falls on all of them.
     first = runs[runs["repeat"] == 0].groupby("norm")["variant"].first()
     second = runs[runs["repeat"] == 1].groupby("norm")["variant"].first()
@@ -92,3 +93,22 @@ def test_bench_csv_records_what_each_variant_ran_in(tmp_path: Path, capsys: pyte
     printed = capsys.readouterr().out
     assert "2 timed steps x 1 repeat, cpu, 1 thread;" in printed and "one run each" in printed
     assert "1 repeats" not in printed and "1 threads" not in printed and "1 runs" not in printed
+
+
+@pytest.mark.slow  # trains for seconds in-process
+def test_busy_times_each_thread_count_again_beside_busy_processes(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.csv"
+    assert main([*TINY, "--threads", "1,2", "--norm", "bn", "--repeats", "1", "--busy", "1", "--out", str(out)]) == 0
+    runs = pd.read_csv(out)
+    assert sorted(runs.groupby(["threads", "busy"]).size().index) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    printed = capsys.readouterr().out
+    assert "cpu, 1 thread / 2 threads;" in printed
+    assert "slowdown beside 1 busy process (quiet images/s over busy images/s):" in printed
+    table = printed.split("slowdown beside")[1].splitlines()[2:4]
+    assert [line.split()[:2] for line in table] == [["bn", "1"], ["bn", "2"]] and all("x" in line for line in table)
+
+
+def test_thread_counts_are_checked(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--threads", "1,-2"])
+    assert exit_.value.code == 2 and "give thread counts, 0 or more" in capsys.readouterr().err

@@ -25,7 +25,7 @@ def test_the_groups_offer_what_the_readme_lists() -> None:
     assert options("norm") == ["bn", "frn", "gn", "in", "ln", "ln2d", "none", "rms", "ws_gn"]
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "mnist", "svhn", "synthetic"]
-    assert options("experiment") == ["gn_batch_size", "quick", "seed_cifar10"]
+    assert options("experiment") == ["gn_batch_size", "lr_range", "quick", "seed_cifar10"]
 
 
 def forward_backward(run, data) -> None:
@@ -210,6 +210,13 @@ def test_the_compared_axis_must_be_a_config_key(compose_cfg) -> None:
         ("quick", "simple_cnn", "adam", "digits", {"norm": "none,bn,ln,in,gn"}),
         ("seed_cifar10", "deep_cnn", "adam", "cifar10", {"norm": "none,bn"}),
         ("gn_batch_size", "resnet20", "sgd", "digits", {"norm": "bn,gn", "batch_size": "2,4,8,16,32"}),
+        (
+            "lr_range",
+            "simple_cnn",
+            "adam",
+            "digits",
+            {"norm": "none,bn,ln,in,gn", "optimizer.lr": "1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1"},
+        ),
     ],
 )
 def test_experiment_presets_compose(compose_cfg, preset, model, optimizer, dataset, sweep) -> None:

@@ -85,6 +85,7 @@ def test_the_batch_size_preset_scales_the_learning_rate_and_plots_by_batch_size(
             "+experiment=gn_batch_size",
             "batch_size=4,16",
             "epochs=1",
+            "optimizer.schedule=constant",  # metrics.csv's lr (the epoch's last step) is then the scaled rate itself
             "dataset=synthetic",
             "dataset.size=120",
             "dataset.shape=[1,8,8]",

@@ -92,7 +92,7 @@ def test_an_unexpected_error_is_isolated_with_its_traceback_in_the_job_log(tmp_p
                 return real_fit(model, data, optimizer_cfg, *args, **kwargs)
 
             normsweep.job.fit = fit
-            from normsweep.__main__ import main
+            from normsweep.cli import main
             main()
             """
         )

@@ -175,7 +175,14 @@ def _cluster() -> tuple[str | None, str]:
 PARTITION, WHY_NOT = _cluster()
 needs_cluster = pytest.mark.skipif(PARTITION is None, reason=WHY_NOT)
 TINY = ["model=simple_cnn", "batch_size=256", "threads=1"]  # digits: a few seconds per job
-ONE_CPU = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]  # side by side
+# Side by side; squeue asked every 2 s, not 15 (the default, kind to a shared cluster): a job that ended without its
+# result is noticed after two polls, 4 s instead of 30.
+ONE_CPU = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.poll_s=2",
+]
 
 
 @pytest.fixture
@@ -227,7 +234,7 @@ def test_the_documented_command_runs_on_the_partition_with_the_basic_launchers_r
 @needs_cluster
 @pytest.mark.usefixtures("partition")
 def test_a_job_cancelled_mid_training_ends_the_sweep_and_its_resume_command_completes_it(tmp_path: Path) -> None:
-    args = ["-m", "norm=none,bn", "epochs=150", *TINY]
+    args = ["-m", "norm=none,bn", "epochs=80", *TINY]  # long enough to cancel after 3 epochs, short to redo
     sweep = tmp_path / "s"
     proc = _popen([*args, *ONE_CPU, f"hydra.sweep.dir={sweep}"], tmp_path)
     _wait_for_rows(sweep / "0" / "metrics.csv", 3, proc, timeout=600)
@@ -244,7 +251,7 @@ def test_a_job_cancelled_mid_training_ends_the_sweep_and_its_resume_command_comp
     resumed = subprocess.run(_resume_command(output), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert set(pd.read_csv(sweep / "runs.csv")["status"]) == {"completed"}
-    reference = run_cli(["-m", "norm=none", "epochs=150", *TINY, f"hydra.sweep.dir={tmp_path / 'ref'}"], tmp_path)
+    reference = run_cli(["-m", "norm=none", "epochs=80", *TINY, f"hydra.sweep.dir={tmp_path / 'ref'}"], tmp_path)
     assert reference.returncode == 0, reference.stdout + reference.stderr
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "ref" / "0" / "metrics.csv")[VALUES], pd.read_csv(sweep / "0" / "metrics.csv")[VALUES]

@@ -25,7 +25,7 @@ from conftest import run_cli
 from test_faults import _popen, _wait_for_rows
 from test_resume import CONFIG, _job
 
-from normsweep.__main__ import stop_on_sigterm
+from normsweep.signals import stop_on_sigterm
 from normsweep.jobfiles import load_summary
 from normsweep.resume import ResumeConflict, check_resumable, load_checkpoint
 

@@ -138,7 +138,8 @@ def test_cosine_schedule_decays_to_zero() -> None:
 def test_metrics_report_the_epoch_learning_rate(digits: Data) -> None:
     torch.manual_seed(0)
     model = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS["none"](), "simple_cnn"))
-    history = fit(model, digits, OPTIMIZERS["sgd"](lr=0.1, schedule="cosine"), 2, 64, 0)
+    per_epoch = OPTIMIZERS["sgd"](lr=0.1, schedule="cosine", schedule_step="epoch")  # per step: tests/test_recipe.py
+    history = fit(model, digits, per_epoch, 2, 64, 0)
     assert history[0].lr == pytest.approx(0.1) and history[1].lr == pytest.approx(0.05)
     assert all(m.epoch_seconds > 0 and m.images_per_second > 0 for m in history)
 
@@ -200,3 +201,38 @@ def test_compile_gives_the_same_training(digits: Data) -> None:
         return [m.val_acc for m in fit(model, digits, ADAM, 2, 64, 0, compute=Compute(compile=compile))]
 
     assert val_accs(True) == pytest.approx(val_accs(False), abs=0.5)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (torch.optim.Adam, {"lr": 1e-2, "fused": True}),
+        (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "fused": True}),
+        (torch.optim.RMSprop, {"lr": 1e-2}),
+    ],
+)
+def test_the_step_without_torchs_wrappers_is_the_same_step(cls, kwargs) -> None:
+    from normsweep.optimizers import step_function
+
+    def trained(plain: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+        optimizer = cls(model.parameters(), **kwargs)
+        step = step_function(optimizer) if plain else optimizer.step
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(4, 6)).square().mean().backward()
+            step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(trained(True), trained(False)))
+
+
+def test_a_step_hook_keeps_torchs_own_step() -> None:
+    from normsweep.optimizers import step_function
+
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])
+    assert step_function(optimizer) != optimizer.step
+    optimizer.register_step_post_hook(lambda *args: None)
+    assert step_function(optimizer) == optimizer.step

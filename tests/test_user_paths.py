@@ -33,7 +33,7 @@ def test_a_preset_run_without_m_says_it_ran_one_job_how_to_sweep_and_where_its_f
         "ran one job (norm=bn); the config sweeps norm=none,bn,ln,in,gn only with -m: "
         "python -m normsweep -m experiment=quick model=mlp batch_size=256 epochs=1"
     )
-    assert lines[-1].endswith(f"results: {run.relative_to(tmp_path)} (summary.json, metrics.csv)")
+    assert lines[-1].endswith(f"results: {run.relative_to(tmp_path)} (summary.json, metrics.csv, diagnostics.csv)")
     assert (run / "summary.json").is_file() and (run / "metrics.csv").is_file()
 
 
@@ -42,7 +42,7 @@ def test_a_diverged_run_also_ends_with_where_its_files_are(tmp_path: Path) -> No
     lines = _lines(proc)
     assert proc.returncode == 0, "\n".join(lines)
     assert any("diverged: the loss is not finite in epoch 1" in line for line in lines)
-    assert lines[-1].endswith("results: run (summary.json, metrics.csv)")
+    assert lines[-1].endswith("results: run (summary.json, metrics.csv, diagnostics.csv)")
     assert not any("ran one job" in line for line in lines)  # nothing to sweep: no hint
 
 

@@ -1,0 +1,197 @@
+"""The command line: compose the config with Hydra, validate it, run the job; in a sweep, a job that fails is
+recorded in its folder and the sweep goes on. A user's error is one line and exit status 2.
+
+Only Hydra and the torch-free config records are imported at start-up: `--help` and `--cfg job` do not pay for torch;
+a job imports the training code when it runs."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shlex
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from normsweep.config import Config, ConfigError, config_dir, register_configs, validate
+from normsweep.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
+from normsweep.resume import (
+    ResumeCheck,
+    ResumeConflict,
+    check_resumable,
+    keep_saved_behaviour,
+    refuse,
+    task_config,
+)
+from normsweep.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, stop_on_sigterm
+
+log = logging.getLogger("normsweep")
+register_configs()
+
+
+class JobTag(logging.Filter):
+    """Puts `[job N overrides]` before every log line of a sweep's job, so that the lines of jobs run side by
+    side (joblib) tell which job they come from. On the root logger's handlers, for as long as the job runs."""
+
+    def __init__(self, num: int, overrides: list[str]) -> None:
+        super().__init__()
+        self.tag = f"[job {num}{''.join(' ' + o for o in overrides)}]"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "job_tag", None) != self.tag:  # once, though it passes through several handlers
+            with contextlib.suppress(Exception):  # a malformed message stays as it is, for logging to report
+                record.msg, record.args, record.job_tag = f"{self.tag} {record.getMessage()}", (), self.tag
+        return True
+
+    def attach(self) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self)
+
+    def detach(self) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self)
+
+
+def discard_unused_run_dir(job_dir: Path, log_name: str) -> bool:
+    """Remove the folder of a single run refused before training, and the parents made for it that are left
+    empty, if this run made the folder and it holds nothing but Hydra's .hydra/ and the empty log. True if so."""
+    made = ResumeCheck.made
+    log_file = job_dir / log_name
+    if not made or made[0] != job_dir or not set(os.listdir(job_dir)) <= {".hydra", log_name}:
+        return False
+    if (log_file.is_file() and log_file.stat().st_size) or not _only_hydra_files(job_dir / ".hydra"):
+        return False
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # the log file goes with its folder
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == job_dir:
+            root.removeHandler(handler)
+            handler.close()
+    shutil.rmtree(job_dir)
+    for parent in made[1:]:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: another run's, or the user's
+            break
+    return True
+
+
+def _only_hydra_files(folder: Path) -> bool:
+    return not folder.exists() or set(os.listdir(folder)) <= {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def report_single_run(job_dir: Path, hydra_cfg: DictConfig, cfg: DictConfig) -> None:
+    """The last lines of a single run: what the config sweeps only with -m (a preset's sweeper params), and where
+    the run's files are."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+    unswept = {k: v for k, v in (hydra_cfg.sweeper.get("params") or {}).items() if k not in given}
+    if unswept:
+        choices = hydra_cfg.runtime.choices
+        ran = " ".join(f"{k}={choices[k] if k in choices else OmegaConf.select(cfg, k)}" for k in unswept)
+        log.info(
+            "ran one job (%s); the config sweeps %s only with -m: python -m normsweep -m %s",
+            ran,
+            " ".join(f"{k}={v}" for k, v in unswept.items()),
+            " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        )
+    files = ", ".join(f for f in ("summary.json", "metrics.csv", "diagnostics.csv") if (job_dir / f).is_file())
+    shown = os.path.relpath(job_dir) if job_dir.is_relative_to(Path.cwd()) else str(job_dir)
+    log.info("results: %s (%s)", shown, files)
+
+
+def place(run: Config, job_num: int, in_sweep: bool) -> tuple[Config, int]:
+    """The job's GPU (spread over the GPUs) and its share of the CPUs (when jobs run side by side), within which
+    `threads=0` picks its thread count (threads.py)."""
+    import torch
+
+    at_once = int(os.environ.get(JOBS_AT_ONCE_ENV, "1")) if in_sweep else 1
+    device = job_device(run.device, job_num, torch.cuda.device_count(), pinned_gpus(os.environ))
+    return dataclasses.replace(run, device=device), fair_threads(available_cpus(), at_once)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def app(cfg: DictConfig) -> float | None:
+    from normsweep.job import record_failure, run_job  # torch: only once a job runs
+
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    keep_saved_behaviour(job_dir, cfg, overrides)  # a folder saved before a key was added resumes the old way
+    config = task_config(cfg)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    tag = JobTag(hydra_cfg.job.num, overrides) if in_sweep else None
+    if tag:
+        tag.attach()
+    try:
+        hold_ctrl_c(False)  # a Ctrl-C held back while this (worker) process started up arrives here
+        with stop_on_sigterm():
+            check_resumable(job_dir, config)  # first: a folder that is refused must not be marked failed either
+            job_num = hydra_cfg.job.num if in_sweep else 0  # a single run has no job number
+            choices = hydra_cfg.runtime.choices
+            run, cpus = place(validate(cfg, dict(choices)), job_num, in_sweep)
+            summary = run_job(run, job_dir, overrides, config, cpus)
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        what = "stopped by SIGTERM (SLURM ended or requeued the job)" if terminated else "interrupted"
+        if multiprocessing.parent_process() is not None:  # a joblib worker: its launcher says how to resume
+            log.warning("%s; the checkpoint keeps the last finished epoch", what)
+            raise
+        where = f"hydra.sweep.dir={hydra_cfg.sweep.dir}" if in_sweep else f"hydra.run.dir={job_dir}"
+        log.warning(
+            "%s; the checkpoint keeps the last finished epoch. To resume, run the same command with %s", what, where
+        )
+        sys.exit(143 if terminated else 130)
+    except ResumeConflict as err:
+        refuse(err)  # another job's folder: nothing is written into it, and the launch stops
+    except Exception as err:
+        user_error = isinstance(err, ConfigError)
+        if in_sweep or not (user_error and discard_unused_run_dir(job_dir, f"{hydra_cfg.job.name}.log")):
+            record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices))
+        if in_sweep:
+            # Isolated: Hydra would re-raise at the end of the batch and skip the aggregation.
+            log.error("job failed: %s", err, exc_info=full_error or not user_error)
+            return None
+        if user_error and not full_error:
+            log.error("%s", err)
+            sys.exit(2)
+        raise
+    finally:
+        if tag:
+            tag.detach()
+    if not in_sweep:
+        report_single_run(job_dir, hydra_cfg, cfg)
+    return summary.get("final_val_acc")
+
+
+def main() -> None:
+    # `experiment` is a group of the defaults list (experiment=quick); `+experiment=quick`, the form of Hydra's
+    # docs and of normsweep 0.1, would be refused by Hydra as a second value: it means the same thing.
+    sys.argv = [arg[1:] if arg.startswith("+experiment=") else arg for arg in sys.argv]
+    sweep = any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
+    undo = hold_ctrl_c_in_workers() if sweep and hasattr(signal, "pthread_sigmask") else None
+    try:
+        app()
+    except KeyboardInterrupt:
+        # Jobs that run in this process say how to resume themselves (app); this is the launcher of jobs run in
+        # other processes (joblib), or a launch interrupted before its first job.
+        if ResumeCheck.sweep_dir is None:
+            print("interrupted before any job started", file=sys.stderr)
+        else:
+            print(
+                "interrupted; each job's checkpoint keeps its last finished epoch. To resume, run the same command "
+                f"with hydra.sweep.dir={ResumeCheck.sweep_dir}",
+                file=sys.stderr,
+            )
+        sys.exit(130)
+    finally:
+        if undo:
+            undo()

@@ -1,0 +1,60 @@
+"""What `python -m normsweep` imports: `--help` and `--cfg job` need no torch, a job no pandas, matplotlib or
+scikit-learn (the aggregation and the figures import theirs when a sweep ends; digits is read from its file), and
+no torch._dynamo unless it compiles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from normsweep.data import digits_arrays
+
+HEAVY = ("torch", "pandas", "matplotlib", "sklearn", "scipy")
+SCRIPT = """
+import json, sys
+sys.argv = ["normsweep", *json.loads(sys.argv[1])]
+from normsweep.cli import main
+try:
+    main()
+finally:
+    print("MODULES=" + json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {heavy} or m == "torch._dynamo")))
+"""
+
+
+def _imported(args: list[str], cwd: Path) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT.replace("{heavy}", repr(set(HEAVY))), json.dumps(args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    line = next(line for line in out.stdout.splitlines() if line.startswith("MODULES="))
+    modules = json.loads(line.removeprefix("MODULES="))
+    return {m.split(".")[0] for m in modules} | ({"torch._dynamo"} & set(modules))
+
+
+@pytest.mark.slow
+def test_help_and_the_composed_config_do_not_import_torch(tmp_path: Path) -> None:
+    assert _imported(["--help"], tmp_path) == set()
+    assert _imported(["--cfg", "job", "norm=gn"], tmp_path) == set()
+
+
+@pytest.mark.slow
+def test_a_digits_job_imports_torch_alone_without_its_compiler(tmp_path: Path) -> None:
+    assert _imported(["epochs=2", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path) == {"torch"}  # no torch._dynamo
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_digits_read_from_its_file_are_scikit_learns_digits() -> None:
+    from sklearn.datasets import load_digits
+
+    images, labels = digits_arrays()
+    bunch = load_digits()
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, bunch.images)
+    assert np.array_equal(labels, bunch.target)

@@ -1,0 +1,77 @@
+"""threads=0: one thread for a step too small to split, the job's share of the CPUs for a large one; decided by the
+model's size, not by the load, so the same command gives the same numbers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from normsweep.config import compose_run
+from normsweep.layers import norm_factory
+from normsweep.models import build_model
+from normsweep.threads import SPLIT_MACS, ThreadChoice, busy_cpus, choose_threads, describe, step_macs
+
+
+def _model(name: str, shape: tuple[int, int, int]) -> nn.Module:
+    run = compose_run([f"model={name}"])
+    return build_model(name, run.model, shape[0], shape[1:], 10, norm_factory(run.norm, name))
+
+
+def test_a_digits_model_trains_on_one_thread_and_deep_cnn_on_32x32_on_its_share() -> None:
+    small = step_macs(_model("simple_cnn", (1, 8, 8)), (1, 8, 8), 64)
+    large = step_macs(_model("deep_cnn", (3, 32, 32)), (3, 32, 32), 128)
+    assert small < SPLIT_MACS <= large
+    assert choose_threads(0, 2, small).threads == 1
+    assert choose_threads(0, 2, large).threads == 2
+    assert choose_threads(0, 1, large).threads == 1  # its share, when jobs run side by side
+
+
+def test_the_count_is_exact_for_a_known_layer() -> None:
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 5 * 5, 10))
+    per_image = 4 * 5 * 5 * 3 * 9 + 10 * 100
+    assert step_macs(conv, (3, 5, 5), 16) == 16 * per_image
+
+
+def test_counting_changes_nothing_of_the_model() -> None:
+    model = _model("simple_cnn", (1, 8, 8)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    step_macs(model, (1, 8, 8), 64)
+    assert model.training and torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm's statistics too
+
+
+def test_the_users_threads_win_and_a_gpu_job_keeps_its_share() -> None:
+    assert choose_threads(3, 2, 10) == ThreadChoice(3, "threads=3")
+    assert choose_threads(0, 2, None).threads == 2
+
+
+def test_a_busy_machine_gets_one_line_saying_what_the_job_did() -> None:
+    assert describe(choose_threads(0, 2, 10, busy=0.1), 2) is None  # quiet: nothing to say
+    small = describe(choose_threads(0, 2, 10, busy=1.0), 2)
+    assert small.startswith("machine busy (1.0 of 2 CPUs used by other processes): training on 1 thread")
+    large = describe(choose_threads(0, 2, int(5e9), busy=1.0), 2)
+    assert "training on 2 threads" in large and "threads=1" in large
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="busy_cpus reads Linux's /proc/stat")
+def test_a_process_spinning_beside_the_job_counts_as_a_busy_cpu() -> None:
+    spinner = multiprocessing.get_context("fork").Process(target=_spin, daemon=True)
+    spinner.start()
+    try:
+        time.sleep(0.2)
+        busy = busy_cpus(seconds=0.3)
+    finally:
+        spinner.terminate()
+        spinner.join()
+    assert busy is not None and 0.5 <= busy <= len(os.sched_getaffinity(0)) + 0.01
