@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import inspect
+import io
+import logging
 import os
 import pickle
 import struct
@@ -25,20 +28,44 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test that launches normsweep in a new process (run_cli, subprocess), or whose fixtures do, is `slow`:
-    `pytest -m "not slow"` leaves them out and answers in under a minute. Tests that train for seconds in-process
-    carry the mark themselves. The tests on the SLURM cluster share one xdist worker (`--dist loadgroup`): one
-    node, whose queue each of them expects to itself."""
+    """Every test that runs normsweep's command line (run_cli, run_cli_here, subprocess), or whose fixtures do, is
+    `slow`: `pytest -m "not slow"` leaves them out and answers in under a minute. Tests that train for seconds
+    in-process carry the mark themselves.
+
+    Groups for pytest-xdist (`--dist loadgroup`): the tests on the SLURM cluster share one worker (one node, whose
+    queue each of them expects to itself); so do the tests that read one module- or session-scoped sweep, which
+    each worker would otherwise launch again."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
         functions = [getattr(item, "function", None)]  # the test, and the fixtures it uses
         info = getattr(item, "_fixtureinfo", None)
-        for definitions in info.name2fixturedefs.values() if info else ():
+        shared = []
+        for name, definitions in info.name2fixturedefs.items() if info else ():
             functions += [definition.func for definition in definitions]
+            shared += [
+                f"{Path(inspect.getsourcefile(definition.func) or '').stem}.{name}"
+                for definition in definitions
+                if definition.scope in ("module", "session")
+                and not _foreign(definition.func)
+                and _launches(inspect.getsource(definition.func))
+            ]
         sources = [inspect.getsource(f) for f in functions if f is not None and not _foreign(f)]
-        if any(call in source for source in sources for call in ("run_cli(", "_popen(", "subprocess.")):
+        if any(_launches(source) for source in sources):
             item.add_marker(pytest.mark.slow)
+        if shared and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+        group = item.get_closest_marker("xdist_group")
+        if group and config.getvalue("loadgroup") and hasattr(item, "_id") and not hasattr(item, "_nodeid"):
+            # pytest-xdist 3.8 groups by the suffix `@group` it writes into `item._nodeid`, which pytest 9 no longer
+            # reads (it keeps the id in `item._id`): without this every test would be scheduled on its own.
+            from _pytest.nodeid import coerce_node_id
+
+            item._id = coerce_node_id(f"{item.nodeid}@{group.args[0]}")
+
+
+def _launches(source: str) -> bool:
+    return any(call in source for call in ("run_cli(", "run_cli_here(", "_popen(", "subprocess."))
 
 
 def _foreign(function) -> bool:
@@ -68,6 +95,20 @@ def compose_cfg():
     GlobalHydra.instance().clear()
 
 
+NORMS = ["none", "bn", "ln", "in", "gn"]  # the quickstart's five (the article's), as the README runs them
+
+
+@pytest.fixture(scope="session")
+def five_norm_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The quickstart's sweep with two seeds and two epochs, run once (as a user runs it) for the tests that read
+    what it wrote and printed: (its folder, the finished process)."""
+    cwd = tmp_path_factory.mktemp("user")
+    sweep = cwd / "sweep"
+    proc = run_cli(["-m", f"norm={','.join(NORMS)}", "seed=0,1", "epochs=2", f"hydra.sweep.dir={sweep}"], cwd=cwd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return sweep, proc
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 240, module: str = "normsweep") -> subprocess.CompletedProcess:
     """Run `python -m normsweep ARGS` in a fresh process, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -80,6 +121,56 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 240, module: str = "nor
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m normsweep ARGS` run in this process, for a command that trains nothing: refused before any job
+    starts (a value checked, a folder refused), or whose every job is kept from an earlier run. The same main(),
+    Hydra and exit status, without a new process's seconds-long start (torch). Its output is what it writes through
+    sys.stdout and sys.stderr (print, logging), which is all such a run writes.
+    The real process stays tested by run_cli: every path of exit statuses, signals and the console entry has a
+    test of its own there."""
+    from normsweep import cli
+    from normsweep.resume import ResumeCheck
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    saved_loggers = [(lg, lg.level, lg.disabled, lg.propagate, lg.handlers[:]) for lg in loggers]
+    saved = (sys.argv, os.getcwd(), ResumeCheck.made, ResumeCheck.sweep_dir, dict(os.environ))
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = ["normsweep", *args]
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as exit_:
+                code = exit_.code
+                if isinstance(code, str):  # as the interpreter prints it
+                    print(code, file=sys.stderr)
+    finally:
+        GlobalHydra.instance().clear()
+        sys.argv, cwd_before, ResumeCheck.made, ResumeCheck.sweep_dir, environ = saved
+        os.chdir(cwd_before)
+        os.environ.clear()  # what the run set (a sweep tells its jobs how many run at once) is not for the next
+        os.environ.update(environ)
+        # Hydra configured logging for the run: its handlers (the console, the run's log file) go, the ones before
+        # (pytest's) come back.
+        before = {id(handler) for *_, handlers in saved_loggers for handler in handlers}
+        for logger in [logging.getLogger(), *(logging.getLogger(name) for name in logging.root.manager.loggerDict)]:
+            for handler in logger.handlers[:]:
+                logger.removeHandler(handler)
+                if id(handler) not in before:
+                    handler.close()
+        for logger, level, disabled, propagate, handlers in saved_loggers:
+            logger.setLevel(level)
+            logger.disabled, logger.propagate = disabled, propagate
+            for handler in handlers:
+                logger.addHandler(handler)
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)  # as the interpreter exits
+    return subprocess.CompletedProcess(["normsweep", *args], returncode, out.getvalue(), err.getvalue())
 
 
 def _pattern_images(rng: np.random.Generator, labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -7,19 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
-from conftest import make_mnist, run_cli
+from conftest import NORMS, make_mnist, run_cli, run_cli_here
 
-NORMS = ["none", "bn", "ln", "in", "gn"]  # the quickstart's five (the article's), as the README runs them
-
-
-@pytest.fixture(scope="module")
-def five_norm_sweep(tmp_path_factory: pytest.TempPathFactory):
-    cwd = tmp_path_factory.mktemp("user")
-    sweep = cwd / "sweep"
-    proc = run_cli(["-m", f"norm={','.join(NORMS)}", "seed=0,1", "epochs=2", f"hydra.sweep.dir={sweep}"], cwd=cwd)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return sweep, proc
+from normsweep.jobfiles import METRIC_COLUMNS
 
 
 def test_sweep_writes_results_with_one_row_per_norm(five_norm_sweep) -> None:
@@ -41,21 +33,12 @@ def test_sweep_writes_runs_curves_and_per_job_files(five_norm_sweep) -> None:
     for num in range(10):
         job = sweep / str(num)
         metrics = pd.read_csv(job / "metrics.csv")
-        assert list(metrics.columns) == [
-            "epoch",
-            "train_loss",
-            "train_acc",
-            "val_loss",
-            "val_acc",
-            "lr",
-            "epoch_seconds",
-            "images_per_second",
-        ]
+        assert list(metrics.columns) == METRIC_COLUMNS
         assert list(metrics["epoch"]) == [1, 2]
         assert metrics["val_acc"].between(0, 100).all()
         summary = json.loads((job / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["epochs_completed"] == 2
-        assert summary["device"] == "cpu" and summary["params"] > 0
+        assert summary["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") and summary["params"] > 0
         assert 0 <= summary["test_acc"] <= 100 and summary["test_loss"] > 0
         assert summary["final_val_acc"] == pytest.approx(metrics["val_acc"].iloc[-1], rel=1e-5)
         assert "Epoch 2/2 train_loss" in (job / "normsweep.log").read_text()
@@ -95,13 +78,22 @@ def test_overrides_from_the_shell_take_effect(tmp_path: Path) -> None:
     assert summary["model"] == "mlp" and summary["optimizer"] == "sgd"
 
 
-def test_same_seed_same_metrics_run_after_run(tmp_path: Path) -> None:
-    def metrics(name: str) -> pd.DataFrame:
-        proc = run_cli(["epochs=2", "norm=gn", f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return pd.read_csv(tmp_path / name / "metrics.csv").drop(columns=["epoch_seconds", "images_per_second"])
+def test_same_seed_same_metrics_run_after_run(five_norm_sweep, tmp_path: Path) -> None:
+    sweep, _ = five_norm_sweep
+    # The sweep's job norm=gn seed=0 ran in another process: the same command again gives the same numbers.
+    (job,) = [d for d in sweep.iterdir() if (d / "summary.json").is_file() and _is(d, norm="gn", seed=0)]
+    proc = run_cli(["epochs=2", "norm=gn", "seed=0", f"hydra.run.dir={tmp_path / 'again'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    pd.testing.assert_frame_equal(metrics("a"), metrics("b"))
+    def metrics(folder: Path) -> pd.DataFrame:
+        return pd.read_csv(folder / "metrics.csv").drop(columns=["epoch_seconds", "images_per_second"])
+
+    pd.testing.assert_frame_equal(metrics(tmp_path / "again"), metrics(job))
+
+
+def _is(job: Path, **settings: object) -> bool:
+    summary = json.loads((job / "summary.json").read_text())
+    return all(summary[key] == value for key, value in settings.items())
 
 
 @pytest.mark.parametrize(
@@ -114,7 +106,8 @@ def test_same_seed_same_metrics_run_after_run(tmp_path: Path) -> None:
     ],
 )
 def test_user_errors_are_one_clear_line_without_traceback(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    # In this process: refused before any job starts (a real process's refusal: test_faults.py, test_user_paths.py).
+    proc = run_cli_here([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert proc.returncode == 2
     output = proc.stdout + proc.stderr
     assert message in output and "Traceback" not in output

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT
 from test_results import make_job
 
 from normsweep import job as job_module
@@ -19,7 +19,7 @@ from normsweep.aggregate import report as aggregate_report
 from normsweep.config import compose_run
 from normsweep.data import load
 from normsweep.diagnostics import LAYER_METRICS, Diagnostics
-from normsweep.jobfiles import write_diagnostics
+from normsweep.jobfiles import DIAGNOSTICS_COLUMNS, write_diagnostics
 from normsweep.layers import norm_factory
 from normsweep.models import build_model
 from normsweep.norms import norm_record
@@ -169,7 +169,7 @@ def test_diagnostics_csv_is_written_and_cut_back_to_the_checkpoint_on_resume(
 ) -> None:
     _run_job(tmp_path / "whole")
     whole = pd.read_csv(tmp_path / "whole" / "diagnostics.csv")
-    assert list(whole.columns) == ["epoch", "layer", "depth", "metric", "value"]
+    assert list(whole.columns) == DIAGNOSTICS_COLUMNS
     assert sorted(whole["epoch"].unique()) == [1, 2, 3] and set(whole["layer"]) == {"features.1", "features.4", "model"}
 
     real_save = job_module.save_checkpoint
@@ -217,12 +217,13 @@ def test_a_sweep_without_diagnostics_has_no_figure_and_no_section(tmp_path: Path
     assert "Inside the network" not in (tmp_path / "report.md").read_text()
 
 
-def test_a_sweep_writes_diagnostics_in_every_job_and_the_figure(tmp_path: Path) -> None:
-    sweep = tmp_path / "s"
-    proc = run_cli(["-m", "norm=none,bn,ln", "epochs=2", f"hydra.sweep.dir={sweep}"], tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for job in ("0", "1", "2"):
-        rows = pd.read_csv(sweep / job / "diagnostics.csv")
+def test_a_sweep_writes_diagnostics_in_every_job_and_the_figure(five_norm_sweep) -> None:
+    sweep, proc = five_norm_sweep  # the quickstart's norms, two seeds, two epochs (conftest.py)
+    jobs = sorted(d for d in sweep.iterdir() if (d / "summary.json").is_file())
+    assert len(jobs) == 10
+    for job in jobs:
+        rows = pd.read_csv(job / "diagnostics.csv")
+        assert list(rows.columns) == DIAGNOSTICS_COLUMNS
         assert set(rows["epoch"]) == {1, 2} and rows["value"].notna().all()
     assert (sweep / "diagnostics.png").is_file() and "diagnostics.png" in proc.stdout
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_cli_here
 
 from normsweep.config import options
 
@@ -64,7 +64,7 @@ def test_a_users_data_set_that_cannot_be_imported_is_explained(tmp_path: Path) -
     conf = tmp_path / "conf" / "dataset"
     conf.mkdir(parents=True)
     (conf / "scans.yaml").write_text("_target_: my_scans.load\n")
-    result = run_cli(["--config-dir", str(tmp_path / "conf"), "dataset=scans", "epochs=1"], cwd=tmp_path)
+    result = run_cli_here(["--config-dir", str(tmp_path / "conf"), "dataset=scans", "epochs=1"], cwd=tmp_path)
     assert result.returncode == 2
     output = result.stdout + result.stderr
     assert "dataset=scans (_target_=my_scans.load): cannot import it" in output
@@ -121,9 +121,11 @@ def test_a_users_own_norm_and_optimizer_sweep_beside_the_built_in_ones(tmp_path:
     rmsprop = next(s for s in summaries if s["optimizer"] == "rmsprop")
     assert rmsprop["config"]["optimizer"]["_target_"] == "torch.optim.RMSprop"
 
-    # The norm's declared facts are checked like a built-in's: torch_in says it needs feature maps.
+    # The norm's declared facts are checked like a built-in's: torch_in says it needs feature maps (refused before
+    # training: in this process).
     single = tmp_path / "single"
-    result = run_cli(["--config-dir", "my_conf", "model=mlp", "norm=torch_in", f"hydra.run.dir={single}"], cwd=project)
+    args = ["--config-dir", "my_conf", "model=mlp", "norm=torch_in", f"hydra.run.dir={single}"]
+    result = run_cli_here(args, cwd=project)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "model=mlp norm=torch_in: layer fc1 has fc features (N, C)" in output and "Traceback" not in output

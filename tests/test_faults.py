@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import make_mnist, run_cli
+from conftest import make_mnist, run_cli, run_cli_here
 
-VALUES = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]  # metrics.csv without the timings
+from normsweep.aggregate import main as aggregate_main
+from normsweep.jobfiles import METRIC_COLUMNS
+
+TIMINGS = ("epoch_seconds", "images_per_second")
+VALUES = [column for column in METRIC_COLUMNS if column not in TIMINGS]  # metrics.csv without the timings
 
 
 def _summary(job: Path) -> dict:
@@ -119,35 +123,40 @@ def test_a_diverging_job_is_a_result_not_a_failure(tmp_path: Path) -> None:
     assert "diverged: the loss is not finite in epoch 1" in proc.stdout
 
 
-def test_killed_mid_epoch_and_resumed_gives_the_uninterrupted_numbers(tmp_path: Path) -> None:
-    args = ["-m", "norm=bn,gn", "epochs=5", "batch_size=16"]  # small batches: an epoch lasts long enough to hit
-    reference = run_cli([*args, f"hydra.sweep.dir={tmp_path / 'ref'}"], tmp_path)
-    assert reference.returncode == 0, reference.stdout + reference.stderr
-
+def test_killed_mid_epoch_and_resumed_gives_the_uninterrupted_numbers(tmp_path: Path, capsys) -> None:
+    # Small batches on the CPU: an epoch lasts long enough to hit (on a GPU, 3 epochs of digits end in a second).
+    args = ["-m", "norm=bn,gn", "epochs=3", "batch_size=16", "device=cpu"]
     sweep = tmp_path / "killed"
     proc = _popen([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
-    _wait_for_rows(sweep / "1" / "metrics.csv", 2, proc)  # job 0 done, job 1 two epochs in
+    _wait_for_rows(sweep / "1" / "metrics.csv", 1, proc)  # job 0 done, job 1 one epoch in
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _summary(sweep / "1")["status"] == "running"  # what the killed process left
-    listed = run_cli([str(sweep)], tmp_path, module="normsweep.aggregate")
-    assert "incomplete: job 1 (norm=gn" in listed.stdout
+    aggregate_main([str(sweep)])  # `python -m normsweep.aggregate` (its own process: test_resume_by_settings.py)
+    assert "incomplete: job 1 (norm=gn" in capsys.readouterr().out
     assert pd.read_csv(sweep / "runs.csv").set_index("norm").loc["gn", "status"] == "incomplete"
+    finished = _fingerprint(sweep / "0")
+    finished.pop("normsweep.log")  # the resumed sweep logs that it kept the job
 
     resumed = run_cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "kept from an earlier run (completed, 5 epochs" in resumed.stdout
+    assert "kept from an earlier run (completed, 3 epochs" in resumed.stdout
     assert "resuming from the checkpoint of epoch" in resumed.stdout
-    for job in ("0", "1"):
-        expected = pd.read_csv(tmp_path / "ref" / job / "metrics.csv")[VALUES]
-        pd.testing.assert_frame_equal(pd.read_csv(sweep / job / "metrics.csv")[VALUES], expected)
-        assert _summary(sweep / job)["test_acc"] == _summary(tmp_path / "ref" / job)["test_acc"]
-    assert 2 <= _summary(sweep / "1")["resumed_from_epoch"] < 5  # it was stopped part-way
+    kept = _fingerprint(sweep / "0")
+    kept.pop("normsweep.log")
+    assert kept == finished, "the finished job was trained again"
+    assert 1 <= _summary(sweep / "1")["resumed_from_epoch"] < 3  # it was stopped part-way
+    # The killed job, resumed, has the numbers of the same job trained in one go.
+    reference = run_cli(["norm=gn", "epochs=3", "batch_size=16", f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    expected = pd.read_csv(tmp_path / "ref" / "metrics.csv")[VALUES]
+    pd.testing.assert_frame_equal(pd.read_csv(sweep / "1" / "metrics.csv")[VALUES], expected)
+    assert _summary(sweep / "1")["test_acc"] == _summary(tmp_path / "ref")["test_acc"]
 
 
 def test_interrupted_with_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
     sweep = tmp_path / "s"
-    proc = _popen(["-m", "norm=bn", "epochs=50", "batch_size=16", f"hydra.sweep.dir={sweep}"], tmp_path)
+    proc = _popen(["-m", "norm=bn", "epochs=50", "batch_size=16", "device=cpu", f"hydra.sweep.dir={sweep}"], tmp_path)
     _wait_for_rows(sweep / "0" / "metrics.csv", 1, proc)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=60)[0].decode()
@@ -161,13 +170,13 @@ def test_a_run_folder_resumed_with_another_config_is_refused_and_changes_nothing
     run = tmp_path / "r"
     assert run_cli(["epochs=1", f"hydra.run.dir={run}"], tmp_path).returncode == 0
     before = _fingerprint(run)
-    longer = run_cli(["epochs=2", f"hydra.run.dir={run}"], tmp_path)
+    longer = run_cli_here(["epochs=2", f"hydra.run.dir={run}"], tmp_path)  # refused before training
     output = longer.stdout + longer.stderr
     assert longer.returncode == 2, output
     assert "holds a job with another config (epochs=1 there, 2 now)" in output and "Traceback" not in output
     assert _fingerprint(run) == before
 
-    again = run_cli(["epochs=1", f"hydra.run.dir={run}"], tmp_path)  # the same command: kept, not retrained
+    again = run_cli_here(["epochs=1", f"hydra.run.dir={run}"], tmp_path)  # the same command: kept, not retrained
     assert again.returncode == 0 and "kept from an earlier run (completed, 1 epoch," in again.stdout
 
 
@@ -180,26 +189,35 @@ def test_two_sweeps_started_together_get_their_own_folders(tmp_path: Path) -> No
     assert sorted(_summary(s / "0")["norm"] for s in sweeps) == ["bn", "gn"]
 
 
-@pytest.mark.parametrize(
-    "args, message, status",
-    [
-        (["epochs=abc"], "Value 'abc' of type 'str' could not be converted to Integer", 1),
-        (["norm=foo"], "Could not find 'norm/foo'\n\nAvailable options in 'norm':", 1),
-        (["optimizer.lr=0"], "optimizer.lr=0.0: the learning rate must be a number > 0", 2),
-        (["batch_size=0"], "batch_size=0: use a batch size of 1 or more", 2),
-        (["val_fraction=1"], "val_fraction=1.0: it is the share of the training set held out", 2),
-        (["norm=bn", "batch_size=1"], "norm=bn batch_size=1: this norm takes its statistics over the batch", 2),
-        (["epochs=0"], "epochs=0: train for at least one epoch (epochs=1 or more)", 2),
-    ],
-)
-def test_bad_values_are_named_before_training(tmp_path: Path, args: list[str], message: str, status: int) -> None:
-    proc = run_cli(args, cwd=tmp_path)
+BAD_VALUES = [
+    (["epochs=abc"], "Value 'abc' of type 'str' could not be converted to Integer", 1),
+    (["norm=foo"], "Could not find 'norm/foo'\n\nAvailable options in 'norm':", 1),
+    (["optimizer.lr=0"], "optimizer.lr=0.0: the learning rate must be a number > 0", 2),
+    (["batch_size=0"], "batch_size=0: use a batch size of 1 or more", 2),
+    (["val_fraction=1"], "val_fraction=1.0: it is the share of the training set held out", 2),
+    (["norm=bn", "batch_size=1"], "norm=bn batch_size=1: this norm takes its statistics over the batch", 2),
+    (["epochs=0"], "epochs=0: train for at least one epoch (epochs=1 or more)", 2),
+]
+
+
+def _assert_refused(proc: subprocess.CompletedProcess, cwd: Path, message: str, status: int) -> None:
     output = proc.stdout + proc.stderr
     assert proc.returncode == status, output
     assert message in output and "Traceback" not in output
     if status == 2:  # refused by normsweep: one line, and nothing left behind (no outputs/DATE/TIME, no outputs/)
         assert len(output.strip().splitlines()) == 1, output
-        assert list(tmp_path.iterdir()) == []
+        assert list(cwd.iterdir()) == [], "the refused run left files behind"
+
+
+@pytest.mark.parametrize("args, message, status", BAD_VALUES)
+def test_bad_values_are_named_before_training(tmp_path: Path, args: list[str], message: str, status: int) -> None:
+    # The command line in this process: the same main(), composition and checks, without a new process's start.
+    _assert_refused(run_cli_here(args, cwd=tmp_path), tmp_path, message, status)
+
+
+@pytest.mark.parametrize("args, message, status", [BAD_VALUES[0], BAD_VALUES[3]])  # Hydra's refusal; normsweep's
+def test_bad_values_end_a_real_process_with_their_exit_status(tmp_path: Path, args, message, status) -> None:
+    _assert_refused(run_cli(args, cwd=tmp_path), tmp_path, message, status)
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:

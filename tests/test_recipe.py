@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 from omegaconf import OmegaConf
 
 from normsweep.config import ConfigError, DatasetConfig, compose_run
@@ -228,7 +228,7 @@ def test_adam_at_lr_1e6_is_diverged_and_the_summary_records_the_recipe(tmp_path:
     assert summary["diverge_loss"] == pytest.approx(10 * math.log(10))
     assert summary["decay_norm_and_bias"] is False and summary["no_decay_params"] > 0
     assert "exceeds diverge_loss=23.03; stopped there" in result.stdout
-    refused = run_cli(["diverge_loss=-1", f"hydra.run.dir={tmp_path / 'no'}"], tmp_path)
+    refused = run_cli_here(["diverge_loss=-1", f"hydra.run.dir={tmp_path / 'no'}"], tmp_path)  # before training
     output = (refused.stdout + refused.stderr).strip()
     assert refused.returncode == 2 and len(output.splitlines()) == 1, output  # one line, before training
     assert "diverge_loss=-1: give the training loss above which a run has diverged" in output

@@ -17,7 +17,7 @@ import yaml
 from normsweep.aggregate import aggregate
 from normsweep.aggregate import main as aggregate_main
 from normsweep.jobfiles import atomic_write, parse_overrides, process_start, write_summary
-from normsweep.tables import format_table, lines_against, problems
+from normsweep.tables import RESULT_COLUMNS, format_table, lines_against, problems
 
 # val_acc per (norm, seed): bn is best on average, none worst.
 VAL = {
@@ -89,26 +89,7 @@ def test_results_has_one_row_per_norm_with_seeds_averaged(sweep: Path) -> None:
     assert bn["val_acc_std"] == pytest.approx(pd.Series([95.0, 97.0]).std(), rel=1e-5)
     assert bn["test_acc_mean"] == pytest.approx(95.0) and bn["best_val_acc_mean"] == pytest.approx(97.0)
     assert bn["status"] == "completed" and bn["params"] == 1234
-    assert list(results.columns) == [
-        "norm",
-        "epochs",
-        "runs",
-        "val_acc_mean",
-        "val_acc_std",
-        "best_val_acc_mean",
-        "test_acc_mean",
-        "test_acc_std",
-        "test_acc_ci95",
-        "gap_to_best",
-        "p_vs_best",
-        "within_noise",
-        "resolution",
-        "val_loss_mean",
-        "train_loss_mean",
-        "sec_per_epoch_mean",
-        "params",
-        "status",
-    ]
+    assert list(results.columns) == ["norm", "epochs", *RESULT_COLUMNS]  # swept and same-in-every-run keys first
     assert report.varying == ["norm"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 
 from normsweep.aggregate import aggregate
 from normsweep.jobfiles import write_summary
@@ -139,7 +139,7 @@ def test_more_seeds_train_only_the_new_seed(bn_gn: Path, tmp_path: Path) -> None
 def test_the_norms_in_another_order_resume_every_job_as_it_is(bn_gn: Path, tmp_path: Path) -> None:
     sweep = _copy(bn_gn, tmp_path)
     before = _summaries(sweep)
-    proc = run_cli(["-m", "norm=gn,bn", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
+    proc = run_cli_here(["-m", "norm=gn,bn", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)  # trains nothing
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _summaries(sweep) == before and proc.stdout.count("kept from an earlier run") == 2
     assert len(pd.read_csv(sweep / "runs.csv")) == 2
@@ -171,7 +171,7 @@ def test_a_folder_whose_config_changed_under_the_same_overrides_is_refused(tmp_p
     before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
 
     preset.write_text("# @package _global_\ndefaults:\n  - override /optimizer: sgd\nepochs: 2\n")
-    proc = run_cli([*args, "batch_size=256", f"hydra.sweep.dir={sweep}"], tmp_path)
+    proc = run_cli_here([*args, "batch_size=256", f"hydra.sweep.dir={sweep}"], tmp_path)  # refused before any job
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert f"{sweep / '0'} holds a job with another config (epochs=1 there, 2 now; " in output

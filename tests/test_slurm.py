@@ -234,10 +234,10 @@ def test_the_documented_command_runs_on_the_partition_with_the_basic_launchers_r
 @needs_cluster
 @pytest.mark.usefixtures("partition")
 def test_a_job_cancelled_mid_training_ends_the_sweep_and_its_resume_command_completes_it(tmp_path: Path) -> None:
-    args = ["-m", "norm=none,bn", "epochs=80", *TINY]  # long enough to cancel after 3 epochs, short to redo
+    args = ["-m", "norm=none,bn", "epochs=30", *TINY]  # seconds left to cancel in after 2 epochs, short to redo
     sweep = tmp_path / "s"
     proc = _popen([*args, *ONE_CPU, f"hydra.sweep.dir={sweep}"], tmp_path)
-    _wait_for_rows(sweep / "0" / "metrics.csv", 3, proc, timeout=600)
+    _wait_for_rows(sweep / "0" / "metrics.csv", 2, proc, timeout=600)
     job = json.loads((sweep / "0" / "summary.json").read_text())["slurm_job"]
     subprocess.run(["scancel", job], check=True, timeout=30)
     output = proc.communicate(timeout=600)[0].decode()
@@ -251,10 +251,10 @@ def test_a_job_cancelled_mid_training_ends_the_sweep_and_its_resume_command_comp
     resumed = subprocess.run(_resume_command(output), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert set(pd.read_csv(sweep / "runs.csv")["status"]) == {"completed"}
-    reference = run_cli(["-m", "norm=none", "epochs=80", *TINY, f"hydra.sweep.dir={tmp_path / 'ref'}"], tmp_path)
+    reference = run_cli(["norm=none", "epochs=30", *TINY, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)  # in one go
     assert reference.returncode == 0, reference.stdout + reference.stderr
     pd.testing.assert_frame_equal(
-        pd.read_csv(tmp_path / "ref" / "0" / "metrics.csv")[VALUES], pd.read_csv(sweep / "0" / "metrics.csv")[VALUES]
+        pd.read_csv(tmp_path / "ref" / "metrics.csv")[VALUES], pd.read_csv(sweep / "0" / "metrics.csv")[VALUES]
     )
 
 
@@ -302,13 +302,26 @@ def test_a_job_over_its_memory_is_killed_and_the_line_says_which_key_to_raise(tm
 @needs_cluster
 @pytest.mark.usefixtures("partition")
 def test_a_job_past_its_time_limit_and_requeues_is_a_result(tmp_path: Path) -> None:
-    # SLURM warns up to 60 s before signal_delay_s: with 2 minutes and 30 s, between 30 and 90 s into the job.
+    # Submitted with 2 minutes and a warning 30 s before the end, as a user would. SLURM checks time limits (and
+    # sends the warning, up to 60 s early) only every 30 s, and a limit is whole minutes: left alone, the warning
+    # comes 30 to 90 s into the job. Once the job trains, its limit is cut to 1 minute (`scontrol update`, which a
+    # user may do to their own job), which puts it inside the warning window: SLURM signals it at its next check,
+    # within 30 s, as it does at any time limit.
     limits = ["hydra.launcher.timeout_min=2", "hydra.launcher.max_num_timeout=0", "hydra.launcher.signal_delay_s=30"]
     sweep = tmp_path / "s"
-    proc = run_cli(
-        ["-m", "norm=bn", "epochs=2000", *TINY, *ONE_CPU, *limits, f"hydra.sweep.dir={sweep}"], tmp_path, 600
-    )
-    output = proc.stdout + proc.stderr
+    proc = _popen(["-m", "norm=bn", "epochs=2000", *TINY, *ONE_CPU, *limits, f"hydra.sweep.dir={sweep}"], tmp_path)
+    job = ""
+    try:
+        _wait_for_rows(sweep / "0" / "metrics.csv", 1, proc, timeout=600)  # submitit's signal handlers are set
+        job = json.loads((sweep / "0" / "summary.json").read_text())["slurm_job"]
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], check=True, timeout=30)
+        output = proc.communicate(timeout=600)[0].decode()
+    finally:
+        if proc.poll() is None:  # a failure above: nothing left training for the next test
+            if job:
+                subprocess.run(["scancel", job], timeout=30)
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 1, output
     assert "Traceback" not in output
     line = _problem_line(output, "0")

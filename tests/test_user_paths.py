@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 
 pytestmark = pytest.mark.slow  # every test starts normsweep in a new process
 
@@ -51,8 +51,9 @@ def test_a_refused_run_leaves_the_folders_it_did_not_make(tmp_path: Path) -> Non
     earlier.mkdir(parents=True)
     mine = tmp_path / "mine"
     mine.mkdir()
-    for args in (["batch_size=0"], ["batch_size=0", "hydra.run.dir=mine"]):
-        proc = run_cli(args, cwd=tmp_path)
+    # A real process, then the command line in this process (the same main()) for the folder named by the user.
+    for run, args in ((run_cli, ["batch_size=0"]), (run_cli_here, ["batch_size=0", "hydra.run.dir=mine"])):
+        proc = run(args, cwd=tmp_path)
         assert proc.returncode == 2 and "batch_size=0: use a batch size of 1 or more" in proc.stdout + proc.stderr
     assert sorted((tmp_path / "outputs").rglob("*")) == [earlier.parent, earlier]
     assert mine.is_dir()  # named by the user and there before: left as it is
