@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import subprocess
 import sys
 import time
@@ -75,6 +76,7 @@ class Setup:
     device: torch.device
     precision: str
     data: Data  # on the device; its training split is exactly `steps` batches
+    compile: bool = False  # normsweep and ceiling through torch.compile, as a run with compile=true
 
     def build(self) -> nn.Module:
         """The model with this norm, from conf/ as a run would build it (every check of a run applies)."""
@@ -90,10 +92,16 @@ class Setup:
         return model, factory.slots(model)
 
     def config(self) -> Config:
-        return compose_run([f"model={self.model}", f"norm={self.norm}", f"batch_size={self.batch_size}"])
+        return _composed(self.model, self.norm, self.batch_size)
 
     def compute(self, model: nn.Module) -> Compute:
-        return resolve_compute(self.precision, None, False, model, self.device)
+        return resolve_compute(self.precision, None, self.compile, model, self.device)
+
+
+@functools.cache
+def _composed(model: str, norm: str, batch_size: int) -> Config:
+    """The run config of a setting, composed once (Hydra's composition takes longer than a GPU's timed steps)."""
+    return compose_run([f"model={model}", f"norm={norm}", f"batch_size={batch_size}"])
 
 
 def run_reference(setup: Setup) -> float:
@@ -216,6 +224,10 @@ def bench(
     rows = []
     for norm in norms:
         setup = Setup(norm=norm, **setup_args)
+        if setup.compile:  # each norm is another graph: start from an empty cache, below dynamo's recompile limit
+            import torch._dynamo
+
+            torch._dynamo.reset()
         for repeat in range(repeats):
             # Rotate the order each repeat, so drift on a shared machine falls on every variant alike.
             order = VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]
@@ -323,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         help="time everything again beside N processes that each keep a CPU busy, and give each variant's slowdown "
         "against its quiet run (default 0: quiet only)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="normsweep and ceiling through torch.compile (compile=true); the untimed warm-up steps compile",
+    )
     parser.add_argument("--shape", type=_shape, default=(3, 32, 32), help="image shape C,H,W (default: 3,32,32)")
     parser.add_argument("--out", type=Path, default=Path("bench.csv"), help="where to write (default: bench.csv)")
     parser.add_argument(
@@ -359,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             device=device,
             precision=args.precision,
             data=data,
+            compile=args.compile,
         )
         # Every norm's model is built once before anything is timed: a run's checks (a norm that needs feature
         # maps on the mlp, batch statistics at batch size 1, ...) stop the benchmark here, in one line.
@@ -374,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{args.model}, batch {args.batch_size}, {'x'.join(map(str, args.shape))} synthetic uint8 images, "
         f"{plural(args.steps, 'timed step')} x {plural(args.repeats, 'repeat')}, {where}; normsweep and ceiling in "
-        f"{compute.precision}{', channels_last' if compute.channels_last else ''}, reference in fp32"
+        f"{compute.precision}{', channels_last' if compute.channels_last else ''}"
+        f"{', compiled' if compute.compile else ''}, reference in fp32"
     )
     print(header, flush=True)
     parts = []
@@ -406,13 +425,14 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__,
     }
-    # What each row ran in: the reference loop always in fp32 and the default (contiguous) layout.
-    ran_in = {v: (compute.precision, compute.channels_last) for v in (*VARIANTS, "diagnostics")}
-    ran_in["reference"] = ("fp32", False)
+    # What each row ran in: the reference loop always in fp32, the default (contiguous) layout, and eagerly.
+    ran_in = {v: (compute.precision, compute.channels_last, compute.compile) for v in (*VARIANTS, "diagnostics")}
+    ran_in["reference"] = ("fp32", False, False)
     runs = runs.assign(
         **settings,
         precision=runs["variant"].map(lambda v: ran_in[v][0]),
         channels_last=runs["variant"].map(lambda v: ran_in[v][1]),
+        compile=runs["variant"].map(lambda v: ran_in[v][2]),
     )
     atomic_write(args.out, runs.to_csv(index=False, float_format="%.6g"))
     print()

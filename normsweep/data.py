@@ -364,18 +364,51 @@ def normalize(
 
 def augment(images: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding and random horizontal flip for a whole uint8 batch, on its device."""
-    n, c, h, w = images.shape
-    device = images.device
+    return crop_and_flip(pad_for_crops(images, padding), padding, hflip, generator)
+
+
+def pad_for_crops(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """The images with `padding` zeros on every side, the canvas `crop_and_flip` cuts from (the same tensor when 0)."""
+    return torch.nn.functional.pad(images, (padding,) * 4) if padding else images
+
+
+_GRIDS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _grids(n: int, c: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Index grids for a batch shape, made once: image and channel numbers, row and column offsets, and the
+    columns mirrored."""
+    key = (n, c, h, w, str(device))
+    if key not in _GRIDS:
+        if len(_GRIDS) > 64:
+            _GRIDS.clear()
+        _GRIDS[key] = (
+            torch.arange(n, device=device).view(n, 1, 1, 1),
+            torch.arange(c, device=device).view(1, c, 1, 1),
+            torch.arange(h, device=device),
+            torch.arange(w, device=device),
+            torch.arange(w - 1, -1, -1, device=device),
+        )
+    return _GRIDS[key]
+
+
+def crop_and_flip(padded: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """A random crop (offsets 0..2·padding) and, with `hflip`, a random horizontal flip of each image of a batch
+    already padded by `padding`, in one gather on its device. Draws, in this order, the row offsets, the column
+    offsets and the flips from `generator` (only those that apply)."""
+    if not padding and not hflip:
+        return padded
+    n, c, ph, pw = padded.shape
+    h, w = ph - 2 * padding, pw - 2 * padding
+    device = padded.device
+    batch, chans, rows, cols, mirrored = _grids(n, c, h, w, device)
     if padding:
-        padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
-        rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
-        batch = torch.arange(n, device=device)[:, None, None, None]
-        chans = torch.arange(c, device=device)[None, :, None, None]
-        images = padded[batch, chans, rows, cols]
+        dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+        rows = dy + rows
     if hflip:
-        flip = torch.rand(n, device=device, generator=generator) < 0.5
-        images = torch.where(flip[:, None, None, None], images.flip(3), images)
-    return images
+        flip = torch.rand(n, 1, device=device, generator=generator) < 0.5
+        cols = torch.where(flip, mirrored, cols)  # a mirrored image reads its window's columns right to left
+    if padding:
+        cols = dx + cols
+    return padded[batch, chans, rows.view(-1, 1, h, 1), cols.view(-1, 1, 1, w)]

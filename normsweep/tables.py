@@ -192,13 +192,15 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
             config = summary["config"]
         row = {"job": str(job_dir.relative_to(sweep_dir)), **overrides}
         row["seed"] = summary.get("seed", overrides.get("seed"))
-        row.update({column: summary.get(field) for column, field in RUN_FIELDS.items()})
+        for column, recorded in RUN_FIELDS.items():  # a key the command set (device=cuda) shows what the job recorded
+            if summary.get(recorded) is not None or column not in row:
+                row[column] = summary.get(recorded)
         row["duplicates"] = " ".join(str(d.relative_to(sweep_dir)) for d in duplicates) or None
         rows.append(row)
         # Curves, like the results, come from finished jobs only: a partial run would drag the late epochs.
         if metrics is not None and summary["status"] in FINISHED:
             curves.append(metrics.assign(job=row["job"]))
-    runs = pd.DataFrame(rows, columns=["job", *keys, "seed", *RUN_FIELDS, "duplicates"])
+    runs = pd.DataFrame(rows, columns=list(dict.fromkeys(["job", *keys, "seed", *RUN_FIELDS, "duplicates"])))
     for key in [*keys, "seed"]:
         runs[key] = _numeric(runs[key])
     varying = [k for k in keys if runs[k].nunique(dropna=False) > 1]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normsweep.data import Data, Split, augment, normalize
+from normsweep.data import Data, Split, crop_and_flip, normalize, pad_for_crops
 from normsweep.errors import ConfigError
 from normsweep.optimizers import (
     OptimizerConfig,
@@ -160,9 +160,24 @@ def set_threads(threads: int) -> int:
 
 
 def prepare(model: nn.Module, compute: Compute) -> nn.Module:
-    """Put the model's weights in the compute's memory layout; the module to call (compiled, if asked)."""
+    """Put the model's weights in the compute's memory layout; the module to call (compiled, if asked).
+
+    On CUDA, cuDNN is held to its deterministic algorithms (and does not benchmark to pick others): the same seed
+    gives the same numbers on the same GPU, and a resumed run the numbers of an uninterrupted one."""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
     model.to(memory_format=compute.memory_format)
-    return torch.compile(model) if compute.compile else model
+    if not compute.compile:
+        return model
+    from torch._dynamo import config as dynamo_config
+    from torch._functorch import config as functorch_config
+
+    # A graph torch's compiler fails on runs eagerly, with torch's warning ("WON'T CONVERT ... due to"), instead of
+    # ending the run: inductor in torch 2.11 fails on FRN's backward in bf16 on an H200, for one. The backward is
+    # compiled with the forward, so that its failure falls back too (compiled lazily, it would raise mid-step).
+    functorch_config.force_non_lazy_backward_lowering = True
+    dynamo_config.suppress_errors = True
+    return torch.compile(model)
 
 
 @torch.inference_mode()
@@ -196,18 +211,22 @@ def train_epoch(
     A `scheduler`, when given, steps after every optimizer step.
 
     The loss and the correct count accumulate on the device and are read once, at the end: no host sync per batch.
+    The training split is put in the epoch's order (and padded for its crops) once per epoch, so that a batch is a
+    slice of it and its crop and flip one gather: few kernel launches per step, which is what bounds a small
+    model on a GPU.
     """
     device = data.train.labels.device
     n = len(data.train)
     model.train()
     step = optimizer.step if compute.compile else step_function(optimizer)  # the same step, without torch._dynamo
     order = torch.randperm(n, device=device, generator=generator)
+    canvas = pad_for_crops(data.train.images[order], data.crop_padding)
+    ordered_labels = data.train.labels[order]
+    predictions = torch.empty(n, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
     for s in batch_slices(n, batch_size):
-        idx = order[s]
-        images = augment(data.train.images[idx], data.crop_padding, data.hflip, generator)
-        labels = data.train.labels[idx]
+        images = crop_and_flip(canvas[s], data.crop_padding, data.hflip, generator)
+        labels = ordered_labels[s]
         with compute.autocast(device):
             logits = model(normalize(images, data, compute.memory_format))
             loss = nn.functional.cross_entropy(logits, labels)
@@ -217,7 +236,8 @@ def train_epoch(
         if scheduler is not None:
             scheduler.step()
         loss_sum += loss.detach() * len(labels)
-        correct += (logits.detach().argmax(1) == labels).sum()
+        torch.argmax(logits.detach(), 1, out=predictions[s])
+    correct = (predictions == ordered_labels).sum()
     return loss_sum.item() / n, int(correct.item())
 
 

@@ -1,0 +1,46 @@
+"""compile=true: a graph torch's compiler fails on trains eagerly, with the numbers of an eager run, instead of
+ending the run (inductor in torch 2.11 fails on FRN's backward in bf16 on an H200)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from normsweep.config import compose_run
+from normsweep.data import load
+from normsweep.layers import norm_factory
+from normsweep.models import build_model
+from normsweep.train import Compute, fit
+
+TIMINGS = ("epoch_seconds", "images_per_second")
+
+
+def _fit(compute: Compute) -> list[dict]:
+    run = compose_run(["norm=frn", "dataset=synthetic", "dataset.shape=[1,8,8]", "dataset.size=160", "epochs=2"])
+    data = load(run.dataset, run.val_fraction, run.seed)
+    torch.manual_seed(0)
+    c, h, w = data.shape
+    model = build_model(run.model["name"], run.model, c, (h, w), data.num_classes, norm_factory(run.norm, "simple_cnn"))
+    history = fit(model, data, run.optimizer, run.epochs, 32, run.seed, compute=compute)
+    return [{k: v for k, v in asdict(m).items() if k not in TIMINGS} for m in history]
+
+
+@pytest.mark.slow  # compiles for tens of seconds on a CPU
+def test_a_backward_the_compiler_fails_on_trains_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._dynamo
+    import torch._inductor.compile_fx as compile_fx
+
+    def fails(*args, **kwargs):
+        raise AssertionError("64 v.s. 8192")  # what inductor raised on the H200
+
+    torch.set_num_threads(1)
+    eager = _fit(Compute())
+    torch._dynamo.reset()
+    monkeypatch.setattr(compile_fx, "compile_fx_backward", fails)
+    try:
+        compiled = _fit(Compute(compile=True))
+    finally:
+        torch._dynamo.reset()
+    assert compiled == eager
