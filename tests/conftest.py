@@ -56,7 +56,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if shared and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(shared[0]))
         group = item.get_closest_marker("xdist_group")
-        if group and config.getvalue("loadgroup") and hasattr(item, "_id") and not hasattr(item, "_nodeid"):
+        loadgroup = config.getoption("dist", None) == "loadgroup" or config.getoption("loadgroup", False)
+        if group and loadgroup and hasattr(item, "_id") and not hasattr(item, "_nodeid"):
             # pytest-xdist 3.8 groups by the suffix `@group` it writes into `item._nodeid`, which pytest 9 no longer
             # reads (it keeps the id in `item._id`): without this every test would be scheduled on its own.
             from _pytest.nodeid import coerce_node_id

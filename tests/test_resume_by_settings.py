@@ -19,7 +19,7 @@ from normsweep.aggregate import aggregate
 from normsweep.jobfiles import write_summary
 from normsweep.resume import ResumeConflict, SweepFolders
 
-TINY = ["model=mlp", "epochs=1", "batch_size=256"]  # a job in about a second on digits
+TINY = ["model=mlp", "epochs=1", "batch_size=256", "diagnostics=false"]  # a job in about a second on digits, no figure
 
 
 def _config(norm: str = "bn", seed: int = 0, epochs: int = 1) -> dict:
