@@ -119,8 +119,6 @@ def place(run: Config, job_num: int, in_sweep: bool) -> tuple[Config, int]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def app(cfg: DictConfig) -> float | None:
-    from normsweep.job import record_failure, run_job  # torch: only once a job runs
-
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
@@ -137,7 +135,10 @@ def app(cfg: DictConfig) -> float | None:
             check_resumable(job_dir, config)  # first: a folder that is refused must not be marked failed either
             job_num = hydra_cfg.job.num if in_sweep else 0  # a single run has no job number
             choices = hydra_cfg.runtime.choices
-            run, cpus = place(validate(cfg, dict(choices)), job_num, in_sweep)
+            checked = validate(cfg, dict(choices))  # a mistake is named before torch is imported: in ~1 s, not ~4
+            from normsweep.job import run_job  # torch: only once a job runs
+
+            run, cpus = place(checked, job_num, in_sweep)
             summary = run_job(run, job_dir, overrides, config, cpus)
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
@@ -155,6 +156,8 @@ def app(cfg: DictConfig) -> float | None:
     except Exception as err:
         user_error = isinstance(err, ConfigError)
         if in_sweep or not (user_error and discard_unused_run_dir(job_dir, f"{hydra_cfg.job.name}.log")):
+            from normsweep.job import record_failure
+
             record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices))
         if in_sweep:
             # Isolated: Hydra would re-raise at the end of the batch and skip the aggregation.

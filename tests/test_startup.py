@@ -46,6 +46,12 @@ def test_help_and_the_composed_config_do_not_import_torch(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_a_run_refused_for_a_value_imports_no_torch(tmp_path: Path) -> None:
+    assert _imported(["batch_size=0"], tmp_path) == set()  # named before training, without torch's import
+    assert not (tmp_path / "outputs").exists()  # and its folder removed, as before
+
+
+@pytest.mark.slow
 def test_a_digits_job_imports_torch_alone_without_its_compiler(tmp_path: Path) -> None:
     run = ["epochs=2", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
     assert _imported(run, tmp_path) == {"torch"}  # no torch._dynamo
