@@ -12,40 +12,28 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from unittest import mock
 
 import torch
 from torch import nn
 
+from normsweep import bench
 from normsweep.bench import Setup, make_data
 from normsweep.data import normalize
 from normsweep.optimizers import Adam, build_optimizer
 from normsweep.train import prepare
 
 
-def images_per_second(setup: Setup, deterministic: bool, steps: int = 40, warmup: int = 5) -> float:
-    model = setup.build()
-    compute = setup.compute(model)
-    forward = prepare(model, compute)
-    torch.backends.cudnn.deterministic = deterministic  # after prepare, which sets it on
-    optimizer = build_optimizer(model.parameters(), Adam(lr=1e-3))
-    x = normalize(setup.data.train.images[: setup.batch_size], setup.data, compute.memory_format)
-    y = setup.data.train.labels[: setup.batch_size]
+def images_per_second(setup: Setup, deterministic: bool) -> float:
+    """The benchmark's ceiling (bench.run_ceiling), with cuDNN's deterministic setting as given."""
 
-    def run(n: int) -> None:
-        for _ in range(n):
-            with compute.autocast(setup.device):
-                loss = nn.functional.cross_entropy(forward(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if setup.device.type == "cuda":
-            torch.cuda.synchronize(setup.device)
+    def prepare_then_set(model: nn.Module, compute) -> nn.Module:
+        forward = prepare(model, compute)
+        torch.backends.cudnn.deterministic = deterministic  # after prepare, which sets it on
+        return forward
 
-    run(warmup)
-    start = time.perf_counter()
-    run(steps)
-    return setup.batch_size * steps / (time.perf_counter() - start)
+    with mock.patch.object(bench, "prepare", prepare_then_set):
+        return bench.run_ceiling(setup)
 
 
 def trained_weights(setup: Setup, deterministic: bool, steps: int = 30) -> list[torch.Tensor]:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import run_cli
+from test_faults import _popen, _wait_for_rows
 from torch import nn
 
 from normsweep.config import compose_run
@@ -177,15 +177,15 @@ def test_compiled_training_on_cuda_learns() -> None:
     assert history[-1].train_loss < history[0].train_loss and history[-1].val_acc > 70
 
 
-def test_a_single_run_with_device_auto_trains_on_the_gpu(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "normsweep", "epochs=2", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+def _run_unpinned(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m normsweep ARGS` in a new process with no GPU pinned by the environment (see _env)."""
+    return subprocess.run(
+        [sys.executable, "-m", "normsweep", *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300
     )
+
+
+def test_a_single_run_with_device_auto_trains_on_the_gpu(tmp_path: Path) -> None:
+    result = _run_unpinned(["epochs=2", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = _summary(tmp_path / "run")
     assert summary["device"] == "cuda:0"
@@ -196,27 +196,10 @@ def test_a_single_run_with_device_auto_trains_on_the_gpu(tmp_path: Path) -> None
 def test_job_n_of_a_sweep_uses_gpu_n_mod_k(tmp_path: Path) -> None:
     gpus = torch.cuda.device_count()
     seeds = ",".join(str(s) for s in range(gpus + 1))  # K+1 jobs: one GPU takes two
-    result = subprocess.run(
-        [sys.executable, "-m", "normsweep", "-m", f"seed={seeds}", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _run_unpinned(["-m", f"seed={seeds}", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     for job in range(gpus + 1):
         assert _summary(tmp_path / "s" / str(job))["device"] == f"cuda:{job % gpus}"
-
-
-def _wait_for_rows(path: Path, rows: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and len(path.read_text().splitlines()) - 1 >= rows:
-            return
-        assert proc.poll() is None, proc.communicate()[0].decode()
-        time.sleep(0.002)
-    raise AssertionError(f"{path} never reached {rows} rows")
 
 
 def test_killed_on_cuda_and_resumed_gives_the_uninterrupted_numbers(tmp_path: Path) -> None:
@@ -225,13 +208,7 @@ def test_killed_on_cuda_and_resumed_gives_the_uninterrupted_numbers(tmp_path: Pa
     assert reference.returncode == 0, reference.stdout + reference.stderr
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "normsweep", *args, f"hydra.run.dir={killed}"],
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    proc = _popen([*args, f"hydra.run.dir={killed}"], tmp_path)
     _wait_for_rows(killed / "metrics.csv", 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
