@@ -125,22 +125,25 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 240, module: str = "nor
 
 
 def run_cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m normsweep ARGS` run in this process, for a command that trains nothing: refused before any job
-    starts (a value checked, a folder refused), or whose every job is kept from an earlier run. The same main(),
-    Hydra and exit status, without a new process's seconds-long start (torch). Its output is what it writes through
-    sys.stdout and sys.stderr (print, logging), which is all such a run writes.
-    The real process stays tested by run_cli: every path of exit statuses, signals and the console entry has a
-    test of its own there."""
+    """`python -m normsweep ARGS` run in this process: the same main(), Hydra, jobs, aggregation and exit status,
+    without a new process's seconds-long start (importing torch, pandas, matplotlib), which is most of a small
+    job's time. Its output is what it writes through sys.stdout and sys.stderr (print, logging), which is all a run
+    with Hydra's basic launcher writes. As `python -m` does, the working folder comes first on sys.path (a user's
+    own norm or model module beside their configs); the modules imported from it are forgotten afterwards.
+    For tests that read a run's files and lines. What only a process shows stays tested by run_cli: every exit
+    status, signals (Ctrl-C, SIGTERM, a kill), the console entry, and the joblib, submitit and SLURM launchers."""
     from normsweep import cli
     from normsweep.resume import ResumeCheck
 
     loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
     saved_loggers = [(lg, lg.level, lg.disabled, lg.propagate, lg.handlers[:]) for lg in loggers]
     saved = (sys.argv, os.getcwd(), ResumeCheck.made, ResumeCheck.sweep_dir, dict(os.environ))
+    saved_path, modules_before = sys.path[:], set(sys.modules)
     out, err = io.StringIO(), io.StringIO()
     code: int | str | None = 0
     try:
         os.chdir(cwd)
+        sys.path.insert(0, str(Path(cwd).resolve()))
         sys.argv = ["normsweep", *args]
         os.environ.pop("HYDRA_FULL_ERROR", None)
         GlobalHydra.instance().clear()
@@ -154,6 +157,11 @@ def run_cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     finally:
         GlobalHydra.instance().clear()
         sys.argv, cwd_before, ResumeCheck.made, ResumeCheck.sweep_dir, environ = saved
+        sys.path[:] = saved_path
+        here = Path(cwd).resolve()
+        for name in set(sys.modules) - modules_before:  # a user's module: the next test may bring its own of that name
+            if Path(getattr(sys.modules[name], "__file__", None) or "/").resolve().is_relative_to(here):
+                del sys.modules[name]
         os.chdir(cwd_before)
         os.environ.clear()  # what the run set (a sweep tells its jobs how many run at once) is not for the next
         os.environ.update(environ)

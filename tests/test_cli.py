@@ -53,7 +53,7 @@ def test_sweep_prints_the_table_and_where_it_is(five_norm_sweep) -> None:
 
 
 def test_overrides_from_the_shell_take_effect(tmp_path: Path) -> None:
-    proc = run_cli(
+    proc = run_cli_here(
         [
             "optimizer=sgd",
             "optimizer.lr=0.05",
@@ -116,7 +116,9 @@ def test_user_errors_are_one_clear_line_without_traceback(tmp_path: Path, args: 
 
 def test_torchvision_data_set_end_to_end(tmp_path: Path) -> None:
     make_mnist(tmp_path / "data")
-    proc = run_cli(["dataset=mnist", "epochs=1", "model=deep_cnn", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    proc = run_cli_here(
+        ["dataset=mnist", "epochs=1", "model=deep_cnn", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dataset"] == "mnist" and summary["epochs_completed"] == 1

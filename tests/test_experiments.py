@@ -44,7 +44,7 @@ def test_a_users_own_model_and_data_set_take_every_norm(tmp_path: Path) -> None:
 
     # The same files through hydra.searchpath instead of --config-dir, for a single run.
     single = tmp_path / "single"
-    result = run_cli(
+    result = run_cli_here(
         [
             f"hydra.searchpath=[file://{project / 'my_conf'}]",
             "model=tiny_resnet",
@@ -72,14 +72,16 @@ def test_a_users_data_set_that_cannot_be_imported_is_explained(tmp_path: Path) -
 
 
 def test_the_quick_preset_takes_a_norm_list_from_the_shell(tmp_path: Path) -> None:
-    result = run_cli(["-m", "experiment=quick", "norm=bn,gn", "epochs=1", f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
+    result = run_cli_here(
+        ["-m", "experiment=quick", "norm=bn,gn", "epochs=1", f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(pd.read_csv(tmp_path / "results.csv")["norm"]) == ["bn", "gn"]  # the shell's list, not the preset's
     assert "`python -m normsweep -m experiment=quick norm=bn,gn epochs=1" in (tmp_path / "report.md").read_text()
 
 
 def test_the_batch_size_preset_scales_the_learning_rate_and_plots_by_batch_size(tmp_path: Path) -> None:
-    result = run_cli(
+    result = run_cli_here(
         [
             "-m",
             "+experiment=gn_batch_size",
@@ -110,7 +112,7 @@ def test_a_users_own_norm_and_optimizer_sweep_beside_the_built_in_ones(tmp_path:
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("multirun", "outputs", "__pycache__"))
     sweep = tmp_path / "sweep"
     args = ["--config-dir", "my_conf", "-m", "norm=bn,myln,torch_in", "optimizer=adam,rmsprop", "epochs=1"]
-    result = run_cli([*args, "batch_size=256", f"hydra.sweep.dir={sweep}"], cwd=project)
+    result = run_cli_here([*args, "batch_size=256", f"hydra.sweep.dir={sweep}"], cwd=project)
     assert result.returncode == 0, result.stderr[-3000:]
     results = pd.read_csv(sweep / "results.csv")
     assert sorted(zip(results["norm"], results["optimizer"])) == sorted(
@@ -122,7 +124,7 @@ def test_a_users_own_norm_and_optimizer_sweep_beside_the_built_in_ones(tmp_path:
     assert rmsprop["config"]["optimizer"]["_target_"] == "torch.optim.RMSprop"
 
     # The norm's declared facts are checked like a built-in's: torch_in says it needs feature maps (refused before
-    # training: in this process).
+    # training).
     single = tmp_path / "single"
     args = ["--config-dir", "my_conf", "model=mlp", "norm=torch_in", f"hydra.run.dir={single}"]
     result = run_cli_here(args, cwd=project)

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from conftest import make_mnist, run_cli, run_cli_here
 
 from normsweep.aggregate import main as aggregate_main
@@ -52,7 +52,7 @@ def _wait_for_rows(path: Path, rows: int, proc: subprocess.Popen, timeout: float
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    proc = run_cli(["-m", "model=mlp", "norm=bn,in,ln", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path)
+    proc = run_cli_here(["-m", "model=mlp", "norm=bn,in,ln", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output
     assert "Traceback" not in output
@@ -80,38 +80,28 @@ def test_a_damaged_data_set_fails_its_job_only(tmp_path: Path) -> None:
     assert _summary(tmp_path / "s" / "0")["status"] == "completed"
 
 
-def test_an_unexpected_error_is_isolated_with_its_traceback_in_the_job_log(tmp_path: Path) -> None:
+def test_an_unexpected_error_is_isolated_with_its_traceback_in_the_job_log(tmp_path: Path, monkeypatch) -> None:
     # A CUDA out-of-memory error cannot be provoked on this CPU: the gn job's training raises one instead.
-    script = tmp_path / "oom.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import torch
-            import normsweep.job
-            real_fit = normsweep.job.fit
+    import normsweep.job
 
-            def fit(model, data, optimizer_cfg, *args, **kwargs):
-                if any(type(m).__name__ == "GroupNorm" and m.num_groups > 1 for m in model.modules()):
-                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-                return real_fit(model, data, optimizer_cfg, *args, **kwargs)
+    real_fit = normsweep.job.fit
 
-            normsweep.job.fit = fit
-            from normsweep.cli import main
-            main()
-            """
-        )
-    )
-    args = ["-m", "norm=gn,bn", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"]
-    proc = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True)
+    def fit(model, data, optimizer_cfg, *args, **kwargs):
+        if any(type(m).__name__ == "GroupNorm" and m.num_groups > 1 for m in model.modules()):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_fit(model, data, optimizer_cfg, *args, **kwargs)
+
+    monkeypatch.setattr(normsweep.job, "fit", fit)
+    proc = run_cli_here(["-m", "norm=gn,bn", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "failed: job 0 (norm=gn epochs=1 seed=0): OutOfMemoryError: CUDA out of memory" in proc.stdout
+    assert "failed: job 0 (norm=gn epochs=1 seed=0): OutOfMemoryError: CUDA out of memory" in proc.stdout + proc.stderr
     assert "Traceback" in (tmp_path / "s" / "0" / "normsweep.log").read_text()  # a surprise keeps its traceback
     assert _summary(tmp_path / "s" / "1")["status"] == "completed"
 
 
 def test_a_diverging_job_is_a_result_not_a_failure(tmp_path: Path) -> None:
     args = ["-m", "norm=none", "optimizer=sgd", "optimizer.lr=0.05,1000", "epochs=3", f"hydra.sweep.dir={tmp_path}/s"]
-    proc = run_cli(args, tmp_path)
+    proc = run_cli_here(args, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     diverged = _summary(tmp_path / "s" / "1")
     assert diverged["status"] == "diverged" and diverged["diverged_epoch"] == 1 and diverged["epochs_completed"] == 1
@@ -147,7 +137,7 @@ def test_killed_mid_epoch_and_resumed_gives_the_uninterrupted_numbers(tmp_path: 
     assert kept == finished, "the finished job was trained again"
     assert 1 <= _summary(sweep / "1")["resumed_from_epoch"] < 3  # it was stopped part-way
     # The killed job, resumed, has the numbers of the same job trained in one go.
-    reference = run_cli(["norm=gn", "epochs=3", "batch_size=16", f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
+    reference = run_cli_here(["norm=gn", "epochs=3", "batch_size=16", f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
     assert reference.returncode == 0, reference.stdout + reference.stderr
     expected = pd.read_csv(tmp_path / "ref" / "metrics.csv")[VALUES]
     pd.testing.assert_frame_equal(pd.read_csv(sweep / "1" / "metrics.csv")[VALUES], expected)
@@ -168,7 +158,7 @@ def test_interrupted_with_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
 def test_a_run_folder_resumed_with_another_config_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     # (A sweep folder: tests/test_resume_by_settings.py, a folder whose config changed under the same overrides.)
     run = tmp_path / "r"
-    assert run_cli(["epochs=1", f"hydra.run.dir={run}"], tmp_path).returncode == 0
+    assert run_cli_here(["epochs=1", f"hydra.run.dir={run}"], tmp_path).returncode == 0
     before = _fingerprint(run)
     longer = run_cli_here(["epochs=2", f"hydra.run.dir={run}"], tmp_path)  # refused before training
     output = longer.stdout + longer.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 from test_faults import VALUES, _popen, _wait_for_rows
 
 SWEEP = ["-m", "model=mlp", "norm=in,bn", "epochs=2"]  # norm=in cannot run on the MLP: job 0 fails, job 1 runs on
@@ -31,7 +31,7 @@ SHARE = max(1, len(os.sched_getaffinity(0)) // 2)
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("sequential")
-    proc = run_cli([*SWEEP, f"threads={SHARE}", f"hydra.sweep.dir={cwd / 's'}"], cwd)
+    proc = run_cli_here([*SWEEP, f"threads={SHARE}", f"hydra.sweep.dir={cwd / 's'}"], cwd)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     return cwd / "s"
 
@@ -79,7 +79,7 @@ def test_a_submitit_job_killed_mid_way_resumes_when_the_sweep_is_run_again(tmp_p
     assert summary["status"] == "completed" and 1 <= summary["resumed_from_epoch"] < 3
     # The uninterrupted numbers: the same job in one go (the same thread count; any launcher gives the same numbers,
     # as the tests above show).
-    reference = run_cli([*settings, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
+    reference = run_cli_here([*settings, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
     assert reference.returncode == 0, reference.stdout + reference.stderr
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "ref" / "metrics.csv")[VALUES], pd.read_csv(sweep / "0" / "metrics.csv")[VALUES]

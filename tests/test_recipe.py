@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import run_cli, run_cli_here
+from conftest import run_cli_here
 from omegaconf import OmegaConf
 
 from normsweep.config import ConfigError, DatasetConfig, compose_run
@@ -221,7 +221,7 @@ def test_a_job_resumed_in_an_old_folder_runs_the_old_way(compose_cfg, tmp_path: 
 
 def test_adam_at_lr_1e6_is_diverged_and_the_summary_records_the_recipe(tmp_path: Path) -> None:
     run = tmp_path / "r"
-    result = run_cli(["norm=none", "optimizer.lr=1e6", "epochs=3", f"hydra.run.dir={run}"], tmp_path)
+    result = run_cli_here(["norm=none", "optimizer.lr=1e6", "epochs=3", f"hydra.run.dir={run}"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged_epoch"] == 1
@@ -238,7 +238,7 @@ def test_adam_at_lr_1e6_is_diverged_and_the_summary_records_the_recipe(tmp_path:
 def test_the_lr_range_preset_compares_each_norm_at_its_best_learning_rate(tmp_path: Path) -> None:
     sweep = tmp_path / "s"
     args = ["-m", "experiment=lr_range", "norm=none,bn", "optimizer.lr=1e-3,1e3", "model=mlp", "epochs=2"]
-    result = run_cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    result = run_cli_here([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     runs = pd.read_csv(sweep / "runs.csv").set_index(["norm", "optimizer.lr"])
     assert (runs.xs(1000.0, level="optimizer.lr")["status"] == "diverged").all()
@@ -251,7 +251,7 @@ def test_old_folders_resume_the_old_way_as_a_run_and_in_a_sweep(tmp_path: Path) 
     args = ["model=mlp", "optimizer=sgd", "optimizer.schedule=cosine", "optimizer.weight_decay=0.05", "epochs=3"]
     old_way = [f"{key}={'null' if value is None else str(value).lower()}" for key, value in OLD_WAY.items()]
     reference = tmp_path / "reference"
-    result = run_cli([*args, *old_way, f"hydra.run.dir={reference}"], tmp_path)
+    result = run_cli_here([*args, *old_way, f"hydra.run.dir={reference}"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     expected = pd.read_csv(reference / "metrics.csv")[["epoch", "train_loss", "val_acc", "lr"]]
 
@@ -270,7 +270,7 @@ def test_old_folders_resume_the_old_way_as_a_run_and_in_a_sweep(tmp_path: Path) 
     # A run stopped after its last epoch's checkpoint: the old optimizer state loads (one parameter group).
     run = tmp_path / "run"
     as_saved_before_the_keys(run, checkpoint=True)
-    result = run_cli([*args, f"hydra.run.dir={run}"], tmp_path)
+    result = run_cli_here([*args, f"hydra.run.dir={run}"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["decay_norm_and_bias"] is True
@@ -278,7 +278,7 @@ def test_old_folders_resume_the_old_way_as_a_run_and_in_a_sweep(tmp_path: Path) 
 
     sweep = tmp_path / "sweep"
     as_saved_before_the_keys(sweep / "0", checkpoint=False)
-    result = run_cli(["-m", *args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    result = run_cli_here(["-m", *args, f"hydra.sweep.dir={sweep}"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]  # its own folder, not a new one
     pd.testing.assert_frame_equal(pd.read_csv(sweep / "0" / "metrics.csv")[expected.columns], expected)

@@ -111,7 +111,7 @@ def test_a_job_in_two_folders_counts_once_finished_first_then_the_latest(tmp_pat
 def bn_gn(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished sweep `norm=bn,gn seed=0`, copied by each test that resumes it."""
     cwd = tmp_path_factory.mktemp("bn_gn")
-    proc = run_cli(["-m", "norm=bn,gn", *TINY, f"hydra.sweep.dir={cwd / 's'}"], cwd)
+    proc = run_cli_here(["-m", "norm=bn,gn", *TINY, f"hydra.sweep.dir={cwd / 's'}"], cwd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _norms(cwd / "s") == {"0": "bn", "1": "gn"}
     return cwd / "s"
@@ -125,7 +125,7 @@ def _copy(sweep: Path, tmp_path: Path) -> Path:
 def test_more_seeds_train_only_the_new_seed(bn_gn: Path, tmp_path: Path) -> None:
     sweep = _copy(bn_gn, tmp_path)
     before = _summaries(sweep)
-    proc = run_cli(["-m", "norm=bn,gn", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
+    proc = run_cli_here(["-m", "norm=bn,gn", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     after = _summaries(sweep)
     assert {k: after[k] for k in before} == before  # seed 0 kept as it was
@@ -167,7 +167,7 @@ def test_a_folder_whose_config_changed_under_the_same_overrides_is_refused(tmp_p
     preset.write_text("# @package _global_\nepochs: 1\n")
     args = ["--config-dir", str(tmp_path / "conf"), "-m", "+mine=tiny", "norm=bn", "model=mlp"]
     sweep = tmp_path / "s"
-    assert run_cli([*args, "batch_size=256", f"hydra.sweep.dir={sweep}"], tmp_path).returncode == 0
+    assert run_cli_here([*args, "batch_size=256", f"hydra.sweep.dir={sweep}"], tmp_path).returncode == 0
     before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
 
     preset.write_text("# @package _global_\ndefaults:\n  - override /optimizer: sgd\nepochs: 2\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 from test_faults import VALUES, _popen, _wait_for_rows
 
 from hydra_plugins.normsweep_launcher.slurm_launcher import Request, check_time_limit, find_partition, fit
@@ -219,7 +219,7 @@ def test_the_documented_command_runs_on_the_partition_with_the_basic_launchers_r
     results = pd.read_csv(tmp_path / "slurm" / "results.csv")
     assert sorted(results["norm"]) == ["bn", "none"] and set(results["status"]) == {"completed"}
     threads = json.loads((tmp_path / "slurm" / "0" / "summary.json").read_text())["threads"]
-    basic = run_cli(
+    basic = run_cli_here(
         ["-m", "norm=none,bn", "epochs=2", f"threads={threads}", f"hydra.sweep.dir={tmp_path / 'b'}"], tmp_path
     )
     assert basic.returncode == 0, basic.stdout + basic.stderr
@@ -251,7 +251,9 @@ def test_a_job_cancelled_mid_training_ends_the_sweep_and_its_resume_command_comp
     resumed = subprocess.run(_resume_command(output), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert set(pd.read_csv(sweep / "runs.csv")["status"]) == {"completed"}
-    reference = run_cli(["norm=none", "epochs=30", *TINY, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)  # in one go
+    reference = run_cli_here(
+        ["norm=none", "epochs=30", *TINY, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path
+    )  # in one go
     assert reference.returncode == 0, reference.stdout + reference.stderr
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "ref" / "metrics.csv")[VALUES], pd.read_csv(sweep / "0" / "metrics.csv")[VALUES]
@@ -355,7 +357,7 @@ def test_without_accounting_the_sweep_says_so_once_and_still_notices_a_cancelled
 def test_an_impossible_request_is_refused_before_anything_is_submitted(tmp_path: Path) -> None:
     cpus = max(node.cpus for node in scheduler.partitions()[PARTITION].nodes)
     sweep = tmp_path / "s"
-    proc = run_cli(
+    proc = run_cli_here(
         ["-m", "norm=none,bn", "epochs=1", "hydra/launcher=slurm", f"hydra.launcher.cpus_per_task={cpus + 1}"]
         + [f"hydra.sweep.dir={sweep}"],
         tmp_path,

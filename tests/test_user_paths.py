@@ -1,5 +1,6 @@
-"""What a user sees around a run, each in a fresh `python -m normsweep` process: where a single run's files are,
-a preset run without -m, a refused run that leaves no folder, a sweep's job lines, and Ctrl-C under joblib."""
+"""What a user sees around a run: where a single run's files are, a preset run without -m, a refused run that
+leaves no folder, a sweep's job lines, and Ctrl-C under joblib. The lines a sweep prints and Ctrl-C are read from a
+fresh `python -m normsweep` process; the single runs' last lines from the same main() run in this process."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, run_cli_here
 
-pytestmark = pytest.mark.slow  # every test starts normsweep in a new process
+pytestmark = pytest.mark.slow  # every test runs normsweep's command line
 
 TINY = ["model=mlp", "batch_size=256", "epochs=1"]
 
@@ -25,7 +26,7 @@ def _lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 def test_a_preset_run_without_m_says_it_ran_one_job_how_to_sweep_and_where_its_files_are(tmp_path: Path) -> None:
-    proc = run_cli(["experiment=quick", *TINY], cwd=tmp_path)
+    proc = run_cli_here(["experiment=quick", *TINY], cwd=tmp_path)
     lines = _lines(proc)
     assert proc.returncode == 0, "\n".join(lines)
     (run,) = (tmp_path / "outputs").glob("*/*")
@@ -38,7 +39,7 @@ def test_a_preset_run_without_m_says_it_ran_one_job_how_to_sweep_and_where_its_f
 
 
 def test_a_diverged_run_also_ends_with_where_its_files_are(tmp_path: Path) -> None:
-    proc = run_cli(["optimizer=sgd", "optimizer.lr=1e12", "norm=none", *TINY, "hydra.run.dir=run"], cwd=tmp_path)
+    proc = run_cli_here(["optimizer=sgd", "optimizer.lr=1e12", "norm=none", *TINY, "hydra.run.dir=run"], cwd=tmp_path)
     lines = _lines(proc)
     assert proc.returncode == 0, "\n".join(lines)
     assert any("diverged: the loss is not finite in epoch 1" in line for line in lines)
