@@ -32,7 +32,7 @@ from normsweep.resume import (
     refuse,
     task_config,
 )
-from normsweep.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, stop_on_sigterm
+from normsweep.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, quiet_worker_cleanup, stop_on_sigterm
 
 log = logging.getLogger("normsweep")
 register_configs()
@@ -180,6 +180,8 @@ def main() -> None:
     # docs and of normsweep 0.1, would be refused by Hydra as a second value: it means the same thing.
     sys.argv = [arg[1:] if arg.startswith("+experiment=") else arg for arg in sys.argv]
     sweep = any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
+    if sweep:
+        quiet_worker_cleanup()  # before the first worker, and its resource tracker, starts
     undo = hold_ctrl_c_in_workers() if sweep and hasattr(signal, "pthread_sigmask") else None
     try:
         app()

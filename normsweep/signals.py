@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from multiprocessing import resource_tracker
@@ -60,3 +61,17 @@ def hold_ctrl_c_in_workers() -> Callable[[], None]:
         listening.set()
 
     return undo
+
+
+# What loky's resource tracker says when it exits after the sweep: a worker that Ctrl-C ended mid-job leaves its
+# count on a semaphore the launcher has already removed, and the tracker warns, below the line saying how to resume,
+# that it "leaked" and then that it cannot be found. It cleans up either way; the user has nothing to do.
+QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
+def quiet_worker_cleanup() -> None:
+    """Keep the resource trackers of the processes this one launches (joblib's) from warning about the leftovers of
+    workers Ctrl-C ended. A tracker is a child process started with this interpreter's -W options (sys.warnoptions);
+    the filter ignores only warnings that begin with "resource_tracker"."""
+    if QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(QUIET_TRACKER)
