@@ -221,6 +221,17 @@ def _wait_for_status(job: Path, status: str, timeout: float = 60) -> dict:
     raise AssertionError(f"{job}/summary.json still says {_summary(job)['status']!r}, not {status!r}")
 
 
+def _wait_for_log(job: Path, text: str, timeout: float = 30) -> None:
+    """The job's log line, which comes just after its summary is written."""
+    log = job / "normsweep.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{log} never said {text!r}:\n{log.read_text()}")
+
+
 @pytest.mark.slurm
 def test_a_sweep_run_again_while_its_slurm_jobs_run_is_refused_and_a_cancel_stops_them(partition, tmp_path):
     sweep = tmp_path / "s"
@@ -248,7 +259,7 @@ def test_a_sweep_run_again_while_its_slurm_jobs_run_is_refused_and_a_cancel_stop
         for job in ids:  # SIGTERM stops each at once: no SIGKILL KillWait seconds later
             summary = _wait_for_status(sweep / job, "incomplete")
             assert 1 <= summary["epochs_completed"] < 300
-            assert "stopped by SIGTERM" in (sweep / job / "normsweep.log").read_text()
+            _wait_for_log(sweep / job, "stopped by SIGTERM")  # written just after the summary
     finally:
         left = _queued_from(tmp_path)  # this test's jobs only: others may share the cluster
         if left:
