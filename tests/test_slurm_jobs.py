@@ -211,25 +211,29 @@ def _queued_from(folder: Path) -> set[str]:
     return {job for job, _, workdir in rows if workdir == str(folder)}
 
 
-def _wait_for_status(job: Path, status: str, timeout: float = 60) -> dict:
+def _wait_until(found, timeout: float, failure):
+    """Poll `found()` every 0.1 s until it gives something true, and return that; else fail with `failure()`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        summary = _summary(job)
-        if summary["status"] == status:
-            return summary
+        value = found()
+        if value:
+            return value
         time.sleep(0.1)
-    raise AssertionError(f"{job}/summary.json still says {_summary(job)['status']!r}, not {status!r}")
+    raise AssertionError(failure())
+
+
+def _wait_for_status(job: Path, status: str, timeout: float = 60) -> dict:
+    return _wait_until(
+        lambda: (summary := _summary(job))["status"] == status and summary,
+        timeout,
+        lambda: f"{job}/summary.json still says {_summary(job)['status']!r}, not {status!r}",
+    )
 
 
 def _wait_for_log(job: Path, text: str, timeout: float = 30) -> None:
     """The job's log line, which comes just after its summary is written."""
     log = job / "normsweep.log"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{log} never said {text!r}:\n{log.read_text()}")
+    _wait_until(lambda: text in log.read_text(), timeout, lambda: f"{log} never said {text!r}:\n{log.read_text()}")
 
 
 @pytest.mark.slurm
