@@ -10,10 +10,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from normsweep.jobfiles import ATTENTION, Status, atomic_write, job_dirs
-from normsweep.plots import plot_curves, plot_diagnostics
-from normsweep.report import DIAGNOSTICS_FIGURE, sweep_command, write_report
-from normsweep.tables import Report, best_by, best_file, collect, diagnostics, format_best, format_table, problems
+from normsweep.results.plots import plot_curves, plot_diagnostics
+from normsweep.results.report import DIAGNOSTICS_FIGURE, sweep_command, write_report
+from normsweep.results.tables import (
+    Report,
+    best_by,
+    best_file,
+    collect,
+    diagnostics,
+    format_best,
+    format_table,
+    problems,
+)
+from normsweep.sweep.jobfiles import ATTENTION, Status, atomic_write, job_dirs
 
 LOG = "normsweep.log"  # each job's log, as Hydra names it (hydra.job.name + .log)
 
@@ -65,7 +74,7 @@ def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
 
 
 def end_of_sweep(sweep_dir: Path, compare: str) -> None:
-    """What a multirun does once every job has ended (normsweep.callback.AggregateCallback): aggregate, then exit
+    """What a multirun does once every job has ended (normsweep.sweep.callbacks.AggregateCallback): aggregate, then exit
     with status 1 if any job failed or stopped before its last epoch (a diverged job is a result, not a failure),
     after the command that resumes them."""
     try:

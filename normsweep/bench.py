@@ -17,17 +17,17 @@ import pandas as pd
 import torch
 from torch import nn
 
-from normsweep.config import Config, SyntheticConfig, compose_run, options
-from normsweep.data import Data, Split, load, normalize
-from normsweep.diagnostics import Diagnostics, probe_size
-from normsweep.errors import ConfigError
-from normsweep.jobfiles import atomic_write
-from normsweep.layers import norm_factory
-from normsweep.models import build_model
-from normsweep.optimizers import Adam, build_optimizer
-from normsweep.placement import available_cpus
-from normsweep.threads import choose_threads, step_macs
-from normsweep.train import Compute, prepare, resolve_compute, resolve_device, set_threads, train_epoch
+from normsweep.config.errors import ConfigError
+from normsweep.config.optimizers import Adam, build_optimizer
+from normsweep.config.schema import Config, SyntheticConfig, compose_run, options
+from normsweep.job.data import Data, Split, load, normalize
+from normsweep.job.diagnostics import Diagnostics, probe_size
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import build_model
+from normsweep.job.placement import available_cpus
+from normsweep.job.threads import choose_threads, step_macs
+from normsweep.job.train import Compute, prepare, resolve_compute, resolve_device, set_threads, train_epoch
+from normsweep.sweep.jobfiles import atomic_write
 
 VARIANTS = ("reference", "normsweep", "ceiling")
 CROP_PADDING = 4  # CIFAR's augmentation, in every variant that touches data: crop with padding 4, random flip

@@ -22,9 +22,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from normsweep.config import Config, ConfigError, config_dir, register_configs, validate
-from normsweep.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
-from normsweep.resume import (
+from normsweep.config.schema import Config, ConfigError, config_dir, register_configs, validate
+from normsweep.job.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
+from normsweep.job.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, quiet_worker_cleanup, stop_on_sigterm
+from normsweep.sweep.resume import (
     ResumeCheck,
     ResumeConflict,
     check_resumable,
@@ -32,7 +33,6 @@ from normsweep.resume import (
     refuse,
     task_config,
 )
-from normsweep.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, quiet_worker_cleanup, stop_on_sigterm
 
 log = logging.getLogger("normsweep")
 register_configs()
@@ -136,7 +136,7 @@ def app(cfg: DictConfig) -> float | None:
             job_num = hydra_cfg.job.num if in_sweep else 0  # a single run has no job number
             choices = hydra_cfg.runtime.choices
             checked = validate(cfg, dict(choices))  # a mistake is named before torch is imported: in ~1 s, not ~4
-            from normsweep.job import run_job  # torch: only once a job runs
+            from normsweep.job.run import run_job  # torch: only once a job runs
 
             run, cpus = place(checked, job_num, in_sweep)
             summary = run_job(run, job_dir, overrides, config, cpus)
@@ -156,7 +156,7 @@ def app(cfg: DictConfig) -> float | None:
     except Exception as err:
         user_error = isinstance(err, ConfigError)
         if in_sweep or not (user_error and discard_unused_run_dir(job_dir, f"{hydra_cfg.job.name}.log")):
-            from normsweep.job import record_failure
+            from normsweep.job.run import record_failure
 
             record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices))
         if in_sweep:

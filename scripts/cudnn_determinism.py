@@ -19,9 +19,9 @@ from torch import nn
 
 from normsweep import bench
 from normsweep.bench import Setup, make_data
-from normsweep.data import normalize
-from normsweep.optimizers import Adam, build_optimizer
-from normsweep.train import prepare
+from normsweep.config.optimizers import Adam, build_optimizer
+from normsweep.job.data import normalize
+from normsweep.job.train import prepare
 
 
 def images_per_second(setup: Setup, deterministic: bool) -> float:

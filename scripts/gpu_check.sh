@@ -107,7 +107,7 @@ run_suite() {
 }
 
 if [[ ${1:-} == --one ]]; then  # one section, in its own process (run by `section` under timeout)
-    NORMS=$($PY -c "from normsweep.config import options; print(','.join(options('norm')))")
+    NORMS=$($PY -c "from normsweep.config.schema import options; print(','.join(options('norm')))")
     "run_$2"
     exit
 fi

@@ -8,11 +8,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from normsweep.config import compose_run
-from normsweep.data import load
-from normsweep.layers import norm_factory
-from normsweep.models import build_model
-from normsweep.train import Compute, fit
+from normsweep.config.schema import compose_run
+from normsweep.job.data import load
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import build_model
+from normsweep.job.train import Compute, fit
 
 TIMINGS = ("epoch_seconds", "images_per_second")
 

@@ -10,12 +10,12 @@ from conftest import make_cifar, make_mnist, make_svhn
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from normsweep.config import ConfigError, compose_run, config_dir, options, validate
-from normsweep.data import load, normalize
-from normsweep.layers import norm_factory
-from normsweep.models import build_model
-from normsweep.norms import BUILT_IN as NORMS
-from normsweep.optimizers import build_optimizer
+from normsweep.config.norms import BUILT_IN as NORMS
+from normsweep.config.optimizers import build_optimizer
+from normsweep.config.schema import ConfigError, compose_run, config_dir, options, validate
+from normsweep.job.data import load, normalize
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import build_model
 
 CONF = Path(config_dir())
 
@@ -102,7 +102,7 @@ def test_shell_overrides_take_effect(compose_cfg) -> None:
     )
     assert (run.optimizer.name, run.optimizer.lr, run.optimizer.nesterov) == ("sgd", 0.05, True)
     assert (run.epochs, run.batch_size, run.seed, run.val_fraction, run.device) == (3, 32, 7, 0.1, "cpu")
-    assert run.model["_target_"] == "normsweep.models.MLP" and run.norm.groups == 4
+    assert run.model["_target_"] == "normsweep.job.models.MLP" and run.norm.groups == 4
 
 
 @pytest.mark.parametrize(

@@ -19,14 +19,14 @@ from conftest import run_cli
 from test_faults import _popen, _wait_for_rows
 from torch import nn
 
-from normsweep.config import compose_run
-from normsweep.data import load
-from normsweep.diagnostics import Diagnostics
-from normsweep.layers import norm_factory
-from normsweep.models import build_model
-from normsweep.norms import BUILT_IN as NORMS
-from normsweep.optimizers import build_optimizer
-from normsweep.train import Compute, fit, prepare, resolve_compute, resolve_device
+from normsweep.config.norms import BUILT_IN as NORMS
+from normsweep.config.optimizers import build_optimizer
+from normsweep.config.schema import compose_run
+from normsweep.job.data import load
+from normsweep.job.diagnostics import Diagnostics
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import build_model
+from normsweep.job.train import Compute, fit, prepare, resolve_compute, resolve_device
 
 pytestmark = [
     pytest.mark.cuda,
@@ -114,7 +114,7 @@ def test_diagnostics_on_cuda_leave_the_numbers_unchanged() -> None:
 
 def test_device_auto_picks_cuda_and_an_absent_gpu_is_refused() -> None:
     assert resolve_device("auto").type == "cuda"
-    from normsweep.errors import ConfigError
+    from normsweep.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no such CUDA device"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
@@ -127,7 +127,7 @@ def test_the_data_stays_on_the_gpu_as_uint8() -> None:
 
 
 def test_adam_adamw_and_sgd_use_their_fused_kernels_on_cuda() -> None:
-    from normsweep.optimizers import BUILT_IN as OPTIMIZERS
+    from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
 
     params = [nn.Parameter(torch.randn(4, 4, device=CUDA)), nn.Parameter(torch.randn(4, device=CUDA))]
     for name, record in OPTIMIZERS.items():
@@ -146,7 +146,7 @@ def test_bf16_autocast_and_channels_last_take_effect(model_name: str) -> None:
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     seen = []
     hooks = [c.register_forward_hook(lambda m, i, o: seen.append(o)) for c in convs]
-    from normsweep.data import normalize
+    from normsweep.job.data import normalize
 
     with compute.autocast(CUDA):
         logits = forward(normalize(data.train.images[:16], data, compute.memory_format))

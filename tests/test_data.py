@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_cifar, make_mnist, make_svhn
 
-from normsweep.config import ConfigError, DatasetConfig, SyntheticConfig, UserDataset
-from normsweep.data import augment, channel_stats, load, normalize
+from normsweep.config.schema import ConfigError, DatasetConfig, SyntheticConfig, UserDataset
+from normsweep.job.data import augment, channel_stats, load, normalize
 
 
 def test_digits_has_a_fixed_test_split_and_a_seeded_val_split() -> None:
@@ -131,7 +131,7 @@ def test_synthetic_data_has_the_asked_shape_and_a_learnable_signal() -> None:
 
 
 def test_a_data_set_is_loaded_once_per_process_and_never_shared_mutably(monkeypatch: pytest.MonkeyPatch) -> None:
-    from normsweep import data as datasets
+    from normsweep.job import data as datasets
 
     calls = []
     real = datasets.LOADERS["synthetic"]

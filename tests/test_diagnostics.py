@@ -14,16 +14,16 @@ import torch
 from conftest import ROOT
 from test_results import make_job
 
-from normsweep import job as job_module
 from normsweep.aggregate import report as aggregate_report
-from normsweep.config import compose_run
-from normsweep.data import load
-from normsweep.diagnostics import LAYER_METRICS, Diagnostics
-from normsweep.jobfiles import DIAGNOSTICS_COLUMNS, write_diagnostics
-from normsweep.layers import norm_factory
-from normsweep.models import build_model
-from normsweep.norms import norm_record
-from normsweep.train import Compute, fit
+from normsweep.config.norms import norm_record
+from normsweep.config.schema import compose_run
+from normsweep.job import run as job_module
+from normsweep.job.data import load
+from normsweep.job.diagnostics import LAYER_METRICS, Diagnostics
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import build_model
+from normsweep.job.train import Compute, fit
+from normsweep.sweep.jobfiles import DIAGNOSTICS_COLUMNS, write_diagnostics
 
 SMALL = ["dataset=synthetic", "dataset.shape=[1,8,8]", "dataset.size=240", "dataset.classes=4"]
 TIMINGS = ("epoch_seconds", "images_per_second")

@@ -34,7 +34,7 @@ def test_wheel_ships_the_configs_and_runs_from_elsewhere(tmp_path: Path) -> None
     elsewhere.mkdir()
     # Only the unpacked wheel is importable: not the source checkout.
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
-    code = "import normsweep.config as c, sys; print(c.__file__); print(c.config_dir())"
+    code = "import normsweep.config.schema as c, sys; print(c.__file__); print(c.config_dir())"
     where = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
     module_file, conf = where.stdout.split()
     assert module_file.startswith(str(site)) and conf == str(site / "normsweep" / "conf")

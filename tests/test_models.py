@@ -6,17 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from normsweep.errors import ConfigError
-from normsweep.layers import norm_factory
-from normsweep.models import MLP, DeepCNN, ResNet, SimpleCNN, build_model
-from normsweep.norms import BUILT_IN as NORMS
-from normsweep.norms import UserNorm
+from normsweep.config.errors import ConfigError
+from normsweep.config.norms import BUILT_IN as NORMS
+from normsweep.config.norms import UserNorm
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import MLP, DeepCNN, ResNet, SimpleCNN, build_model
 
 TARGETS = {
-    "simple_cnn": "normsweep.models.SimpleCNN",
-    "deep_cnn": "normsweep.models.DeepCNN",
-    "mlp": "normsweep.models.MLP",
-    "resnet20": "normsweep.models.ResNet",
+    "simple_cnn": "normsweep.job.models.SimpleCNN",
+    "deep_cnn": "normsweep.job.models.DeepCNN",
+    "mlp": "normsweep.job.models.MLP",
+    "resnet20": "normsweep.job.models.ResNet",
 }
 RESNET18 = {"blocks": [2, 2, 2, 2], "widths": [64, 128, 256, 512]}
 TINY = {"blocks": [1, 2], "widths": [8, 16]}  # two stages, one stride-2 block with a conv shortcut: quick to train

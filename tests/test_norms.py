@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normsweep.config import ConfigError, compose_run, options
-from normsweep.layers import norm_factory
-from normsweep.models import MLP
-from normsweep.norms import BUILT_IN as NORMS
+from normsweep.config.norms import BUILT_IN as NORMS
+from normsweep.config.schema import ConfigError, compose_run, options
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import MLP
 
 
 def record(name: str, **keys):

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from normsweep.placement import available_cpus, fair_threads, job_device, jobs_at_once, pinned_gpus
-from normsweep.train import set_threads
+from normsweep.job.placement import available_cpus, fair_threads, job_device, jobs_at_once, pinned_gpus
+from normsweep.job.train import set_threads
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 LOCAL = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"

@@ -17,15 +17,15 @@ import yaml
 from conftest import run_cli_here
 from omegaconf import OmegaConf
 
-from normsweep.config import ConfigError, DatasetConfig, compose_run
-from normsweep.data import Data, load
-from normsweep.layers import norm_factory
-from normsweep.models import MLP, SimpleCNN
-from normsweep.norms import BUILT_IN as NORMS
-from normsweep.optimizers import BUILT_IN as OPTIMIZERS
-from normsweep.optimizers import build_optimizer, build_scheduler, optimizer_record
-from normsweep.resume import ResumeConflict, SweepFolders, check_resumable, keep_saved_behaviour, task_config
-from normsweep.train import batch_slices, diverge_limit, fit
+from normsweep.config.norms import BUILT_IN as NORMS
+from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
+from normsweep.config.optimizers import build_optimizer, build_scheduler, optimizer_record
+from normsweep.config.schema import ConfigError, DatasetConfig, compose_run
+from normsweep.job.data import Data, load
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import MLP, SimpleCNN
+from normsweep.job.train import batch_slices, diverge_limit, fit
+from normsweep.sweep.resume import ResumeConflict, SweepFolders, check_resumable, keep_saved_behaviour, task_config
 
 # The keys this recipe added, at the values that compute what jobs saved before them computed.
 OLD_WAY = {
@@ -109,7 +109,7 @@ def test_norm_and_bias_parameters_are_not_decayed_unless_asked(node: dict) -> No
 
 
 def test_frn_tau_and_skipinit_gains_count_as_norm_parameters() -> None:
-    from normsweep.models import build_model
+    from normsweep.job.models import build_model
 
     run = compose_run(["model=resnet20", "norm=none", "model.blocks=[1,1,1]", "model.widths=[4,8,8]"])
     model = build_model("resnet20", run.model, 1, (8, 8), 10, norm_factory(run.norm, "resnet20"))
@@ -204,6 +204,19 @@ def test_an_old_folder_is_the_same_job_unless_the_command_gives_a_new_key_anothe
     with pytest.raises(ResumeConflict, match="1 key only this job has: optimizer.decay_norm_and_bias"):
         check_resumable(old, given, ["norm=gn", "optimizer.decay_norm_and_bias=false"])
     assert SweepFolders(tmp_path).claim(config, ["norm=gn"]) == "0"  # a resumed sweep finds it by its settings
+
+
+def test_a_folder_saved_before_the_package_split_names_the_same_model_and_norm(compose_cfg, tmp_path: Path) -> None:
+    # Before normsweep/ was split into config/, job/, sweep/ and results/, the built-in models and norm layers were
+    # normsweep.models.* and normsweep.layers.*; a folder saved then holds those paths for the same code.
+    config = task_config(compose_cfg(["norm=ws_gn", "model=resnet20"]))
+    saved = json.loads(json.dumps(config).replace("normsweep.job.models.", "normsweep.models."))
+    saved = json.loads(json.dumps(saved).replace("normsweep.job.layers.", "normsweep.layers."))
+    assert saved["model"]["_target_"] == "normsweep.models.ResNet"
+    assert saved["norm"]["adapt_model"] == "normsweep.layers.standardize_conv_weights"
+    old = _saved_job(tmp_path / "0", saved, ["norm=ws_gn", "model=resnet20"])
+    check_resumable(old, config, ["norm=ws_gn", "model=resnet20"])
+    assert SweepFolders(tmp_path).claim(config, ["model=resnet20", "norm=ws_gn"]) == "0"
 
 
 def test_a_job_resumed_in_an_old_folder_runs_the_old_way(compose_cfg, tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ import yaml
 
 from normsweep.aggregate import aggregate
 from normsweep.aggregate import main as aggregate_main
-from normsweep.jobfiles import atomic_write, parse_overrides, process_start, write_summary
-from normsweep.tables import RESULT_COLUMNS, format_table, lines_against, problems
+from normsweep.results.tables import RESULT_COLUMNS, format_table, lines_against, problems
+from normsweep.sweep.jobfiles import atomic_write, parse_overrides, process_start, write_summary
 
 # val_acc per (norm, seed): bn is best on average, none worst.
 VAL = {

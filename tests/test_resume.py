@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from normsweep.config import ConfigError, new_dir
-from normsweep.jobfiles import lacking_added_keys, saved_behaviour, with_values, write_summary
-from normsweep.resume import (
+from normsweep.config.schema import ConfigError, new_dir
+from normsweep.sweep.jobfiles import lacking_added_keys, saved_behaviour, with_values, write_summary
+from normsweep.sweep.resume import (
     CHECKPOINT_FILE,
     ResumeConflict,
     check_resumable,
@@ -26,7 +26,7 @@ from normsweep.resume import (
 )
 
 CONFIG = {
-    "model": {"_target_": "normsweep.models.SimpleCNN", "hidden": 128},
+    "model": {"_target_": "normsweep.job.models.SimpleCNN", "hidden": 128},
     "norm": {"name": "bn", "eps": 1e-5, "affine": True, "momentum": 0.1},
     "optimizer": {"name": "adam", "lr": 0.001, "betas": [0.9, 0.999]},
     "dataset": {"name": "digits", "root": "data", "download": False},
@@ -80,7 +80,7 @@ def test_config_differences_lists_changed_values_then_the_keys_one_side_lacks() 
 
 
 def test_a_folder_saved_before_norms_and_optimizers_had_records_is_the_same_job() -> None:
-    from normsweep.config import compose_run
+    from normsweep.config.schema import compose_run
 
     run = compose_run([])  # bn and adam, as a 0.1 folder saved them: without _target_ and the records' facts
     now = {"norm": dataclasses.asdict(run.norm), "optimizer": dataclasses.asdict(run.optimizer)}

@@ -16,15 +16,15 @@ import yaml
 from conftest import run_cli, run_cli_here
 
 from normsweep.aggregate import aggregate
-from normsweep.jobfiles import write_summary
-from normsweep.resume import ResumeConflict, SweepFolders
+from normsweep.sweep.jobfiles import write_summary
+from normsweep.sweep.resume import ResumeConflict, SweepFolders
 
 TINY = ["model=mlp", "epochs=1", "batch_size=256", "diagnostics=false"]  # a job in about a second on digits, no figure
 
 
 def _config(norm: str = "bn", seed: int = 0, epochs: int = 1) -> dict:
     return {
-        "model": {"_target_": "normsweep.models.MLP", "hidden": 128},
+        "model": {"_target_": "normsweep.job.models.MLP", "hidden": 128},
         "norm": {"name": norm, "eps": 1e-5},
         "dataset": {"name": "digits", "root": "data"},
         "seed": seed,

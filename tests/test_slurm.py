@@ -20,8 +20,8 @@ from conftest import run_cli, run_cli_here
 from test_faults import VALUES, _popen, _wait_for_rows
 
 from hydra_plugins.normsweep_launcher.slurm_launcher import Request, check_time_limit, find_partition, fit
-from normsweep import scheduler
-from normsweep.errors import ConfigError
+from normsweep.config.errors import ConfigError
+from normsweep.sweep import scheduler
 
 CPU_NODE = scheduler.Node(cpus=2, mem_mb=24105, gpus=0)
 GPU_NODE = scheduler.Node(cpus=64, mem_mb=512000, gpus=4)

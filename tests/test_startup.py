@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from normsweep.data import digits_arrays
+from normsweep.job.data import digits_arrays
 
 HEAVY = ("torch", "pandas", "matplotlib", "sklearn", "scipy")
 SCRIPT = """

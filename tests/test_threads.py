@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from normsweep.config import compose_run
-from normsweep.layers import norm_factory
-from normsweep.models import build_model
-from normsweep.threads import SPLIT_MACS, ThreadChoice, busy_cpus, choose_threads, describe, step_macs
+from normsweep.config.schema import compose_run
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import build_model
+from normsweep.job.threads import SPLIT_MACS, ThreadChoice, busy_cpus, choose_threads, describe, step_macs
 
 
 def _model(name: str, shape: tuple[int, int, int]) -> nn.Module:

@@ -8,15 +8,15 @@ import io
 import pytest
 import torch
 
-from normsweep.config import DatasetConfig
-from normsweep.data import Data, Split, load
-from normsweep.errors import ConfigError
-from normsweep.layers import norm_factory
-from normsweep.models import MLP, SimpleCNN
-from normsweep.norms import BUILT_IN as NORMS
-from normsweep.optimizers import BUILT_IN as OPTIMIZERS
-from normsweep.optimizers import build_optimizer, build_scheduler
-from normsweep.train import (
+from normsweep.config.errors import ConfigError
+from normsweep.config.norms import BUILT_IN as NORMS
+from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
+from normsweep.config.optimizers import build_optimizer, build_scheduler
+from normsweep.config.schema import DatasetConfig
+from normsweep.job.data import Data, Split, load
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import MLP, SimpleCNN
+from normsweep.job.train import (
     Compute,
     _cpu_has_native_bf16,
     batch_slices,
@@ -154,7 +154,7 @@ def test_auto_layout_is_channels_last_for_conv_models_on_the_cpu() -> None:
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("normsweep.train._cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("normsweep.job.train._cpu_has_native_bf16", lambda: False)
     cnn = SimpleCNN(1, (8, 8), 10, norm_factory(NORMS["bn"](), "simple_cnn"))
     with pytest.raises(ConfigError, match="precision=bf16: this CPU has no native bf16"):
         resolve_compute("bf16", None, False, cnn, torch.device("cpu"))
@@ -213,7 +213,7 @@ def test_compile_gives_the_same_training(digits: Data) -> None:
     ],
 )
 def test_the_step_without_torchs_wrappers_is_the_same_step(cls, kwargs) -> None:
-    from normsweep.optimizers import step_function
+    from normsweep.config.optimizers import step_function
 
     def trained(plain: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
@@ -230,7 +230,7 @@ def test_the_step_without_torchs_wrappers_is_the_same_step(cls, kwargs) -> None:
 
 
 def test_a_step_hook_keeps_torchs_own_step() -> None:
-    from normsweep.optimizers import step_function
+    from normsweep.config.optimizers import step_function
 
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])
     assert step_function(optimizer) != optimizer.step

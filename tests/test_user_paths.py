@@ -123,7 +123,7 @@ resource_tracker.register("/normsweep-test-already-removed", "semlock")
     said = {}
     for name, setup in (
         ("plain", ""),
-        ("sweep", "from normsweep.signals import quiet_worker_cleanup; quiet_worker_cleanup()"),
+        ("sweep", "from normsweep.job.signals import quiet_worker_cleanup; quiet_worker_cleanup()"),
     ):
         # The tracker holds stderr open until it exits: run() returns once it has said everything.
         proc = subprocess.run([sys.executable, "-c", leftover.format(setup=setup)], capture_output=True, text=True)

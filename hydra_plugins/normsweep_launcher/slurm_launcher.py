@@ -24,7 +24,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQue
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from normsweep import scheduler  # standard library only: Hydra imports this module for every app it starts
+from normsweep.sweep import scheduler  # standard library only: Hydra imports this module for every app it starts
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _count(params: Mapping[str, Any], key: str, least: int) -> Any:
 
 
 def _config_error(message: str) -> Exception:
-    from normsweep.errors import ConfigError
+    from normsweep.config.errors import ConfigError
 
     return ConfigError(message)
 
@@ -169,7 +169,7 @@ def find_partition(name: str | None, known: Mapping[str, scheduler.Partition]) -
 
 
 def _metric_rows(job_dir: Path) -> int:
-    from normsweep.jobfiles import METRICS_FILE
+    from normsweep.sweep.jobfiles import METRICS_FILE
 
     try:
         lines = (job_dir / METRICS_FILE).read_text().splitlines()
@@ -216,8 +216,8 @@ class SlurmLauncher(SubmititSlurmLauncher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         # Before the sweeper writes anything: a request that cannot run leaves no sweep folder behind.
-        from normsweep.errors import ConfigError
-        from normsweep.resume import refuse
+        from normsweep.config.errors import ConfigError
+        from normsweep.sweep.resume import refuse
 
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         try:
@@ -264,8 +264,8 @@ class SlurmLauncher(SubmititSlurmLauncher):
         import submitit
         from submitit.core.utils import FailedJobError
 
-        from normsweep.errors import ConfigError
-        from normsweep.resume import refuse
+        from normsweep.config.errors import ConfigError
+        from normsweep.sweep.resume import refuse
 
         assert self.config is not None
         params = {key: value for key, value in self.params.items() if key not in OWN_KEYS}
@@ -399,7 +399,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         """The job's own return value, from submitit's result file."""
         from submitit.core.utils import pickle_load
 
-        from normsweep.jobfiles import FINISHED, load_summary
+        from normsweep.sweep.jobfiles import FINISHED, load_summary
 
         outcome, value = pickle_load(job.submitted.paths.result_pickle)
         if outcome == "success" and isinstance(value, JobReturn):
@@ -425,8 +425,8 @@ class SlurmLauncher(SubmititSlurmLauncher):
     def _record_end(self, job: _Job, reason: str) -> None:
         """Write the scheduler's reason into the job's folder (`incomplete` when it finished epochs, else `failed`)
         and give the job a JobReturn, unless the folder holds a finished result or another live job."""
-        from normsweep.jobfiles import FINISHED, GROUPS, Status, load_summary, write_summary
-        from normsweep.resume import task_config
+        from normsweep.sweep.jobfiles import FINISHED, GROUPS, Status, load_summary, write_summary
+        from normsweep.sweep.resume import task_config
 
         cfg, job_dir = job.cfg, self._job_dir(job)
         task_overrides = list(cfg.hydra.overrides.task)

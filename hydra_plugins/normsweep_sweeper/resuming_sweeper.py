@@ -32,7 +32,7 @@ class ResumingSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         # Hydra rewrites multirun.yaml before the first batch is checked: keep the old one to put back on refusal.
-        from normsweep.resume import check_folder_name
+        from normsweep.sweep.resume import check_folder_name
 
         assert self.config is not None
         check_folder_name(str(self.config.hydra.sweep.dir), "hydra.sweep.dir")
@@ -48,9 +48,9 @@ class ResumingSweeper(BasicSweeper):
 
     def _with_folders(self, batches: Sequence[Sequence[Sequence[str]]]) -> list[list[list[str]]]:
         # Imported here: Hydra imports every plugin module at start-up, for any app; torch loads only for ours.
-        from normsweep.config import check_keys
-        from normsweep.errors import ConfigError
-        from normsweep.resume import SweepFolders, refuse, task_config
+        from normsweep.config.errors import ConfigError
+        from normsweep.config.schema import check_keys
+        from normsweep.sweep.resume import SweepFolders, refuse, task_config
 
         assert self.hydra_context is not None and self.config is not None
         folders = SweepFolders(Path(str(self.config.hydra.sweep.dir)))
@@ -79,7 +79,7 @@ class ResumingSweeper(BasicSweeper):
     def _put_back(self) -> None:
         """Leave the sweep folder as it was before this refused launch: its old multirun.yaml, or no folder at all
         when this launch made it (nothing ran there)."""
-        from normsweep.jobfiles import atomic_write
+        from normsweep.sweep.jobfiles import atomic_write
 
         assert self.config is not None
         folder = Path(str(self.config.hydra.sweep.dir))
@@ -96,7 +96,7 @@ class ResumingSweeper(BasicSweeper):
         # Each job's config was composed, and its folder checked, when the jobs were given their folders. The last
         # step before the batch launches: tell its jobs how many of them share this machine's CPUs, so that each
         # takes its fair share of threads (the launched processes inherit the environment).
-        from normsweep.placement import JOBS_AT_ONCE_ENV, available_cpus, jobs_at_once
+        from normsweep.job.placement import JOBS_AT_ONCE_ENV, available_cpus, jobs_at_once
 
         assert self.config is not None
         at_once = jobs_at_once(self.config.hydra.launcher, len(batch), available_cpus())

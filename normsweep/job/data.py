@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from normsweep.config import USER_DATASET_KEYS, DatasetConfig, SyntheticConfig
-from normsweep.errors import ConfigError
+from normsweep.config.errors import ConfigError
+from normsweep.config.schema import USER_DATASET_KEYS, DatasetConfig, SyntheticConfig
 
 
 @dataclass

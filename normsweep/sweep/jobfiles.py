@@ -20,9 +20,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from normsweep import scheduler
-from normsweep.norms import BUILT_IN as NORMS
-from normsweep.optimizers import BUILT_IN as OPTIMIZERS
+from normsweep.config.norms import BUILT_IN as NORMS
+from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
+from normsweep.sweep import scheduler
 
 METRICS_FILE = "metrics.csv"
 DIAGNOSTICS_FILE = "diagnostics.csv"
@@ -66,6 +66,12 @@ ADDED_KEYS = {
     "optimizer.warmup_epochs": 0,
     "optimizer.schedule_step": "epoch",
 }
+
+
+# Modules whose classes and functions the built-in configs name in a `_target_` (model._target_, norm._target_,
+# norm.adapt_model), as they were named before the package was split into config/, job/, sweep/ and results/: a
+# folder saved then names the same code by its old path.
+MOVED_MODULES = {"normsweep.models.": "normsweep.job.models.", "normsweep.layers.": "normsweep.job.layers."}
 
 
 class Status(str, enum.Enum):
@@ -294,9 +300,18 @@ def settings(config: dict[str, Any]) -> dict[str, Any]:
     key at the value that keeps the old behaviour (so a folder saved before the key existed is the same job)."""
     return {
         key: value
-        for key, value in _flatten(_upgraded(config)).items()
+        for key, value in ((k, _moved(v)) for k, v in _flatten(_upgraded(config)).items())
         if key not in WHERE_KEYS and not (key in ADDED_KEYS and value == ADDED_KEYS[key])
     }
+
+
+def _moved(value: Any) -> Any:
+    """A `_target_` path of a module that has moved (MOVED_MODULES), by its path now; any other value as it is."""
+    if isinstance(value, str):
+        for old, new in MOVED_MODULES.items():
+            if value.startswith(old):
+                return new + value[len(old) :]
+    return value
 
 
 def lacking_added_keys(saved: dict[str, Any]) -> frozenset[str]:

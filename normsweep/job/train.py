@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from normsweep.data import Data, Split, crop_and_flip, normalize, pad_for_crops
-from normsweep.errors import ConfigError
-from normsweep.optimizers import (
+from normsweep.config.errors import ConfigError
+from normsweep.config.optimizers import (
     OptimizerConfig,
     build_optimizer,
     build_scheduler,
@@ -24,7 +23,8 @@ from normsweep.optimizers import (
     step_function,
     without_dynamo,
 )
-from normsweep.placement import available_cpus
+from normsweep.job.data import Data, Split, crop_and_flip, normalize, pad_for_crops
+from normsweep.job.placement import available_cpus
 
 EVAL_BATCH = 1024
 # diverge_loss=auto: a run has diverged once an epoch's mean training loss exceeds DIVERGE_FACTOR × ln(classes), the

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from normsweep.jobfiles import (
+from normsweep.sweep.jobfiles import (
     ATTENTION,
     COMPARE_METRICS,
     DIAGNOSTICS_COLUMNS,

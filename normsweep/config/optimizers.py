@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from omegaconf import MISSING
 
-from normsweep.errors import ConfigError
+from normsweep.config.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

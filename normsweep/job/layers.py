@@ -14,8 +14,8 @@ from hydra.utils import get_object
 from torch import nn
 from torch.nn.utils import parametrize
 
-from normsweep.errors import ConfigError
-from normsweep.norms import NormConfig
+from normsweep.config.errors import ConfigError
+from normsweep.config.norms import NormConfig
 
 # Added to each filter's variance before weight standardization divides by its square root: a fixed constant,
 # not norm.eps (that one belongs to the GroupNorm that follows the convolution).

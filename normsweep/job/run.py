@@ -17,11 +17,25 @@ from typing import Any
 
 import torch
 
-from normsweep import data as datasets
-from normsweep.config import Config
-from normsweep.diagnostics import Diagnostics
-from normsweep.errors import ConfigError
-from normsweep.jobfiles import (
+from normsweep.config.errors import ConfigError
+from normsweep.config.optimizers import no_decay
+from normsweep.config.schema import Config
+from normsweep.job import data as datasets
+from normsweep.job.diagnostics import Diagnostics
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import build_model
+from normsweep.job.placement import available_cpus
+from normsweep.job.threads import ThreadChoice, busy_cpus, choose_threads, describe, step_macs
+from normsweep.job.train import (
+    EpochMetrics,
+    describe_hardware,
+    diverge_limit,
+    evaluate,
+    fit,
+    resolve_compute,
+    resolve_device,
+)
+from normsweep.sweep.jobfiles import (
     DIAGNOSTICS_FILE,
     FINISHED,
     GROUPS,
@@ -34,21 +48,7 @@ from normsweep.jobfiles import (
     write_metrics,
     write_summary,
 )
-from normsweep.layers import norm_factory
-from normsweep.models import build_model
-from normsweep.optimizers import no_decay
-from normsweep.placement import available_cpus
-from normsweep.resume import load_checkpoint, save_checkpoint
-from normsweep.threads import ThreadChoice, busy_cpus, choose_threads, describe, step_macs
-from normsweep.train import (
-    EpochMetrics,
-    describe_hardware,
-    diverge_limit,
-    evaluate,
-    fit,
-    resolve_compute,
-    resolve_device,
-)
+from normsweep.sweep.resume import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("normsweep")
 

@@ -9,8 +9,8 @@ import torch
 from hydra.utils import get_class
 from torch import nn
 
-from normsweep.errors import ConfigError
-from normsweep.layers import NormFactory
+from normsweep.config.errors import ConfigError
+from normsweep.job.layers import NormFactory
 
 
 def _conv_out(size: int, kernel: int, padding: int) -> int:

@@ -18,8 +18,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from normsweep.config import ConfigError
-from normsweep.jobfiles import (
+from normsweep.config.schema import ConfigError
+from normsweep.sweep.jobfiles import (
     METRICS_FILE,
     OVERRIDES_FILE,
     SUMMARY_FILE,

@@ -12,8 +12,7 @@ import pandas as pd
 import yaml
 
 from normsweep import __version__
-from normsweep.jobfiles import atomic_write
-from normsweep.tables import (
+from normsweep.results.tables import (
     COMPARE_METRICS,
     SIGNIFICANCE,
     Report,
@@ -32,6 +31,7 @@ from normsweep.tables import (
     swept_numbers,
     table_columns,
 )
+from normsweep.sweep.jobfiles import atomic_write
 
 REPORT_FILE = "report.md"
 DIAGNOSTICS_FIGURE = "diagnostics.png"

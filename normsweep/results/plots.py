@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from normsweep.jobfiles import atomic_write
-from normsweep.tables import (
+from normsweep.results.tables import (
     Report,
     is_data_key,
     label_of,
@@ -26,6 +25,7 @@ from normsweep.tables import (
     settings_text,
     swept_numbers,
 )
+from normsweep.sweep.jobfiles import atomic_write
 
 # tab10, one colour per built-in norm: a norm reads the same in every figure of every sweep.
 NORM_COLOURS = {

@@ -2,7 +2,7 @@
 
 A record is the structured config of one `norm=` option (registered in Hydra's ConfigStore as `schema_norm_<name>`,
 so a wrong key or type fails at composition). Its `_target_` names the builder, a class or function called as
-`builder(num_features, dim=2|1, **keys)` (normsweep/layers.py holds the built-in ones). A user's norm is a YAML
+`builder(num_features, dim=2|1, **keys)` (normsweep/job/layers.py holds the built-in ones). A user's norm is a YAML
 with a `_target_` of its own and, optionally, the same facts: it becomes a `UserNorm` record with safe defaults.
 Nothing here imports torch.
 """
@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 
 from omegaconf import MISSING
 
-from normsweep.errors import ConfigError
+from normsweep.config.errors import ConfigError
 
 
 @dataclass
@@ -78,7 +78,7 @@ class NoNorm(NormConfig):
 class BatchNorm(_EpsAffine):
     """BatchNorm: per channel over (N, H, W); BatchNorm1d over N on fc features."""
 
-    _target_: str = "normsweep.layers.batch_norm"
+    _target_: str = "normsweep.job.layers.batch_norm"
     name: str = "bn"
     fc_features: bool = True
     batch_stats: bool = True
@@ -97,7 +97,7 @@ class BatchNorm(_EpsAffine):
 class LayerNorm(_EpsAffine):
     """LayerNorm: per sample over (C, H, W), one scale and shift per channel (GroupNorm with one group)."""
 
-    _target_: str = "normsweep.layers.layer_norm"
+    _target_: str = "normsweep.job.layers.layer_norm"
     name: str = "ln"
     fc_features: bool = True
     batch_stats: bool = False
@@ -107,7 +107,7 @@ class LayerNorm(_EpsAffine):
 class LayerNorm2d(_EpsAffine):
     """LayerNorm over the channels alone, at every position (ConvNeXt's)."""
 
-    _target_: str = "normsweep.layers.LayerNorm2d"
+    _target_: str = "normsweep.job.layers.LayerNorm2d"
     name: str = "ln2d"
     fc_features: bool = True
     batch_stats: bool = False
@@ -117,7 +117,7 @@ class LayerNorm2d(_EpsAffine):
 class RMSNorm(_EpsAffine):
     """RMSNorm over the channels at every position: a scale, no mean removed, no shift."""
 
-    _target_: str = "normsweep.layers.RMSNorm2d"
+    _target_: str = "normsweep.job.layers.RMSNorm2d"
     name: str = "rms"
     fc_features: bool = True
     batch_stats: bool = False
@@ -127,7 +127,7 @@ class RMSNorm(_EpsAffine):
 class InstanceNorm(_EpsAffine):
     """InstanceNorm: per sample and channel over (H, W); undefined on fc features."""
 
-    _target_: str = "normsweep.layers.instance_norm"
+    _target_: str = "normsweep.job.layers.instance_norm"
     name: str = "in"
     fc_features: bool = False
     batch_stats: bool = False
@@ -137,7 +137,7 @@ class InstanceNorm(_EpsAffine):
 class GroupNorm(_EpsAffine):
     """GroupNorm: per sample over (C/groups, H, W), in `groups` groups of channels (or channels per group)."""
 
-    _target_: str = "normsweep.layers.group_norm"
+    _target_: str = "normsweep.job.layers.group_norm"
     name: str = "gn"
     fc_features: bool = True
     batch_stats: bool = False
@@ -167,14 +167,14 @@ class WSGroupNorm(GroupNorm):
     """GroupNorm after weight-standardized convolutions (each filter to mean 0, variance 1); needs convolutions."""
 
     name: str = "ws_gn"
-    adapt_model: Optional[str] = "normsweep.layers.standardize_conv_weights"  # noqa: UP045
+    adapt_model: Optional[str] = "normsweep.job.layers.standardize_conv_weights"  # noqa: UP045
 
 
 @dataclass
 class FilterResponseNorm(_EpsAffine):
     """FRN and its thresholded linear unit: per sample and channel, x / sqrt(mean_HW(x²) + eps), then max(y, tau)."""
 
-    _target_: str = "normsweep.layers.FilterResponseNorm"
+    _target_: str = "normsweep.job.layers.FilterResponseNorm"
     name: str = "frn"
     fc_features: bool = False
     batch_stats: bool = False

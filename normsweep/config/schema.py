@@ -12,17 +12,17 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from normsweep.errors import ConfigError
-from normsweep.jobfiles import COMPARE_METRICS
-from normsweep.norms import BUILT_IN as NORMS
-from normsweep.norms import norm_record
-from normsweep.optimizers import BUILT_IN as OPTIMIZERS
-from normsweep.optimizers import optimizer_record
+from normsweep.config.errors import ConfigError
+from normsweep.config.norms import BUILT_IN as NORMS
+from normsweep.config.norms import norm_record
+from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
+from normsweep.config.optimizers import optimizer_record
+from normsweep.sweep.jobfiles import COMPARE_METRICS
 
 
 def config_dir() -> str:
     """The `conf/` folder: inside the installed package, or beside it in a source checkout."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the normsweep package
     for candidate in (here / "conf", here.parent / "conf"):
         if (candidate / "config.yaml").is_file():
             return str(candidate)

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from normsweep.data import Data, normalize
-from normsweep.train import Compute, batch_slices
+from normsweep.job.data import Data, normalize
+from normsweep.job.train import Compute, batch_slices
 
 PROBE_IMAGES = 256  # the most images a probe batch holds
 PROBE_SHARE = 20  # and at most 1/PROBE_SHARE of the training split, so a small data set's epoch pays ≤ ~5% for it
