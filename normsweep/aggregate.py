@@ -1,119 +1,13 @@
-"""Aggregate a sweep folder into its tables, figures and report.md: the Hydra end-of-multirun callback and
-`python -m normsweep.aggregate SWEEP_DIR`."""
+"""`python -m normsweep.aggregate SWEEP_DIR`: aggregate a sweep folder again (normsweep/results/write.py)."""
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
-import pandas as pd
-
-from normsweep.results.plots import plot_curves, plot_diagnostics
-from normsweep.results.report import DIAGNOSTICS_FIGURE, sweep_command, write_report
-from normsweep.results.tables import (
-    Report,
-    best_by,
-    best_file,
-    collect,
-    diagnostics,
-    format_best,
-    format_table,
-    problems,
-)
-from normsweep.sweep.jobfiles import ATTENTION, Status, atomic_write, job_dirs
-
-LOG = "normsweep.log"  # each job's log, as Hydra names it (hydra.job.name + .log)
-
-
-def aggregate(sweep_dir: Path, compare: str | None = "norm") -> Report:
-    """Write runs.csv, results.csv, best_by_<compare>.csv (when something besides `compare` was swept) and
-    curves.png (and diagnostics.png, when the jobs wrote diagnostics.csv) into `sweep_dir`, and return what was
-    aggregated.
-
-    Raises ValueError, before writing anything, if `compare` names no key of the sweep (None: no best-by table).
-    """
-    sweep_dir = Path(sweep_dir)
-    report = collect(sweep_dir)
-    report.compare = compare
-    report.best = best_by(report, compare) if compare and len(report.results) else None
-    atomic_write(sweep_dir / "runs.csv", report.runs.to_csv(index=False, float_format="%.6g"))
-    atomic_write(sweep_dir / "results.csv", report.results.to_csv(index=False, float_format="%.6g"))
-    if report.best is not None and compare:
-        atomic_write(sweep_dir / best_file(compare), report.best.to_csv(index=False, float_format="%.6g"))
-    if len(report.curves):
-        plot_curves(report, sweep_dir / "curves.png")
-    layers = diagnostics(report, sweep_dir)
-    if layers is not None:  # jobs run with diagnostics=true (older sweeps have none: no figure)
-        plot_diagnostics(report, layers, sweep_dir / DIAGNOSTICS_FIGURE)
-    return report
-
-
-def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
-    """Aggregate `sweep_dir` and write its report.md; print the comparison table, the best-by table when there is
-    one, where the files are, and a line per job in trouble. A `compare` naming no key of the sweep raises
-    ValueError before any file is written."""
-    result = aggregate(sweep_dir, compare)
-    best = result.best
-    written = write_report(result, sweep_dir)
-    where = Path(sweep_dir).resolve()
-    print(format_table(result), flush=True)
-    if best is not None and compare:
-        print("\n" + format_best(best, compare, result.metric), flush=True)
-    files = ["results.csv", best_file(compare) if best is not None and compare else None, "curves.png"]
-    files.append(DIAGNOSTICS_FIGURE)
-    shown = ", ".join(f for f in files if f and (where / f).is_file())
-    jobs = len(result.runs)
-    print(f"\nresults: {where / 'results.csv'}  ({jobs} job{'s' if jobs != 1 else ''})", flush=True)
-    print(f"report:  {written.resolve()}  ({shown})", flush=True)
-    lines = problems(result)
-    if lines:
-        print("\n" + "\n".join(lines), flush=True)
-    return result
-
-
-def end_of_sweep(sweep_dir: Path, compare: str) -> None:
-    """What a multirun does once every job has ended (normsweep.sweep.callbacks.AggregateCallback): aggregate, then exit
-    with status 1 if any job failed or stopped before its last epoch (a diverged job is a result, not a failure),
-    after the command that resumes them."""
-    try:
-        result = report(sweep_dir, compare)
-    except ValueError as err:  # the jobs check `compare` names a config key; this is the sweep's keys
-        print(f"{err}; aggregated without a best-by table", file=sys.stderr, flush=True)
-        result = report(sweep_dir, None)
-    statuses = result.runs["status"]
-    unfinished = int(statuses.isin(ATTENTION).sum())
-    if not unfinished:
-        return
-    print(trouble_line(statuses, sweep_dir, result.runs["job"].iloc[0]), file=sys.stderr, flush=True)
-    command = resume_command(sweep_dir)
-    if command:
-        print(f"to resume the jobs that did not complete (the others are kept): {command}", flush=True)
-    sys.exit(1)
-
-
-def trouble_line(statuses: pd.Series, sweep_dir: Path, first_job: str) -> str:
-    """`1 of 3 jobs failed, 1 incomplete; each job's log is ...`: how many jobs need another run, and where to look."""
-    counts = statuses[statuses.isin(ATTENTION)].value_counts()
-    failed = int(counts.get(Status.FAILED, 0))
-    others = ", ".join(f"{n} {status}" for status, n in counts.items() if status != Status.FAILED)
-    if len(statuses) == 1:
-        return f"the job {'failed' if failed else 'did not complete'}; its log is {sweep_dir / first_job / LOG}"
-    total = int(counts.sum())
-    what = f"{failed} of {len(statuses)} jobs failed" + (f", {others}" if others else "")
-    if not failed:
-        what = f"{total} of {len(statuses)} jobs did not complete ({others})"
-    return f"{what}; each job's log is {sweep_dir}/JOB/{LOG}"
-
-
-def resume_command(sweep_dir: Path) -> str | None:
-    """The sweep's own command line with its folder named (absolute), which resumes it; None without multirun.yaml."""
-    command = sweep_command(sweep_dir)
-    if command is None:
-        return None
-    args = [arg for arg in shlex.split(command) if not arg.startswith("hydra.sweep.dir=")]
-    return shlex.join([*args, f"hydra.sweep.dir={Path(sweep_dir).resolve()}"])
+from normsweep.results.write import report
+from normsweep.sweep.files import job_dirs
 
 
 def main(argv: list[str] | None = None) -> int:

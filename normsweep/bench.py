@@ -17,17 +17,19 @@ import pandas as pd
 import torch
 from torch import nn
 
+from normsweep.config.checks import compose_run, options
 from normsweep.config.errors import ConfigError
-from normsweep.config.optimizers import Adam, build_optimizer
-from normsweep.config.schema import Config, SyntheticConfig, compose_run, options
+from normsweep.config.optimizers import Adam
+from normsweep.config.schema import Config, SyntheticConfig
 from normsweep.job.data import Data, Split, load, normalize
 from normsweep.job.diagnostics import Diagnostics, probe_size
 from normsweep.job.layers import norm_factory
 from normsweep.job.models import build_model
+from normsweep.job.optim import build_optimizer
 from normsweep.job.placement import available_cpus
 from normsweep.job.threads import choose_threads, step_macs
 from normsweep.job.train import Compute, prepare, resolve_compute, resolve_device, set_threads, train_epoch
-from normsweep.sweep.jobfiles import atomic_write
+from normsweep.sweep.files import atomic_write
 
 VARIANTS = ("reference", "normsweep", "ceiling")
 CROP_PADDING = 4  # CIFAR's augmentation, in every variant that touches data: crop with padding 4, random flip

@@ -22,17 +22,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from normsweep.config.schema import Config, ConfigError, config_dir, register_configs, validate
+from normsweep.config.checks import validate
+from normsweep.config.errors import ConfigError
+from normsweep.config.schema import Config, config_dir, register_configs
 from normsweep.job.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
 from normsweep.job.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, quiet_worker_cleanup, stop_on_sigterm
-from normsweep.sweep.resume import (
-    ResumeCheck,
-    ResumeConflict,
-    check_resumable,
-    keep_saved_behaviour,
-    refuse,
-    task_config,
-)
+from normsweep.sweep.callbacks import ResumeCheck
+from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
 
 log = logging.getLogger("normsweep")
 register_configs()

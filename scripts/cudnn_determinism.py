@@ -19,8 +19,9 @@ from torch import nn
 
 from normsweep import bench
 from normsweep.bench import Setup, make_data
-from normsweep.config.optimizers import Adam, build_optimizer
+from normsweep.config.optimizers import Adam
 from normsweep.job.data import normalize
+from normsweep.job.optim import build_optimizer
 from normsweep.job.train import prepare
 
 

@@ -133,7 +133,7 @@ def run_cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     For tests that read a run's files and lines. What only a process shows stays tested by run_cli: every exit
     status, signals (Ctrl-C, SIGTERM, a kill), the console entry, and the joblib, submitit and SLURM launchers."""
     from normsweep import cli
-    from normsweep.sweep.resume import ResumeCheck
+    from normsweep.sweep.callbacks import ResumeCheck
 
     loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
     saved_loggers = [(lg, lg.level, lg.disabled, lg.propagate, lg.handlers[:]) for lg in loggers]

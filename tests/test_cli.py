@@ -11,7 +11,7 @@ import torch
 import yaml
 from conftest import NORMS, make_mnist, run_cli, run_cli_here
 
-from normsweep.sweep.jobfiles import METRIC_COLUMNS
+from normsweep.sweep.files import METRIC_COLUMNS
 
 
 def test_sweep_writes_results_with_one_row_per_norm(five_norm_sweep) -> None:

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from normsweep.config.schema import compose_run
+from normsweep.config.checks import compose_run
 from normsweep.job.data import load
 from normsweep.job.layers import norm_factory
 from normsweep.job.models import build_model

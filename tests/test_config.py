@@ -10,12 +10,14 @@ from conftest import make_cifar, make_mnist, make_svhn
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
+from normsweep.config.checks import compose_run, options, validate
+from normsweep.config.errors import ConfigError
 from normsweep.config.norms import BUILT_IN as NORMS
-from normsweep.config.optimizers import build_optimizer
-from normsweep.config.schema import ConfigError, compose_run, config_dir, options, validate
+from normsweep.config.schema import config_dir
 from normsweep.job.data import load, normalize
 from normsweep.job.layers import norm_factory
 from normsweep.job.models import build_model
+from normsweep.job.optim import build_optimizer
 
 CONF = Path(config_dir())
 

@@ -19,13 +19,13 @@ from conftest import run_cli
 from test_faults import _popen, _wait_for_rows
 from torch import nn
 
+from normsweep.config.checks import compose_run
 from normsweep.config.norms import BUILT_IN as NORMS
-from normsweep.config.optimizers import build_optimizer
-from normsweep.config.schema import compose_run
 from normsweep.job.data import load
 from normsweep.job.diagnostics import Diagnostics
 from normsweep.job.layers import norm_factory
 from normsweep.job.models import build_model
+from normsweep.job.optim import build_optimizer
 from normsweep.job.train import Compute, fit, prepare, resolve_compute, resolve_device
 
 pytestmark = [

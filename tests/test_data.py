@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import make_cifar, make_mnist, make_svhn
 
-from normsweep.config.schema import ConfigError, DatasetConfig, SyntheticConfig, UserDataset
+from normsweep.config.errors import ConfigError
+from normsweep.config.schema import DatasetConfig, SyntheticConfig, UserDataset
 from normsweep.job.data import augment, channel_stats, load, normalize
 
 

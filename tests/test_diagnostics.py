@@ -14,16 +14,16 @@ import torch
 from conftest import ROOT
 from test_results import make_job
 
-from normsweep.aggregate import report as aggregate_report
+from normsweep.config.checks import compose_run
 from normsweep.config.norms import norm_record
-from normsweep.config.schema import compose_run
 from normsweep.job import run as job_module
 from normsweep.job.data import load
 from normsweep.job.diagnostics import LAYER_METRICS, Diagnostics
 from normsweep.job.layers import norm_factory
 from normsweep.job.models import build_model
 from normsweep.job.train import Compute, fit
-from normsweep.sweep.jobfiles import DIAGNOSTICS_COLUMNS, write_diagnostics
+from normsweep.results.write import report as aggregate_report
+from normsweep.sweep.files import DIAGNOSTICS_COLUMNS, write_diagnostics
 
 SMALL = ["dataset=synthetic", "dataset.shape=[1,8,8]", "dataset.size=240", "dataset.classes=4"]
 TIMINGS = ("epoch_seconds", "images_per_second")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from conftest import ROOT, run_cli, run_cli_here
 
-from normsweep.config.schema import options
+from normsweep.config.checks import options
 
 EXAMPLE = ROOT / "examples" / "own_model"
 

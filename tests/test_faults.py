@@ -17,7 +17,7 @@ import torch
 from conftest import make_mnist, run_cli, run_cli_here
 
 from normsweep.aggregate import main as aggregate_main
-from normsweep.sweep.jobfiles import METRIC_COLUMNS
+from normsweep.sweep.files import METRIC_COLUMNS
 
 TIMINGS = ("epoch_seconds", "images_per_second")
 VALUES = [column for column in METRIC_COLUMNS if column not in TIMINGS]  # metrics.csv without the timings

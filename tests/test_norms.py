@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normsweep.config.checks import compose_run, options
+from normsweep.config.errors import ConfigError
 from normsweep.config.norms import BUILT_IN as NORMS
-from normsweep.config.schema import ConfigError, compose_run, options
 from normsweep.job.layers import norm_factory
 from normsweep.job.models import MLP
 

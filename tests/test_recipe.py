@@ -17,13 +17,16 @@ import yaml
 from conftest import run_cli_here
 from omegaconf import OmegaConf
 
+from normsweep.config.checks import compose_run
+from normsweep.config.errors import ConfigError
 from normsweep.config.norms import BUILT_IN as NORMS
 from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
-from normsweep.config.optimizers import build_optimizer, build_scheduler, optimizer_record
-from normsweep.config.schema import ConfigError, DatasetConfig, compose_run
+from normsweep.config.optimizers import optimizer_record
+from normsweep.config.schema import DatasetConfig
 from normsweep.job.data import Data, load
 from normsweep.job.layers import norm_factory
 from normsweep.job.models import MLP, SimpleCNN
+from normsweep.job.optim import build_optimizer, build_scheduler
 from normsweep.job.train import batch_slices, diverge_limit, fit
 from normsweep.sweep.resume import ResumeConflict, SweepFolders, check_resumable, keep_saved_behaviour, task_config
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from test_results import make_job
 
-from normsweep.aggregate import aggregate
+from normsweep.results.write import aggregate
 
 
 def test_a_sweep_that_sets_device_is_aggregated_with_one_device_column(tmp_path: Path) -> None:

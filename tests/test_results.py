@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from normsweep.aggregate import aggregate
 from normsweep.aggregate import main as aggregate_main
 from normsweep.results.tables import RESULT_COLUMNS, format_table, lines_against, problems
-from normsweep.sweep.jobfiles import atomic_write, parse_overrides, process_start, write_summary
+from normsweep.results.write import aggregate
+from normsweep.sweep.files import atomic_write, parse_overrides, write_summary
+from normsweep.sweep.liveness import process_start
 
 # val_acc per (norm, seed): bn is best on average, none worst.
 VAL = {

@@ -13,17 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from normsweep.config.schema import ConfigError, new_dir
-from normsweep.sweep.jobfiles import lacking_added_keys, saved_behaviour, with_values, write_summary
-from normsweep.sweep.resume import (
-    CHECKPOINT_FILE,
-    ResumeConflict,
-    check_resumable,
-    config_differences,
-    load_checkpoint,
-    save_checkpoint,
-    task_config,
-)
+from normsweep.config.errors import ConfigError
+from normsweep.config.schema import new_dir
+from normsweep.job.checkpoint import load_checkpoint, save_checkpoint
+from normsweep.sweep.files import CHECKPOINT_FILE, write_summary
+from normsweep.sweep.resume import ResumeConflict, check_resumable, task_config
+from normsweep.sweep.settings import config_differences, lacking_added_keys, saved_behaviour, with_values
 
 CONFIG = {
     "model": {"_target_": "normsweep.job.models.SimpleCNN", "hidden": 128},
@@ -80,7 +75,7 @@ def test_config_differences_lists_changed_values_then_the_keys_one_side_lacks() 
 
 
 def test_a_folder_saved_before_norms_and_optimizers_had_records_is_the_same_job() -> None:
-    from normsweep.config.schema import compose_run
+    from normsweep.config.checks import compose_run
 
     run = compose_run([])  # bn and adam, as a 0.1 folder saved them: without _target_ and the records' facts
     now = {"norm": dataclasses.asdict(run.norm), "optimizer": dataclasses.asdict(run.optimizer)}

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from conftest import run_cli, run_cli_here
 
-from normsweep.aggregate import aggregate
-from normsweep.sweep.jobfiles import write_summary
+from normsweep.results.write import aggregate
+from normsweep.sweep.files import write_summary
 from normsweep.sweep.resume import ResumeConflict, SweepFolders
 
 TINY = ["model=mlp", "epochs=1", "batch_size=256", "diagnostics=false"]  # a job in about a second on digits, no figure

@@ -25,9 +25,10 @@ from conftest import run_cli
 from test_faults import _popen, _wait_for_rows
 from test_resume import CONFIG, _job
 
+from normsweep.job.checkpoint import load_checkpoint
 from normsweep.job.signals import stop_on_sigterm
-from normsweep.sweep.jobfiles import load_summary
-from normsweep.sweep.resume import ResumeConflict, check_resumable, load_checkpoint
+from normsweep.sweep.liveness import load_summary
+from normsweep.sweep.resume import ResumeConflict, check_resumable
 
 SLURM_ENV = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_CPUS_PER_TASK")
 

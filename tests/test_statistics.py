@@ -12,10 +12,10 @@ import pytest
 from scipy import stats
 from test_results import make_job
 
-from normsweep.aggregate import aggregate
 from normsweep.aggregate import main as aggregate_main
 from normsweep.results.plots import NORM_COLOURS, palette
 from normsweep.results.tables import format_table, swept_numbers
+from normsweep.results.write import aggregate
 
 IMAGES = 200  # test images in these fake sweeps: accuracies are multiples of 0.5 points
 

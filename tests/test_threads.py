@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from normsweep.config.schema import compose_run
+from normsweep.config.checks import compose_run
 from normsweep.job.layers import norm_factory
 from normsweep.job.models import build_model
 from normsweep.job.threads import SPLIT_MACS, ThreadChoice, busy_cpus, choose_threads, describe, step_macs

@@ -11,11 +11,11 @@ import torch
 from normsweep.config.errors import ConfigError
 from normsweep.config.norms import BUILT_IN as NORMS
 from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
-from normsweep.config.optimizers import build_optimizer, build_scheduler
 from normsweep.config.schema import DatasetConfig
 from normsweep.job.data import Data, Split, load
 from normsweep.job.layers import norm_factory
 from normsweep.job.models import MLP, SimpleCNN
+from normsweep.job.optim import build_optimizer, build_scheduler
 from normsweep.job.train import (
     Compute,
     _cpu_has_native_bf16,
@@ -213,7 +213,7 @@ def test_compile_gives_the_same_training(digits: Data) -> None:
     ],
 )
 def test_the_step_without_torchs_wrappers_is_the_same_step(cls, kwargs) -> None:
-    from normsweep.config.optimizers import step_function
+    from normsweep.job.optim import step_function
 
     def trained(plain: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
@@ -230,7 +230,7 @@ def test_the_step_without_torchs_wrappers_is_the_same_step(cls, kwargs) -> None:
 
 
 def test_a_step_hook_keeps_torchs_own_step() -> None:
-    from normsweep.config.optimizers import step_function
+    from normsweep.job.optim import step_function
 
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])
     assert step_function(optimizer) != optimizer.step

@@ -169,7 +169,7 @@ def find_partition(name: str | None, known: Mapping[str, scheduler.Partition]) -
 
 
 def _metric_rows(job_dir: Path) -> int:
-    from normsweep.sweep.jobfiles import METRICS_FILE
+    from normsweep.sweep.files import METRICS_FILE
 
     try:
         lines = (job_dir / METRICS_FILE).read_text().splitlines()
@@ -399,7 +399,8 @@ class SlurmLauncher(SubmititSlurmLauncher):
         """The job's own return value, from submitit's result file."""
         from submitit.core.utils import pickle_load
 
-        from normsweep.sweep.jobfiles import FINISHED, load_summary
+        from normsweep.sweep.files import FINISHED
+        from normsweep.sweep.liveness import load_summary
 
         outcome, value = pickle_load(job.submitted.paths.result_pickle)
         if outcome == "success" and isinstance(value, JobReturn):
@@ -425,7 +426,8 @@ class SlurmLauncher(SubmititSlurmLauncher):
     def _record_end(self, job: _Job, reason: str) -> None:
         """Write the scheduler's reason into the job's folder (`incomplete` when it finished epochs, else `failed`)
         and give the job a JobReturn, unless the folder holds a finished result or another live job."""
-        from normsweep.sweep.jobfiles import FINISHED, GROUPS, Status, load_summary, write_summary
+        from normsweep.sweep.files import FINISHED, GROUPS, Status, write_summary
+        from normsweep.sweep.liveness import load_summary
         from normsweep.sweep.resume import task_config
 
         cfg, job_dir = job.cfg, self._job_dir(job)

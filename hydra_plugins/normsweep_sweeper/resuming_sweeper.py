@@ -48,8 +48,8 @@ class ResumingSweeper(BasicSweeper):
 
     def _with_folders(self, batches: Sequence[Sequence[Sequence[str]]]) -> list[list[list[str]]]:
         # Imported here: Hydra imports every plugin module at start-up, for any app; torch loads only for ours.
+        from normsweep.config.checks import check_keys
         from normsweep.config.errors import ConfigError
-        from normsweep.config.schema import check_keys
         from normsweep.sweep.resume import SweepFolders, refuse, task_config
 
         assert self.hydra_context is not None and self.config is not None
@@ -79,7 +79,7 @@ class ResumingSweeper(BasicSweeper):
     def _put_back(self) -> None:
         """Leave the sweep folder as it was before this refused launch: its old multirun.yaml, or no folder at all
         when this launch made it (nothing ran there)."""
-        from normsweep.sweep.jobfiles import atomic_write
+        from normsweep.sweep.files import atomic_write
 
         assert self.config is not None
         folder = Path(str(self.config.hydra.sweep.dir))

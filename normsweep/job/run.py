@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from normsweep.config.errors import ConfigError
-from normsweep.config.optimizers import no_decay
 from normsweep.config.schema import Config
 from normsweep.job import data as datasets
+from normsweep.job.checkpoint import load_checkpoint, save_checkpoint
 from normsweep.job.diagnostics import Diagnostics
 from normsweep.job.layers import norm_factory
 from normsweep.job.models import build_model
+from normsweep.job.optim import no_decay
 from normsweep.job.placement import available_cpus
 from normsweep.job.threads import ThreadChoice, busy_cpus, choose_threads, describe, step_macs
 from normsweep.job.train import (
@@ -35,20 +36,17 @@ from normsweep.job.train import (
     resolve_compute,
     resolve_device,
 )
-from normsweep.sweep.jobfiles import (
+from normsweep.sweep.files import (
     DIAGNOSTICS_FILE,
     FINISHED,
     GROUPS,
     Status,
-    load_summary,
-    process_start,
     read_diagnostics,
-    slurm_job,
     write_diagnostics,
     write_metrics,
     write_summary,
 )
-from normsweep.sweep.resume import load_checkpoint, save_checkpoint
+from normsweep.sweep.liveness import load_summary, process_start, slurm_job
 
 log = logging.getLogger("normsweep")
 

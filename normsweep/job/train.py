@@ -15,15 +15,9 @@ import torch
 from torch import nn
 
 from normsweep.config.errors import ConfigError
-from normsweep.config.optimizers import (
-    OptimizerConfig,
-    build_optimizer,
-    build_scheduler,
-    last_lr,
-    step_function,
-    without_dynamo,
-)
+from normsweep.config.optimizers import OptimizerConfig
 from normsweep.job.data import Data, Split, crop_and_flip, normalize, pad_for_crops
+from normsweep.job.optim import build_optimizer, build_scheduler, last_lr, step_function, without_dynamo
 from normsweep.job.placement import available_cpus
 
 EVAL_BATCH = 1024

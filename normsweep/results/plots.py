@@ -25,7 +25,7 @@ from normsweep.results.tables import (
     settings_text,
     swept_numbers,
 )
-from normsweep.sweep.jobfiles import atomic_write
+from normsweep.sweep.files import atomic_write
 
 # tab10, one colour per built-in norm: a norm reads the same in every figure of every sweep.
 NORM_COLOURS = {

@@ -31,7 +31,7 @@ from normsweep.results.tables import (
     swept_numbers,
     table_columns,
 )
-from normsweep.sweep.jobfiles import atomic_write
+from normsweep.sweep.files import atomic_write
 
 REPORT_FILE = "report.md"
 DIAGNOSTICS_FIGURE = "diagnostics.png"

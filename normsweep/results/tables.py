@@ -12,9 +12,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from normsweep.sweep.jobfiles import (
+from normsweep.config.schema import COMPARE_METRICS
+from normsweep.sweep.files import (
     ATTENTION,
-    COMPARE_METRICS,
     DIAGNOSTICS_COLUMNS,
     DIAGNOSTICS_FILE,
     FINISHED,
@@ -25,11 +25,10 @@ from normsweep.sweep.jobfiles import (
     UNFINISHED,
     Status,
     job_dirs,
-    load_summary,
     parse_overrides,
-    preferred_copy,
-    settings_key,
 )
+from normsweep.sweep.liveness import load_summary
+from normsweep.sweep.settings import preferred_copy, settings_key
 
 log = logging.getLogger("normsweep")
 # Overrides that do not define a configuration: seeds are averaged over, the others only steer the aggregation.

@@ -1,13 +1,11 @@
-"""Resuming a job folder: the per-epoch checkpoint, the check that a folder holds this same job, and which folder
-of a sweep holds a job (known by its settings, not by its position in the sweep)."""
+"""Resuming a job folder: the check that a folder holds this same job, and which folder of a sweep holds a job (known
+by its settings, not by its position in the sweep)."""
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import os
-import pickle
 import socket
 import sys
 from collections.abc import Sequence
@@ -15,86 +13,39 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from normsweep.config.schema import ConfigError
-from normsweep.sweep.jobfiles import (
+from normsweep.config.errors import ConfigError
+from normsweep.sweep.files import (
+    CHECKPOINT_FILE,
     METRICS_FILE,
     OVERRIDES_FILE,
     SUMMARY_FILE,
     Status,
-    atomic_write,
-    is_own_slurm_job,
     job_dirs,
-    lacking_added_keys,
-    load_summary,
     parse_overrides,
+)
+from normsweep.sweep.liveness import is_own_slurm_job, load_summary, process_alive, slurm_alive
+from normsweep.sweep.settings import (
+    config_differences,
+    lacking_added_keys,
     preferred_copy,
-    process_alive,
     saved_behaviour,
-    settings,
     settings_key,
-    slurm_alive,
     with_values,
 )
 
 log = logging.getLogger("normsweep")
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class ResumeConflict(ConfigError):
     """The folder holds another job, or one still running: it is refused and nothing in it is touched."""
 
 
-def save_checkpoint(job_dir: Path, state: dict[str, Any]) -> None:
-    import torch  # here, not at the top: the sweeper imports this module before any job runs
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(Path(job_dir) / CHECKPOINT_FILE, buffer.getvalue())
-
-
-def load_checkpoint(job_dir: Path) -> dict[str, Any] | None:
-    """The last checkpoint of a job folder (tensors on the CPU), or None when it has none."""
-    import torch
-
-    path = Path(job_dir) / CHECKPOINT_FILE
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-        raise ConfigError(
-            f"{path} cannot be read ({str(err).splitlines()[0]}); delete it to train this job again from epoch 1"
-        ) from None
-
-
 def task_config(cfg: DictConfig) -> dict[str, Any]:
     """A job's own config, resolved, without Hydra's node: what summary.json keeps to recognise the job."""
     own = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     return OmegaConf.to_container(own, resolve=True)
-
-
-def _keys(n: int) -> str:
-    return f"{n} key{'s' if n > 1 else ''}"
-
-
-def config_differences(saved: dict[str, Any], new: dict[str, Any], limit: int = 6) -> list[str]:
-    """What differs between a saved job's config and this one, where-keys aside: `key=old there, new now` for each
-    key both have (the first `limit`, then a count), then one line per side naming the keys only that side has."""
-    old, now = settings(saved), settings(new)
-    changed = [f"{k}={old[k]!r} there, {now[k]!r} now" for k in sorted(old.keys() & now.keys()) if old[k] != now[k]]
-    lines = changed[:limit] + ([f"{_keys(len(changed) - limit)} more with other values"] if changed[limit:] else [])
-    for keys, side in (
-        (sorted(old.keys() - now.keys()), "the saved job"),
-        (sorted(now.keys() - old.keys()), "this job"),
-    ):
-        if keys:
-            more = f" and {len(keys) - limit} more" if keys[limit:] else ""
-            lines.append(f"{_keys(len(keys))} only {side} has: {', '.join(keys[:limit])}{more}")
-    return lines
 
 
 def check_resumable(job_dir: Path, config: dict[str, Any], overrides: Sequence[str] = ()) -> None:
@@ -252,34 +203,3 @@ def refuse(err: ConfigError) -> NoReturn:
 def check_folder_name(folder: str, key: str) -> None:
     if not folder.strip():
         refuse(ResumeConflict(f"{key} is empty; name a folder, or leave {key} out to get a new one"))
-
-
-class ResumeCheck(Callback):
-    """The same check for a single run, before Hydra writes into an existing `hydra.run.dir`.
-
-    It also notes, for this process, the folders a single run makes (so that a run refused before training can
-    take them away again) and the folder of a sweep (so that an interrupted sweep can say how to resume it).
-    """
-
-    # The run's folder, then the parents that may have been made for it, absolute; () when the folder was there.
-    made: tuple[Path, ...] = ()
-    sweep_dir: str | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        ResumeCheck.sweep_dir = str(config.hydra.sweep.dir)
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_folder_name(str(config.hydra.run.dir), "hydra.run.dir")
-        # A default folder is claimed (made) by resolving it; a named one is made later by Hydra, if missing.
-        claimed = "normsweep.new_dir" in str(OmegaConf.to_container(config.hydra.run, resolve=False)["dir"])
-        job_dir = Path(str(config.hydra.run.dir))
-        if claimed:  # and maybe its parents below the working folder (outputs/DATE, outputs)
-            made = [job_dir, *(job_dir.parents[:-1] if not job_dir.is_absolute() else ())]
-        else:
-            made = [folder for folder in (job_dir, *job_dir.parents) if not folder.exists()]
-        ResumeCheck.made = tuple(Path(os.path.abspath(folder)) for folder in made)  # as Hydra's output_dir
-        if job_dir.exists():
-            try:
-                check_resumable(job_dir, task_config(config), list(config.hydra.overrides.task))
-            except ResumeConflict as err:
-                refuse(err)

@@ -1,0 +1,160 @@
+"""The files of one job folder: atomic writes, metrics.csv, diagnostics.csv, summary.json and the job's Status.
+
+What a job writes and what a resume or the aggregator reads back, with no pandas and no torch: a job that writes a
+file imports this module alone. Whether a `running` job still runs is liveness.py's; which saved job a config is,
+settings.py's.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.csv"
+DIAGNOSTICS_FILE = "diagnostics.csv"
+DIAGNOSTICS_COLUMNS = ["epoch", "layer", "depth", "metric", "value"]
+SUMMARY_FILE = "summary.json"
+OVERRIDES_FILE = ".hydra/overrides.yaml"
+METRIC_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "epoch_seconds",
+    "images_per_second",
+]
+GROUPS = ("model", "norm", "optimizer", "dataset")  # the config groups, as named in summary.json
+
+
+class Status(str, enum.Enum):
+    """A job's status, as summary.json and the aggregator report it."""
+
+    NOT_STARTED = "not started"  # no summary.json yet
+    # Training now, or about to: SLURM says its job is pending or running (also one stopped and requeued), else its
+    # process is alive here (or it ran on another machine and SLURM cannot be asked).
+    RUNNING = "running"
+    INCOMPLETE = "incomplete"  # stopped before the end (killed, interrupted, preempted): resuming continues it
+    COMPLETED = "completed"  # trained every epoch
+    DIVERGED = "diverged"  # stopped early on a non-finite loss: a result, not an error
+    FAILED = "failed"  # raised an error (message in `error`)
+    CORRUPT = "corrupt"  # summary.json cannot be read
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED = (Status.COMPLETED, Status.DIVERGED)  # the statuses whose results count and are kept on resume
+UNFINISHED = (Status.RUNNING, Status.INCOMPLETE, Status.FAILED)
+ATTENTION = (Status.FAILED, Status.INCOMPLETE, Status.CORRUPT)  # statuses that get a line of their own under the table
+
+
+def _file_mode() -> int:
+    """The permissions `open()` would give a new file: mkstemp's are owner-only, too strict for shared results."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _file_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell as pandas' `float_format="%.6g", na_rep="nan"` writes it."""
+    if value is None:
+        return "nan"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _write_csv(path: Path, columns: tuple[str, ...] | list[str], rows: list[dict[str, Any]]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([_cell(row.get(column)) for column in columns] for row in rows)
+    atomic_write(path, text.getvalue())
+
+
+def write_metrics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """metrics.csv: one row per finished epoch, in METRIC_COLUMNS."""
+    _write_csv(Path(job_dir) / METRICS_FILE, METRIC_COLUMNS, rows)
+
+
+def write_diagnostics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """diagnostics.csv: the diagnostics of every finished epoch, one row per (epoch, layer, metric)."""
+    _write_csv(Path(job_dir) / DIAGNOSTICS_FILE, DIAGNOSTICS_COLUMNS, rows)
+
+
+def read_diagnostics(job_dir: Path, up_to_epoch: int) -> list[dict[str, Any]]:
+    """diagnostics.csv's rows of the epochs up to `up_to_epoch` (a resume drops those after its checkpoint), as
+    written; none when the file is missing or unreadable."""
+    try:
+        with open(Path(job_dir) / DIAGNOSTICS_FILE, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    return [row for row in rows if str(row.get("epoch")).isdigit() and int(row["epoch"]) <= up_to_epoch]
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity (a diverged loss) become null: summary.json stays standard JSON for any reader."""
+    if isinstance(value, Status):
+        return value.value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_summary(job_dir: Path, summary: dict[str, Any]) -> None:
+    text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
+    atomic_write(Path(job_dir) / SUMMARY_FILE, text + "\n")
+
+
+def parse_overrides(lines: list[str]) -> dict[str, str]:
+    """Hydra override strings (`norm=bn`, `+x=1`, `optimizer.lr=0.01`) → {key: value}; deletions are skipped."""
+    parsed = {}
+    for line in lines:
+        if line.startswith("~") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        parsed[key.lstrip("+")] = value
+    return parsed
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The job folders under a sweep folder (any folder with a summary.json or Hydra's overrides.yaml)."""
+    markers = list(sweep_dir.rglob(SUMMARY_FILE)) + [p.parent for p in sweep_dir.rglob(OVERRIDES_FILE)]
+    dirs = {p.parent for p in markers} - {sweep_dir}
+    # Job 10 after job 9: numeric names by value, any other name after them, alphabetically.
+    return sorted(
+        dirs, key=lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in p.relative_to(sweep_dir).parts]
+    )
+
+
+CHECKPOINT_FILE = "checkpoint.pt"
