@@ -28,6 +28,7 @@ from normsweep.config.schema import Config, config_dir, register_configs
 from normsweep.job.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
 from normsweep.job.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, quiet_worker_cleanup, stop_on_sigterm
 from normsweep.sweep.callbacks import ResumeCheck
+from normsweep.sweep.files import record_failure
 from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
 
 log = logging.getLogger("normsweep")
@@ -152,8 +153,6 @@ def app(cfg: DictConfig) -> float | None:
     except Exception as err:
         user_error = isinstance(err, ConfigError)
         if in_sweep or not (user_error and discard_unused_run_dir(job_dir, f"{hydra_cfg.job.name}.log")):
-            from normsweep.job.run import record_failure
-
             record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices))
         if in_sweep:
             # Isolated: Hydra would re-raise at the end of the batch and skip the aggregation.

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from normsweep.config.errors import ConfigError
 from normsweep.config.schema import Config
 from normsweep.job import data as datasets
 from normsweep.job.checkpoint import load_checkpoint, save_checkpoint
@@ -39,7 +38,6 @@ from normsweep.job.train import (
 from normsweep.sweep.files import (
     DIAGNOSTICS_FILE,
     FINISHED,
-    GROUPS,
     Status,
     read_diagnostics,
     write_diagnostics,
@@ -238,24 +236,3 @@ def _threads(
     except Exception:  # a model that fails on blank images fails in training, with the error said there
         macs = None
     return choose_threads(0, budget, macs, busy_cpus(seconds=0.05))
-
-
-def record_failure(
-    job_dir: Path, error: Exception, overrides: list[str], config: dict[str, Any], choices: dict[str, str]
-) -> dict[str, Any]:
-    """Write summary.json for a job that raised: status `failed`, the error, and what the job was."""
-    message = str(error).strip() or type(error).__name__
-    if not isinstance(error, ConfigError):  # a ConfigError speaks for itself; anything else is named
-        message = f"{type(error).__name__}: {message}"
-    summary = {
-        "status": Status.FAILED,
-        "error": message,
-        "seed": config.get("seed"),
-        **{group: choices.get(group) for group in GROUPS},
-        "host": socket.gethostname(),
-        "overrides": overrides,
-        "config": config,
-    }
-    Path(job_dir).mkdir(parents=True, exist_ok=True)
-    write_summary(job_dir, summary)
-    return summary

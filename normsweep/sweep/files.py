@@ -13,9 +13,12 @@ import io
 import json
 import math
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from normsweep.config.errors import ConfigError
 
 METRICS_FILE = "metrics.csv"
 DIAGNOSTICS_FILE = "diagnostics.csv"
@@ -158,3 +161,24 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def record_failure(
+    job_dir: Path, error: Exception, overrides: list[str], config: dict[str, Any], choices: dict[str, str]
+) -> dict[str, Any]:
+    """Write summary.json for a job that raised: status `failed`, the error, and what the job was."""
+    message = str(error).strip() or type(error).__name__
+    if not isinstance(error, ConfigError):  # a ConfigError speaks for itself; anything else is named
+        message = f"{type(error).__name__}: {message}"
+    summary = {
+        "status": Status.FAILED,
+        "error": message,
+        "seed": config.get("seed"),
+        **{group: choices.get(group) for group in GROUPS},
+        "host": socket.gethostname(),
+        "overrides": overrides,
+        "config": config,
+    }
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    write_summary(job_dir, summary)
+    return summary
