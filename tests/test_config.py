@@ -234,3 +234,56 @@ def test_experiment_presets_compose(compose_cfg, preset, model, optimizer, datas
         assert run.optimizer.lr == pytest.approx(0.1 * 64 / 32)
         small = compose_run([f"experiment={preset}", "batch_size=2"])
         assert small.optimizer.lr == pytest.approx(0.1 * 2 / 32)
+
+
+def _build(group: str, record) -> None:
+    """Build what an option of `group` names, as a job does."""
+    if group == "norm":
+        norm_factory(record, "mlp")
+    elif group == "optimizer":
+        build_optimizer(torch.nn.Linear(2, 2).parameters(), record)
+    elif group == "dataset":
+        load(record, val_fraction=0.2, seed=0)
+    else:
+        build_model("mine", record, 1, (8, 8), 10, norm_factory(NORMS["bn"](), "mine"))
+
+
+@pytest.mark.parametrize("group", ["norm", "optimizer", "dataset", "model"])
+def test_a_target_that_cannot_be_imported_is_said_the_same_way_in_every_group(tmp_path: Path, group: str) -> None:
+    from normsweep.config.norms import norm_record
+    from normsweep.config.optimizers import optimizer_record
+    from normsweep.config.records import to_record
+    from normsweep.config.schema import USER_DATASET_KEYS, UserDataset
+
+    node = {"_target_": "nowhere_module.Thing", "lr": 0.1}
+    record = {
+        "norm": lambda: norm_record({"_target_": node["_target_"]}, "mine"),
+        "optimizer": lambda: optimizer_record(dict(node), "mine"),
+        "dataset": lambda: to_record(dict(node), "mine", "dataset", UserDataset, ("_target_", *USER_DATASET_KEYS), ""),
+        "model": lambda: {"_target_": node["_target_"]},
+    }[group]()
+    with pytest.raises(ConfigError) as err:
+        _build(group, record)
+    assert str(err.value) == (
+        f"{group}=mine: cannot import _target_=nowhere_module.Thing (No module named 'nowhere_module'); the module "
+        "must be importable from where normsweep runs (run from its folder, set PYTHONPATH, or pip install it)"
+    )
+
+
+def test_a_built_in_named_by_its_path_before_the_package_split_is_told_the_new_path() -> None:
+    from normsweep.config.norms import norm_record
+
+    with pytest.raises(ConfigError, match="normsweep's built-in is now normsweep.job.layers.group_norm"):
+        norm_factory(norm_record({"_target_": "normsweep.layers.group_norm"}, "mine"), "mlp")
+
+
+def test_an_optimizer_is_a_partial_call_as_hydra_means_it(compose_cfg) -> None:
+    with pytest.raises(ConfigError, match=r"optimizer._partial_=false: .* set _partial_: true"):
+        validate(compose_cfg(["optimizer._partial_=false"]))
+    from normsweep.config.optimizers import optimizer_record
+
+    record = optimizer_record({"_target_": "torch.optim.RMSprop", "_partial_": True, "lr": 0.01, "alpha": 0.9}, "rms")
+    optimizer = build_optimizer(torch.nn.Linear(2, 2).parameters(), record)
+    assert type(optimizer).__name__ == "RMSprop" and optimizer.defaults["alpha"] == 0.9
+    with pytest.raises(ConfigError, match="optimizer.lr: its YAML needs lr"):
+        optimizer_record({"_target_": "torch.optim.RMSprop"}, "rms")

@@ -67,7 +67,9 @@ def test_a_users_data_set_that_cannot_be_imported_is_explained(tmp_path: Path) -
     result = run_cli_here(["--config-dir", str(tmp_path / "conf"), "dataset=scans", "epochs=1"], cwd=tmp_path)
     assert result.returncode == 2
     output = result.stdout + result.stderr
-    assert "dataset=scans (_target_=my_scans.load): cannot import it" in output
+    said = "dataset=scans: cannot import _target_=my_scans.load (No module named 'my_scans'); the module must be"
+    assert f"{said} importable from where normsweep runs" in output
+    assert output.count("cannot import") == 1, output  # said once
     assert "Traceback" not in output
 
 

@@ -423,3 +423,23 @@ def test_a_norm_with_no_finished_run_keeps_its_row_in_best_by_norm(tmp_path: Pat
     gn = best.set_index("norm").loc["gn"]
     assert gn["runs"] == 0 and gn["settings_tried"] == 0 and gn["status"] == "failed"
     assert pd.isna(gn["val_acc_mean"]) and pd.isna(gn["optimizer.lr"])
+
+
+def test_aggregation_asks_slurm_once_for_all_its_running_jobs(sweep: Path, monkeypatch) -> None:
+    from normsweep.sweep import scheduler
+
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    for n, job in enumerate(jobs[:3]):  # three jobs recorded running under SLURM, as a killed allocation leaves them
+        summary = json.loads((job / "summary.json").read_text()) | {"status": "running", "slurm_job": f"7_{n}"}
+        (job / "summary.json").write_text(json.dumps(summary))
+    asked: list[list[str]] = []
+
+    def queue(ids: list[str]) -> dict:
+        asked.append(ids)
+        return {"7_0": scheduler.QueueEntry("RUNNING", "None")}  # 7_1 and 7_2 have ended (purged)
+
+    monkeypatch.setattr(scheduler, "queue", queue)
+    runs = aggregate(sweep).runs
+    assert asked == [["7_0", "7_1", "7_2"]]  # one squeue call, not one per folder
+    status = dict(zip(runs["job"].astype(str), runs["status"]))
+    assert [status[job.name] for job in jobs[:3]] == ["running", "incomplete", "incomplete"]

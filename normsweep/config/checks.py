@@ -8,18 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
 
 from normsweep.config.errors import ConfigError
 from normsweep.config.norms import BUILT_IN as NORMS
 from normsweep.config.norms import norm_record
 from normsweep.config.optimizers import optimizer_record
+from normsweep.config.records import to_record
 from normsweep.config.schema import (
     COMPARE_METRICS,
     PRECISIONS,
     USER_DATASET_KEYS,
     Config,
-    DatasetConfig,
     SyntheticConfig,
     UserDataset,
     config_dir,
@@ -46,27 +45,6 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _dataset(node: Any, choice: str | None) -> DatasetConfig:
-    """A built-in data set's typed config; or, for a YAML with a `_target_`, normsweep's keys typed and the rest
-    kept as the callable's arguments."""
-    if isinstance(node, DatasetConfig):
-        return node
-    if not isinstance(node, dict) or "_target_" not in node:
-        raise ConfigError(
-            f"dataset={choice}: a data set YAML needs a _target_ naming a function that returns your images and labels"
-        )
-    own = {k: node[k] for k in USER_DATASET_KEYS if k in node}
-    own.setdefault("name", choice or str(node["_target_"]).rsplit(".", 1)[-1])
-    kwargs = {k: v for k, v in node.items() if k not in USER_DATASET_KEYS and k != "_target_"}
-    try:
-        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(UserDataset), own))
-    except OmegaConfBaseException as err:
-        reason = str(getattr(err, "msg", err)).splitlines()[0]  # OmegaConf appends full_key/object_type lines
-        raise ConfigError(f"dataset.{getattr(err, 'key', None) or ''}: {reason}".replace(".: ", ": ")) from None
-    typed.target, typed.kwargs = str(node["_target_"]), kwargs
-    return typed
-
-
 def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Config:
     """The composed config as typed records, after the value checks; raises ConfigError naming the key and the fix.
 
@@ -77,7 +55,14 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Config:
     run: Config = OmegaConf.to_object(cfg)
     run.norm = norm_record(run.norm, choices.get("norm"))
     run.optimizer = optimizer_record(run.optimizer, choices.get("optimizer"))
-    run.dataset = _dataset(run.dataset, choices.get("dataset"))
+    run.dataset = to_record(
+        run.dataset,
+        choices.get("dataset"),
+        "dataset",
+        UserDataset,
+        ("_target_", *USER_DATASET_KEYS),
+        "a data set YAML needs a _target_ naming a function that returns your images and labels",
+    )
     _check(
         isinstance(run.model, dict) and "_target_" in run.model,
         f"model={choices.get('model')}: its YAML needs a _target_ naming the model class",

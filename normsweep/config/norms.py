@@ -9,17 +9,17 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from omegaconf import MISSING
 
 from normsweep.config.errors import ConfigError
+from normsweep.config.records import Record, to_record
 
 
 @dataclass
-class NormConfig:
+class NormConfig(Record):
     """The keys every norm has. The facts' defaults are the safe ones for a norm normsweep knows nothing about."""
 
     _target_: str = MISSING  # the builder: builder(num_features, **keys) returns the layer
@@ -33,6 +33,7 @@ class NormConfig:
     # A function model -> model applied once to the whole model (ws_gn standardizes every conv's weight).
     adapt_model: Optional[str] = None  # noqa: UP045 (OmegaConf reads the annotation at runtime: no `X | None`)
 
+    # normsweep's own keys: the builder gets every other one.
     OWN_KEYS: ClassVar[tuple[str, ...]] = (
         "_target_",
         "name",
@@ -41,13 +42,6 @@ class NormConfig:
         "own_activation",
         "adapt_model",
     )
-
-    def arguments(self) -> dict[str, Any]:
-        """The builder's keyword arguments: every key that is not normsweep's own."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.OWN_KEYS}
-
-    def check(self) -> None:
-        """Raise ConfigError for a value out of range (types were checked at composition)."""
 
     def check_width(self, num_features: int) -> str | None:
         """Why a layer of `num_features` channels cannot take this norm (named as the user would fix it), or None."""
@@ -188,9 +182,6 @@ class UserNorm(NormConfig):
 
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def arguments(self) -> dict[str, Any]:
-        return dict(self.kwargs)
-
 
 # The built-in norms, by option name (conf/norm/<name>.yaml); their YAMLs start from `/schema_norm_<name>`.
 _RECORDS = (
@@ -209,21 +200,12 @@ BUILT_IN: dict[str, type[NormConfig]] = {record.name: record for record in _RECO
 
 def norm_record(node: dict[str, Any] | NormConfig, choice: str | None) -> NormConfig:
     """The record of a composed `norm` node: a built-in's typed record as it is, or a user YAML's as a UserNorm."""
-    if isinstance(node, NormConfig):
-        node.check()
-        return node
-    if not isinstance(node, dict) or "_target_" not in node:
-        raise ConfigError(
-            f"norm={choice}: a norm YAML needs a _target_ naming the class or function that makes the layer "
-            "(called with the number of channels), e.g. _target_: my_norms.MyNorm"
-        )
-    own = {k: v for k, v in node.items() if k in NormConfig.OWN_KEYS}
-    own.setdefault("name", choice or str(node["_target_"]).rsplit(".", 1)[-1])
-    kwargs = {k: v for k, v in node.items() if k not in NormConfig.OWN_KEYS}
-    for key, expected in (("fc_features", bool), ("batch_stats", bool), ("own_activation", bool)):
-        if key in own and not isinstance(own[key], expected):
-            raise ConfigError(f"norm.{key}={own[key]!r}: give true or false")
-    for key in ("_target_", "name", "adapt_model"):
-        if own.get(key) is not None and not isinstance(own[key], str):
-            raise ConfigError(f"norm.{key}={own[key]!r}: give a name (text)")
-    return UserNorm(**own, kwargs=kwargs)
+    return to_record(
+        node,
+        choice,
+        "norm",
+        UserNorm,
+        NormConfig.OWN_KEYS,
+        "a norm YAML needs a _target_ naming the class or function that makes the layer (called with the number of "
+        "channels), e.g. _target_: my_norms.MyNorm",
+    )

@@ -1,30 +1,27 @@
-"""Optimizers by `_target_`: one record per built-in optimizer (its keys and checks), any torch.optim class or a
-user's from a YAML, and the learning-rate schedule.
+"""The optimizer records: one per built-in optimizer (its keys and checks), and a user's optimizer from a YAML (any
+torch.optim class, or their own). job/optim.py builds the optimizer and its schedule from a record.
 
-An optimizer YAML holds `_target_` (the class), `_partial_: true` (normsweep passes the parameters) and the class's
-arguments, `lr` among them; normsweep's own keys (`name`, `schedule`, `schedule_step`, `warmup_epochs`,
-`lr_batch_size`, `decay_norm_and_bias`) are not passed to it.
+An optimizer YAML is a partial call as Hydra's `instantiate` reads it: `_target_` (the class), `_partial_: true`
+(normsweep adds the parameters) and the class's arguments, `lr` among them; normsweep's own keys (`name`,
+`schedule`, `schedule_step`, `warmup_epochs`, `lr_batch_size`, `decay_norm_and_bias`) are not passed to it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 from omegaconf import MISSING
 
 from normsweep.config.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
+from normsweep.config.records import Record, to_record
 
 SCHEDULES = ("constant", "cosine")
 SCHEDULE_STEPS = ("step", "epoch")  # the schedule moves after every optimizer step, or after every epoch
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Record):
     """The keys every optimizer has: the class, its learning rate, and normsweep's own schedule keys."""
 
     _target_: str = MISSING  # the optimizer class, e.g. torch.optim.Adam
@@ -52,11 +49,12 @@ class OptimizerConfig:
         "decay_norm_and_bias",
     )
 
-    def arguments(self) -> dict[str, Any]:
-        """The optimizer's keyword arguments (lr included): every key that is not normsweep's own."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.OWN_KEYS}
-
     def check(self) -> None:
+        if not self._partial_:
+            raise ConfigError(
+                "optimizer._partial_=false: normsweep makes the optimizer with the model's parameters, so its YAML "
+                "must describe a partial call, as Hydra's instantiate means it: remove the key, or set _partial_: true"
+            )
         if not isinstance(self.lr, int | float) or self.lr <= 0:
             raise ConfigError(f"optimizer.lr={self.lr}: the learning rate must be a number > 0")
         if self.schedule not in SCHEDULES:
@@ -138,9 +136,6 @@ class UserOptimizer(OptimizerConfig):
 
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def arguments(self) -> dict[str, Any]:
-        return {"lr": self.lr, **self.kwargs}
-
 
 # The built-in optimizers by option name (conf/optimizer/<name>.yaml); each YAML starts from `/schema_optimizer_<name>`.
 BUILT_IN: dict[str, type[OptimizerConfig]] = {record.name: record for record in (Adam, AdamW, SGD)}
@@ -148,21 +143,12 @@ BUILT_IN: dict[str, type[OptimizerConfig]] = {record.name: record for record in 
 
 def optimizer_record(node: dict[str, Any] | OptimizerConfig, choice: str | None) -> OptimizerConfig:
     """The record of a composed `optimizer` node: a built-in's as it is, or a user YAML's as a UserOptimizer."""
-    if isinstance(node, OptimizerConfig):
-        node.check()
-        return node
-    if not isinstance(node, dict) or "_target_" not in node:
-        raise ConfigError(
-            f"optimizer={choice}: an optimizer YAML needs a _target_ naming the optimizer class, "
-            "e.g. _target_: torch.optim.RMSprop, with _partial_: true and lr"
-        )
-    if "lr" not in node:
-        raise ConfigError(f"optimizer={choice}: its YAML needs an lr (e.g. lr: 1.0e-3)")
-    own = {k: v for k, v in node.items() if k in OptimizerConfig.OWN_KEYS and k != "_partial_"}
-    own.setdefault("name", choice or str(node["_target_"]).rsplit(".", 1)[-1])
-    if isinstance(node["lr"], bool) or not isinstance(node["lr"], int | float):
-        raise ConfigError(f"optimizer.lr={node['lr']!r}: the learning rate must be a number > 0")
-    kwargs = {k: v for k, v in node.items() if k not in OptimizerConfig.OWN_KEYS and k != "lr"}
-    record = UserOptimizer(**own, lr=float(node["lr"]), kwargs=kwargs)
-    record.check()
-    return record
+    return to_record(
+        node,
+        choice,
+        "optimizer",
+        UserOptimizer,
+        (*OptimizerConfig.OWN_KEYS, "lr"),
+        "an optimizer YAML needs a _target_ naming the optimizer class, e.g. _target_: torch.optim.RMSprop, with "
+        "_partial_: true and lr",
+    )

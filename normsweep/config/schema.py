@@ -4,15 +4,16 @@ configs live."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from normsweep.config.norms import BUILT_IN as NORMS
 from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
+from normsweep.config.records import Record
 
 
 def config_dir() -> str:
@@ -47,7 +48,7 @@ OmegaConf.register_new_resolver("normsweep.new_dir", new_dir, use_cache=True, re
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Record):
     """A built-in data set: its YAML starts from `/schema_dataset` (synthetic's from `/schema_dataset_synthetic`)."""
 
     name: str = MISSING
@@ -73,8 +74,10 @@ class UserDataset(DatasetConfig):
     """A data set of the user's own: `_target_` in its YAML names a callable, its other keys are the callable's
     arguments (see data.py's _user_data); normsweep's own keys for it are in USER_DATASET_KEYS."""
 
-    target: Optional[str] = None  # noqa: UP045
+    _target_: str = MISSING
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    OWN_KEYS: ClassVar[tuple[str, ...]] = ("_target_", *(f.name for f in fields(DatasetConfig)))
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from normsweep.config.errors import ConfigError
-from normsweep.config.schema import USER_DATASET_KEYS, DatasetConfig, SyntheticConfig
+from normsweep.config.schema import USER_DATASET_KEYS, DatasetConfig, SyntheticConfig, UserDataset
 
 
 @dataclass
@@ -207,22 +207,16 @@ def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tu
 
 
 def _user_data(cfg: DatasetConfig) -> tuple[Split, Split, int]:
-    """A data set of the user's own: `cfg.target` names a callable, called with `cfg.kwargs`, that returns either
+    """A data set of the user's own: `cfg._target_` names a callable, called with `cfg.kwargs`, that returns either
     `(images, labels)` (normsweep then holds out a fixed test split, as for digits) or
     `{"train": (images, labels), "test": (images, labels)}`. Images: uint8 (0..255) or float, (N, C, H, W) or
     (N, H, W), as torch tensors or numpy arrays; labels: integers 0..K-1."""
-    from hydra.utils import get_method
+    from normsweep.config.targets import import_target
 
-    where = f"dataset={cfg.name} (_target_={cfg.target})"
+    make = import_target(cfg._target_, f"dataset={cfg.name}")
+    where = f"dataset={cfg.name} (_target_={cfg._target_})"
     try:
-        make = get_method(cfg.target)
-    except Exception as err:
-        raise ConfigError(
-            f"{where}: cannot import it ({str(err).splitlines()[0]}); the module must be importable "
-            "from where normsweep runs (run from its folder, set PYTHONPATH, or pip install it)"
-        ) from None
-    try:
-        made = make(**cfg.kwargs)
+        made = make(**cfg.arguments())
     except TypeError as err:
         if "argument" not in str(err):
             raise
@@ -297,9 +291,8 @@ def _source(cfg: DatasetConfig) -> tuple[Split, Split, int]:
     # Every key that decides which images are loaded (a user data set's target and arguments included); the
     # augmentation keys only act on training batches.
     key = repr(replace(cfg, root=root, download=False, crop_padding=0, hflip=False))
-    target = getattr(cfg, "target", None)  # a UserDataset's
     if key not in _LAST:
-        loaded = _user_data(cfg) if target else LOADERS[cfg.name](cfg)
+        loaded = _user_data(cfg) if isinstance(cfg, UserDataset) else LOADERS[cfg.name](cfg)
         _LAST.clear()
         _LAST[key] = loaded
     return _LAST[key]
@@ -307,7 +300,7 @@ def _source(cfg: DatasetConfig) -> tuple[Split, Split, int]:
 
 def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
     """Load a data set and hold out a seeded `val_fraction` of its training split for validation."""
-    if cfg.name not in LOADERS and not getattr(cfg, "target", None):
+    if cfg.name not in LOADERS and not isinstance(cfg, UserDataset):
         raise ConfigError(
             f"dataset={cfg.name}: unknown data set; choose one of {', '.join(LOADERS)}, or give its YAML a _target_ "
             "naming a function that returns your images and labels"

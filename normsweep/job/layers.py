@@ -10,12 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from hydra.utils import get_object
 from torch import nn
 from torch.nn.utils import parametrize
 
 from normsweep.config.errors import ConfigError
 from normsweep.config.norms import NormConfig
+from normsweep.config.targets import import_target
 
 # Added to each filter's variance before weight standardization divides by its square root: a fixed constant,
 # not norm.eps (that one belongs to the GroupNorm that follows the convolution).
@@ -139,16 +139,6 @@ def _takes(builder: Callable[..., Any], name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def _import(path: str, key: str, norm: str) -> Callable[..., Any]:
-    try:
-        target = get_object(path)
-    except Exception as err:
-        raise ConfigError(f"norm={norm}: cannot import {key}={path!r} ({str(err).splitlines()[0]})") from None
-    if not callable(target):
-        raise ConfigError(f"norm={norm}: {key}={path!r} is not a class or function")
-    return target
-
-
 class NormFactory:
     """What every model receives. `norm(num_features, layer=..., dim=...)` makes one norm layer; `norm.act(...)` the
     layer followed by a ReLU, or the layer alone when it brings its own activation (FRN).
@@ -161,8 +151,9 @@ class NormFactory:
         self.record = record
         self.model_name = model_name
         self.made: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-        self.builder = _import(record._target_, "_target_", record.name)
-        self.adapter = _import(record.adapt_model, "adapt_model", record.name) if record.adapt_model else None
+        where = f"norm={record.name}"
+        self.builder = import_target(record._target_, where)
+        self.adapter = import_target(record.adapt_model, where, "adapt_model") if record.adapt_model else None
         self.passes_dim = _takes(self.builder, "dim")
 
     def _where(self, layer: str | None) -> str:

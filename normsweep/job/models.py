@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from typing import Any, get_type_hints
 
 import torch
-from hydra.utils import get_class
 from torch import nn
 
 from normsweep.config.errors import ConfigError
+from normsweep.config.targets import import_target
 from normsweep.job.layers import NormFactory
 
 
@@ -237,10 +237,7 @@ def build_model(
 ) -> nn.Module:
     """Instantiate the model named by `spec["_target_"]` and prove it runs on one input of the data's shape."""
     kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "name")}  # name: normsweep's label
-    try:
-        cls = get_class(spec["_target_"])
-    except Exception as err:
-        raise ConfigError(f"model={name}: cannot import _target_={spec['_target_']!r} ({err})") from None
+    cls = import_target(spec["_target_"], f"model={name}")
     try:
         hints = get_type_hints(cls.__init__)
     except Exception:  # a user's class may annotate with names that do not resolve at runtime: no checks then

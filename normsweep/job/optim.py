@@ -11,6 +11,7 @@ import torch
 
 from normsweep.config.errors import ConfigError
 from normsweep.config.optimizers import OptimizerConfig
+from normsweep.config.targets import import_target
 
 
 def no_decay(params: Iterable[torch.nn.Parameter] | torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -30,16 +31,14 @@ def build_optimizer(params: Any, record: OptimizerConfig) -> torch.optim.Optimiz
     a checkpoint saved then loads."""
     import inspect
 
-    from hydra.utils import get_object
+    from hydra.utils import instantiate
 
     params = list(params)
-    try:
-        cls = get_object(record._target_)
-    except Exception as err:
-        raise ConfigError(
-            f"optimizer={record.name}: cannot import _target_={record._target_!r} ({str(err).splitlines()[0]})"
-        ) from None
-    kwargs = record.arguments()
+    cls = import_target(record._target_, f"optimizer={record.name}")  # the one error text for a wrong name
+    # The record is a partial call (its `_partial_`, as Hydra means it): the parameters are the argument left.
+    make = instantiate(
+        {"_target_": record._target_, "_partial_": record._partial_, **record.arguments()}, _convert_="all"
+    )
     kept = [] if record.decay_norm_and_bias else no_decay(params)
     groups: Any = params
     if kept and len(kept) < len(params):
@@ -54,12 +53,12 @@ def build_optimizer(params: Any, record: OptimizerConfig) -> torch.optim.Optimiz
     optimizer = None
     if fused:
         try:
-            optimizer = cls(groups, **kwargs, fused=True)
+            optimizer = make(groups, fused=True)
         except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or torch version
             pass
     if optimizer is None:
         try:
-            optimizer = cls(groups, **kwargs)
+            optimizer = make(groups)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"optimizer={record.name}: {record._target_} refused its arguments: {err}") from None
     if kept and "weight_decay" in optimizer.defaults:

@@ -27,8 +27,8 @@ from normsweep.sweep.files import (
     job_dirs,
     parse_overrides,
 )
-from normsweep.sweep.liveness import load_summary
-from normsweep.sweep.settings import preferred_copy, settings_key
+from normsweep.sweep.liveness import load_summaries
+from normsweep.sweep.settings import copies_by_settings
 
 log = logging.getLogger("normsweep")
 # Overrides that do not define a configuration: seeds are averaged over, the others only steer the aggregation.
@@ -91,8 +91,7 @@ def _read_metrics(job_dir: Path) -> tuple[pd.DataFrame | None, str | None]:
     return metrics, None
 
 
-def _read_job(job_dir: Path) -> tuple[dict[str, str], dict[str, Any], pd.DataFrame | None]:
-    summary = load_summary(job_dir)
+def _read_job(job_dir: Path, summary: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any], pd.DataFrame | None]:
     metrics, metrics_error = _read_metrics(job_dir)
     if metrics_error and not summary.get("error"):
         summary["error"] = metrics_error
@@ -152,15 +151,11 @@ def _distinct_jobs(sweep_dir: Path) -> list[tuple[Path, JobFiles, list[Path]]]:
     job: a sweep folder resumed twice, or a parent folder of several sweeps. The finished copy, else the one whose
     summary.json was written last, stands for the job; the others are named in its `duplicates` and not counted.
     """
-    jobs = [(job_dir, _read_job(job_dir)) for job_dir in job_dirs(sweep_dir)]
-    copies: dict[str, list[tuple[tuple[bool, int], Path]]] = {}
-    for job_dir, (_, summary, _) in jobs:
-        if isinstance(summary.get("config"), dict):
-            copy = (preferred_copy(job_dir, summary["status"]), job_dir)
-            copies.setdefault(settings_key(summary["config"]), []).append(copy)
+    folders = job_dirs(sweep_dir)
+    jobs = [(job_dir, _read_job(job_dir, summary)) for job_dir, summary in zip(folders, load_summaries(folders))]
     repeats: dict[Path, list[Path]] = {}
-    for same in copies.values():
-        kept, *others = [job_dir for _, job_dir in sorted(same, reverse=True)]
+    for same in copies_by_settings((job_dir, summary) for job_dir, (_, summary, _) in jobs).values():
+        kept, *others = [job_dir for _, job_dir in same]
         if others:
             repeats[kept] = others
     if repeats:

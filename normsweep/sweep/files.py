@@ -139,6 +139,22 @@ def write_summary(job_dir: Path, summary: dict[str, Any]) -> None:
     atomic_write(Path(job_dir) / SUMMARY_FILE, text + "\n")
 
 
+def read_summary(job_dir: Path) -> dict[str, Any]:
+    """A job's summary.json as it was written, or what can be said without one (`not started`, `corrupt`); never
+    raises. Whether a job recorded `running` still runs is for sweep/liveness.py's load_summaries to say."""
+    path = Path(job_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return {"status": Status.NOT_STARTED.value}
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        reason = "it is empty" if not path.stat().st_size else f"it is not valid JSON ({err})"
+        return {"status": Status.CORRUPT.value, "error": f"{SUMMARY_FILE} cannot be read: {reason}"}
+    if not isinstance(summary, dict) or not isinstance(summary.get("status"), str):
+        return {"status": Status.CORRUPT.value, "error": f"{SUMMARY_FILE} holds no job status"}
+    return summary
+
+
 def parse_overrides(lines: list[str]) -> dict[str, str]:
     """Hydra override strings (`norm=bn`, `+x=1`, `optimizer.lr=0.01`) → {key: value}; deletions are skipped."""
     parsed = {}

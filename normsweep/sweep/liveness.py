@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from normsweep.sweep import scheduler
-from normsweep.sweep.files import SUMMARY_FILE, Status
+from normsweep.sweep.files import Status, read_summary
 
 
 def process_start(pid: int) -> int | None:
@@ -42,7 +41,8 @@ def slurm_alive(summary: dict[str, Any]) -> bool | None:
     """What SLURM says of the job a summary names: True while it is pending or running, False once it has ended
     (or SLURM no longer knows it); None when the summary names no SLURM job or SLURM cannot be asked."""
     job = summary.get("slurm_job")
-    return scheduler.is_alive(str(job)) if job else None
+    said = _slurm_says([str(job)]) if job else None
+    return None if said is None else said[str(job)]
 
 
 def process_alive(summary: dict[str, Any]) -> bool:
@@ -62,29 +62,41 @@ def process_alive(summary: dict[str, Any]) -> bool:
     return True
 
 
-def _alive(summary: dict[str, Any]) -> bool:
-    """Whether the job that wrote a `running` summary still runs: SLURM's word for a SLURM job (its process may be on
-    a node this machine cannot see, or waiting to run again after a requeue), else its process's."""
-    said = slurm_alive(summary)
-    return process_alive(summary) if said is None else said
+def load_summaries(job_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Each folder's summary.json (files.read_summary) with its status as it stands now: a job recorded `running`
+    whose SLURM job or process has ended is `incomplete`; one recorded `incomplete` that SLURM has requeued is
+    `running` (it resumes itself; a second copy must not). SLURM is asked once, about every folder's job recorded
+    running or incomplete together, never once per folder; its word decides for a SLURM job (whose process may be on
+    a node this machine cannot see), else the process's."""
+    summaries = [read_summary(job_dir) for job_dir in job_dirs]
+    asked = {
+        str(summary["slurm_job"])
+        for summary in summaries
+        if summary.get("slurm_job") and summary["status"] in (Status.RUNNING, Status.INCOMPLETE)
+    }
+    said = _slurm_says(sorted(asked))
+    for summary in summaries:
+        job = str(summary.get("slurm_job") or "")
+        alive = said.get(job) if said is not None and job in asked else None
+        if summary["status"] == Status.RUNNING and not (process_alive(summary) if alive is None else alive):
+            summary["status"] = Status.INCOMPLETE.value
+        elif summary["status"] == Status.INCOMPLETE and alive:
+            summary["status"] = Status.RUNNING.value
+    return summaries
 
 
 def load_summary(job_dir: Path) -> dict[str, Any]:
-    """A job's summary.json, or what can be said without one; never raises, whatever state the folder is in."""
-    path = Path(job_dir) / SUMMARY_FILE
-    if not path.is_file():
-        return {"status": Status.NOT_STARTED.value}
+    """One folder's summary as load_summaries gives it; never raises, whatever state the folder is in."""
+    return load_summaries([job_dir])[0]
+
+
+def _slurm_says(ids: list[str]) -> dict[str, bool] | None:
+    """{job: whether SLURM may still run it} for these SLURM jobs, in one squeue call; None when SLURM cannot be
+    asked. A job squeue no longer knows has ended."""
+    if not ids:
+        return {}
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        reason = "it is empty" if not path.stat().st_size else f"it is not valid JSON ({err})"
-        return {"status": Status.CORRUPT.value, "error": f"{SUMMARY_FILE} cannot be read: {reason}"}
-    if not isinstance(summary, dict) or not isinstance(summary.get("status"), str):
-        return {"status": Status.CORRUPT.value, "error": f"{SUMMARY_FILE} holds no job status"}
-    if summary["status"] == Status.RUNNING and not _alive(summary):
-        summary["status"] = Status.INCOMPLETE.value
-    elif summary["status"] == Status.INCOMPLETE and slurm_alive(summary):
-        # Stopped by SIGTERM, then requeued (scontrol requeue, preemption, submitit at the time limit): SLURM will run
-        # it again, and it resumes itself; a second copy must not.
-        summary["status"] = Status.RUNNING.value
-    return summary
+        entries = scheduler.queue(ids)
+    except scheduler.SchedulerUnavailable:
+        return None
+    return {job: job in entries and entries[job].alive for job in ids}

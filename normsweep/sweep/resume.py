@@ -25,11 +25,11 @@ from normsweep.sweep.files import (
     job_dirs,
     parse_overrides,
 )
-from normsweep.sweep.liveness import is_own_slurm_job, load_summary, process_alive, slurm_alive
+from normsweep.sweep.liveness import is_own_slurm_job, load_summaries, load_summary, process_alive, slurm_alive
 from normsweep.sweep.settings import (
     config_differences,
+    copies_by_settings,
     lacking_added_keys,
-    preferred_copy,
     saved_behaviour,
     settings_key,
     with_values,
@@ -152,17 +152,16 @@ class SweepFolders:
 
     def __init__(self, sweep_dir: Path) -> None:
         self.sweep_dir = Path(sweep_dir)
-        self._by_settings: dict[str, list[tuple[tuple[bool, int], Path]]] = {}
         self._by_overrides: dict[tuple[str, ...], list[Path]] = {}
         # The sets of added keys saved jobs lack (saved before them): a job is looked up with each set at old values.
         self._lacking: set[frozenset[str]] = {frozenset()}
         self._claimed: set[Path] = set()  # one folder per job of a launch, even for two jobs with the same settings
         self._numbers = itertools.count()
-        for job_dir in job_dirs(self.sweep_dir) if self.sweep_dir.is_dir() else []:
-            summary = load_summary(job_dir)
+        folders = job_dirs(self.sweep_dir) if self.sweep_dir.is_dir() else []
+        saved = list(zip(folders, load_summaries(folders)))
+        self._by_settings = copies_by_settings(saved)
+        for job_dir, summary in saved:
             if isinstance(summary.get("config"), dict):
-                copy = (preferred_copy(job_dir, summary["status"]), job_dir)
-                self._by_settings.setdefault(settings_key(summary["config"]), []).append(copy)
                 self._lacking.add(lacking_added_keys(summary["config"]))
             overrides = _saved_overrides(job_dir, summary)
             if overrides is not None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from normsweep.config.norms import BUILT_IN as NORMS
 from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
+from normsweep.config.targets import MOVED_MODULES
 from normsweep.sweep.files import FINISHED, SUMMARY_FILE
 
 # Keys that say where a job runs or finds its data, how the sweep is aggregated, or what is measured beside the
@@ -35,12 +36,6 @@ ADDED_KEYS = {
     "optimizer.warmup_epochs": 0,
     "optimizer.schedule_step": "epoch",
 }
-
-
-# Modules whose classes and functions the built-in configs name in a `_target_` (model._target_, norm._target_,
-# norm.adapt_model), as they were named before the package was split into config/, job/, sweep/ and results/: a
-# folder saved then names the same code by its old path.
-MOVED_MODULES = {"normsweep.models.": "normsweep.job.models.", "normsweep.layers.": "normsweep.job.layers."}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -115,10 +110,17 @@ def settings_key(config: dict[str, Any]) -> str:
     return json.dumps(settings(config), sort_keys=True, default=repr)
 
 
-def preferred_copy(job_dir: Path, status: str) -> tuple[bool, int]:
-    """Of several folders holding one job, the one to keep sorts last: a finished one, then the latest summary."""
-    summary = Path(job_dir) / SUMMARY_FILE
-    return status in FINISHED, summary.stat().st_mtime_ns if summary.is_file() else 0
+def copies_by_settings(saved: Iterable[tuple[Path, dict[str, Any]]]) -> dict[str, list[tuple[tuple[bool, int], Path]]]:
+    """The folders that hold each saved job, by settings_key, from (job folder, summary) pairs, each with its rank
+    and the one to keep first: a finished copy, then the one whose summary.json was written last. A folder whose
+    summary records no config is left out (it cannot be recognised)."""
+    copies: dict[str, list[tuple[tuple[bool, int], Path]]] = {}
+    for job_dir, summary in saved:
+        if isinstance(summary.get("config"), dict):
+            path = Path(job_dir) / SUMMARY_FILE
+            rank = (summary["status"] in FINISHED, path.stat().st_mtime_ns if path.is_file() else 0)
+            copies.setdefault(settings_key(summary["config"]), []).append((rank, Path(job_dir)))
+    return {key: sorted(same, reverse=True) for key, same in copies.items()}
 
 
 def _keys(n: int) -> str:
