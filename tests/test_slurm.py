@@ -20,7 +20,7 @@ import pytest
 from conftest import run_cli, run_cli_here
 from test_faults import VALUES, _popen, _wait_for_rows
 
-from hydra_plugins.normsweep_launcher.slurm_launcher import Request, check_time_limit, find_partition, fit
+from hydra_plugins.normsweep_launcher._core import Request, check_time_limit, find_partition, fit
 from normsweep.config.errors import ConfigError
 from normsweep.sweep import scheduler
 from normsweep.sweep.files import Status, record_failure
