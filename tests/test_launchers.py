@@ -1,17 +1,27 @@
 """The same sweep through Hydra's launchers: joblib (parallel local jobs) and submitit (local, and the SLURM
-preset), with failures isolated, results aggregated and killed jobs resumed as under the default launcher."""
+preset), with failures isolated, results aggregated and killed jobs resumed as under the default launcher; and what
+normsweep's SLURM launcher builds on in hydra-submitit-launcher's own launch."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import stat
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_cli, run_cli_here
+import submitit
+from conftest import ROOT, run_cli, run_cli_here
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
+from omegaconf import OmegaConf
 from test_faults import VALUES, _popen, _wait_for_rows
+
+from hydra_plugins.normsweep_launcher._core import TESTED_UPSTREAM, Request, UpstreamChanged, held_jobs
+from hydra_plugins.normsweep_launcher.config import NormsweepSlurmConf
+from hydra_plugins.normsweep_launcher.slurm_launcher import SlurmLauncher
 
 SWEEP = ["-m", "model=mlp", "norm=in,bn", "epochs=2"]  # norm=in cannot run on the MLP: job 0 fails, job 1 runs on
 
@@ -98,3 +108,63 @@ def test_the_slurm_preset_composes_with_site_settings_from_the_environment(compo
     assert launcher.max_num_timeout >= 1  # a job that hits the limit is requeued and resumes
     monkeypatch.delenv("NORMSWEEP_SLURM_ACCOUNT")
     assert compose_cfg(["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher.account is None
+
+
+# What normsweep's SLURM launcher builds on in hydra-submitit-launcher (hydra_plugins/normsweep_launcher/
+# slurm_launcher.py): its launch builds the executor as submitit.AutoExecutor from the launcher's `params`, creates
+# the sweep folder and submits the jobs as one array with map_array, then asks each job for results() only. Run
+# against a fake sbatch, in a second. To vet a new upstream release: install it in a throwaway venv, run this file
+# and the tests marked `slurm`, then raise the pin in pyproject.toml and TESTED_UPSTREAM in _core.py together.
+
+
+@pytest.fixture
+def sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake sbatch first on PATH: takes any script as job 4242 and keeps it in the file returned."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kept = tmp_path / "submitted.sh"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" "{kept}"\necho "Submitted batch job 4242"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return kept
+
+
+def _fitted_launcher(sweep: Path) -> SlurmLauncher:
+    """normsweep's SLURM launcher with its schema's defaults, as its setup leaves it on a CPU partition `debug`."""
+    keys = OmegaConf.to_container(OmegaConf.structured(NormsweepSlurmConf))
+    keys = {key: value for key, value in keys.items() if key != "_target_"}  # as Hydra instantiates it
+    keys.update(
+        submitit_folder=str(sweep / ".submitit" / "%j"), name="normsweep", partition="debug", array_parallelism=1
+    )
+    launcher = SlurmLauncher(**keys)
+    launcher.params.update(Request(gpus_per_node=None, cpus_per_task=3, mem_gb=5)._asdict())
+    launcher.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep), "mode": "750"}}})
+    return launcher
+
+
+def test_upstream_launch_submits_the_fitted_request_as_one_array_and_does_not_wait(tmp_path: Path, sbatch) -> None:
+    built = submitit.AutoExecutor
+    with held_jobs() as held:
+        returned = SubmititSlurmLauncher.launch(_fitted_launcher(tmp_path / "s"), [["norm=bn"], ["norm=gn"]], 0)
+    assert submitit.AutoExecutor is built  # put back
+    assert [job.job_id for job in held] == ["4242_0", "4242_1"]  # one array, through map_array, kept for the wait
+    assert returned == [None, None]  # upstream returned without waiting for the jobs
+    script = sbatch.read_text()
+    for flag in ("--cpus-per-task=3", "--mem=5GB", "--partition=debug", "--array=0-1%1", "--time=60"):
+        assert f"#SBATCH {flag}\n" in script, script  # the request as fitted, and the schema's other keys
+    assert "--gpus" not in script and "poll" not in script, script  # no GPU asked; normsweep's own key kept out
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o750  # hydra.sweep.mode, applied by upstream
+
+
+def test_an_upstream_that_launches_otherwise_is_refused_naming_the_tested_range(tmp_path: Path, sbatch) -> None:
+    refused = re.escape(f"install a tested release with pip install 'hydra-submitit-launcher{TESTED_UPSTREAM}'")
+    with pytest.raises(UpstreamChanged, match=refused), held_jobs():
+        submitit.AutoExecutor(folder=tmp_path / "s", cluster="slurm").submit(print, "one by one")
+    assert not sbatch.exists()  # refused before anything is submitted
+    with pytest.raises(UpstreamChanged, match=r"asks a submitted job for 'result', not results\(\)"), held_jobs():
+        executor = submitit.AutoExecutor(folder=tmp_path / "s", cluster="slurm")
+        executor.map_array(print, ["a job"])[0].result()
+
+
+def test_pyproject_pins_the_upstream_range_the_launcher_was_tested_with() -> None:
+    assert f'"hydra-submitit-launcher{TESTED_UPSTREAM}"' in (ROOT / "pyproject.toml").read_text()

@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,10 @@ import pytest
 from conftest import run_cli, run_cli_here
 from test_faults import VALUES, _popen, _wait_for_rows
 
-from hydra_plugins.normsweep_launcher.slurm_launcher import Request, check_time_limit, find_partition, fit
+from hydra_plugins.normsweep_launcher._core import Request, check_time_limit, find_partition, fit
 from normsweep.config.errors import ConfigError
 from normsweep.sweep import scheduler
+from normsweep.sweep.files import Status, record_failure
 
 CPU_NODE = scheduler.Node(cpus=2, mem_mb=24105, gpus=0)
 GPU_NODE = scheduler.Node(cpus=64, mem_mb=512000, gpus=4)
@@ -98,6 +100,43 @@ def test_the_partition_is_found_by_name_or_as_the_default() -> None:
     assert find_partition("gpu", known).nodes == (GPU_NODE,)
     with pytest.raises(ConfigError, match=r"partition gpus does not exist on this cluster \(sinfo lists debug, gpu\)"):
         find_partition("gpus", known)
+
+
+# What a job that ended without its result leaves in its folder: one shape, whoever records it.
+
+
+def test_a_job_slurm_ended_is_recorded_in_the_shape_of_a_job_that_raised(tmp_path: Path) -> None:
+    identity = (["norm=bn"], {"seed": 0, "epochs": 9}, {"model": "mlp", "norm": "bn"})
+    raised = record_failure(tmp_path / "raised", ValueError("boom"), *identity)  # in the job's own process
+    ran = {"status": "running", "host": "node-17", "pid": 4242, "threads": 2, "slurm_job": "12_3", "seed": 0}
+    cancelled = record_failure(
+        tmp_path / "cancelled",
+        "SLURM job 12_3 ended without a result: CANCELLED by 0",
+        *identity,
+        status=Status.INCOMPLETE,
+        recorded=ran,  # what the job wrote while it ran is kept...
+        epochs_completed=2,
+    )
+    never = record_failure(tmp_path / "never", "SLURM cannot start job 12_4", *identity, recorded={}, slurm_job="12_4")
+    assert raised["error"] == "ValueError: boom" and raised["host"] == socket.gethostname()
+    assert json.loads((tmp_path / "cancelled" / "summary.json").read_text()) == {
+        "status": "incomplete",
+        "error": "SLURM job 12_3 ended without a result: CANCELLED by 0",
+        "seed": 0,
+        "model": "mlp",
+        "norm": "bn",
+        "optimizer": None,
+        "dataset": None,
+        "overrides": ["norm=bn"],
+        "config": {"seed": 0, "epochs": 9},
+        "host": "node-17",  # ...where it ran, not the machine that noticed the end
+        "pid": 4242,
+        "threads": 2,
+        "slurm_job": "12_3",
+        "epochs_completed": 2,
+    }
+    assert never["status"] == "failed" and "host" not in never and never["slurm_job"] == "12_4"
+    assert set(raised) - {"host"} <= set(cancelled) & set(never)
 
 
 # What squeue, sacct and sinfo print, read back.

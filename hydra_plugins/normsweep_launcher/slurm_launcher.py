@@ -1,476 +1,64 @@
-"""SLURM through submitit, fitted to the partition before anything is submitted, and waited for by normsweep: a job
-SLURM ends without a result (cancelled, killed, timed out, never able to start) is recorded in its folder, so the
-sweep still ends with its tables, a line per such job and the command that resumes it."""
+"""SLURM through hydra-submitit-launcher, fitted to the partition before submission and waited for by normsweep.
 
-# No `from __future__ import annotations`: Hydra execs plugin modules outside sys.modules, where dataclasses with
-# string annotations cannot be built.
+How it composes with upstream (hydra-submitit-launcher's `SlurmLauncher`, subclassed here):
 
-import contextlib
-import io
-import logging
-import sys
-import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+- Upstream does what it does: its own `launch` builds the submitit executor from `self.params` (it knows which
+  keys go to the executor's constructor, `max_num_timeout` and, where upstream has it, `python`, and which get the
+  `slurm_` prefix), creates the sweep folder (applying `hydra.sweep.mode`), logs the jobs and submits them as one
+  array with `executor.map_array`; in the job, upstream's `__call__` runs it and its `checkpoint` requeues it.
+- normsweep adds only its own: before submission, `auto` resolved against what the partition offers and a request
+  no node can satisfy refused (`self.params` then holds the fitted request, which upstream's launch hands to
+  submitit); after it, the waiting. Upstream's launch ends in each job's `results()`, which blocks until every job
+  has ended and raises at the first one that ended without a result, so the sweep would end without its tables;
+  while upstream launches, the executor it builds hands it stand-ins that answer at once, and normsweep waits for
+  the real jobs itself (asking squeue, recording in the job's folder a job SLURM cancelled, killed, timed out or
+  could not start, through `record_failure`). The seam is upstream's launch building its executor as
+  `submitit.AutoExecutor` and submitting with `map_array`, then asking each job for `results()` alone:
+  `tests/test_launchers.py` runs upstream's launch against a fake sbatch to check exactly that, pyproject.toml pins
+  the releases it passed with (`hydra-submitit-launcher>=1.2,<1.3`; raising the pin is running those tests on the
+  new release), and a release that submits or asks otherwise while it launches is refused at launch in one line.
 
-from hydra.core.config_store import ConfigStore
-from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+Copying upstream's launch instead (as this module once did) would miss what upstream adds to it; delegating all
+of it is not possible, since it would wait in `results()`.
+
+The logic is in `_core.py`, imported when a sweep launches: Hydra's plugin scan, run at every start of the app,
+skips modules whose names start with `_`.
+"""
+
+# No `from __future__ import annotations`: Hydra's plugin scan execs this module outside sys.modules.
+
+from collections.abc import Sequence
+from typing import Any
+
+from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from normsweep.sweep import scheduler  # standard library only: Hydra imports this module for every app it starts
-
-log = logging.getLogger(__name__)
-
-AUTO = "auto"
-CPUS_AT_MOST = 8  # what `auto` asks for per job at most: a GPU job's data pipeline needs no more
-MEM_GB_AT_MOST = 32
-CHECK_RESULTS_S = 2  # how often the result files are looked for (a file test); squeue is asked every poll_s
-HEARTBEAT_S = 300  # the progress line is printed when a count changes, and at least this often
-
-
-@dataclass
-class NormsweepSlurmConf(SlurmQueueConf):
-    """submitit's SLURM keys, with `auto` (what the partition's nodes offer) for the resources, and how often
-    SLURM is asked about the jobs while the sweep waits."""
-
-    _target_: str = "hydra_plugins.normsweep_launcher.slurm_launcher.SlurmLauncher"
-    gpus_per_node: Any = AUTO  # auto: 1 on a partition with GPUs, none on a CPU-only one
-    cpus_per_task: Any = AUTO  # auto: the job's share of a node (by its GPUs), at most CPUS_AT_MOST
-    mem_gb: Any = AUTO  # auto: the memory of the CPUs (or GPUs) the job takes, at most MEM_GB_AT_MOST
-    poll_s: int = 15  # seconds between two questions to squeue while waiting
-
-
-OWN_KEYS = ("poll_s",)  # keys of this launcher that submitit does not know
-
-ConfigStore.instance().store(
-    group="hydra/launcher", name="normsweep_slurm", node=NormsweepSlurmConf, provider="normsweep"
-)
-
-
-class Request(NamedTuple):
-    """What each job asks SLURM for, `auto` resolved; None: the key is not passed to sbatch. A tuple, so that two
-    requests compare by value even after Hydra's plugin scan has executed this module a second time."""
-
-    gpus_per_node: int | None
-    cpus_per_task: int | None
-    mem_gb: int | None
-
-
-def _count(params: Mapping[str, Any], key: str, least: int) -> Any:
-    value = params.get(key)
-    if value is None or value == AUTO:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise _config_error(
-            f"hydra.launcher.{key}={value}: give a whole number ({least} or more), auto (what the partition's nodes "
-            "offer) or null (leave it to SLURM)"
-        )
-    return value
-
-
-def _config_error(message: str) -> Exception:
-    from normsweep.config.errors import ConfigError
-
-    return ConfigError(message)
-
-
-def fit(partition: scheduler.Partition, params: Mapping[str, Any]) -> Request:
-    """Resolve `auto` against what the partition's nodes offer, and refuse a request no node can ever satisfy,
-    naming the key to change. `params` are the launcher's keys (gpus_per_node, cpus_per_task, mem_gb, ...)."""
-    where = f"partition {partition.name}" if partition.name else "the default partition"
-    gpus = _count(params, "gpus_per_node", 0)
-    cpus = _count(params, "cpus_per_task", 1)
-    mem_gb = _count(params, "mem_gb", 1)
-    tasks = int(params.get("tasks_per_node") or 1)
-
-    if gpus == AUTO:
-        gpus = 1 if not params.get("gres") and any(node.gpus for node in partition.nodes) else None
-    nodes = [node for node in partition.nodes if node.gpus >= (gpus or 0)]
-    if not nodes:
-        most = max(node.gpus for node in partition.nodes)
-        fix = f"at most {most} GPUs per node: set hydra.launcher.gpus_per_node={most} or less" if most else "no GPUs"
-        raise _config_error(
-            f"hydra.launcher.gpus_per_node={gpus}, but {where} has {fix}"
-            + (
-                ""
-                if most
-                else ": set hydra.launcher.gpus_per_node=auto to run on its CPUs, or name a partition with "
-                "GPUs in NORMSWEEP_SLURM_PARTITION"
-            )
-        )
-
-    if cpus == AUTO:
-        shares = [node.cpus * gpus // node.gpus if gpus else node.cpus for node in nodes]
-        cpus = None if params.get("cpus_per_gpu") else max(1, min(CPUS_AT_MOST, *shares) // tasks)
-    elif cpus is not None:
-        fitting = [node for node in nodes if node.cpus >= cpus * tasks]
-        if not fitting:
-            most = max(node.cpus for node in nodes) // tasks
-            raise _config_error(
-                f"hydra.launcher.cpus_per_task={cpus}, but {where} has at most {most} CPUs per node"
-                f"{' with ' + str(gpus) + ' GPU(s)' if gpus else ''}: set hydra.launcher.cpus_per_task={most} or "
-                "less, or auto"
-            )
-        nodes = fitting
-
-    if mem_gb == AUTO:
-        if params.get("mem_per_cpu") or params.get("mem_per_gpu"):
-            mem_gb = None
-        else:
-            taken = [max((cpus or 1) * tasks / node.cpus, gpus / node.gpus if gpus else 0) for node in nodes]
-            most = min(MEM_GB_AT_MOST, *(int(node.mem_mb * share) // 1024 for node, share in zip(nodes, taken)))
-            mem_gb = most if most >= 1 else None  # a node without a memory figure: let SLURM decide
-    elif mem_gb is not None and not any(node.mem_mb >= mem_gb * 1024 for node in nodes):
-        most = max(node.mem_mb for node in nodes) // 1024
-        raise _config_error(
-            f"hydra.launcher.mem_gb={mem_gb}, but {where} has at most {most} GB per node: set "
-            f"hydra.launcher.mem_gb={most} or less, or auto"
-        )
-    return Request(gpus_per_node=gpus, cpus_per_task=cpus, mem_gb=mem_gb)
-
-
-def check_time_limit(params: Mapping[str, Any]) -> None:
-    """Refuse a warning signal that may arrive as the job starts: SLURM sends it up to 60 s before its time, and
-    submitit answers it by requeueing the job (or, past max_num_timeout, by stopping it)."""
-    limit_s, delay_s = int(params.get("timeout_min") or 0) * 60, int(params.get("signal_delay_s") or 0)
-    if limit_s and limit_s - delay_s < 60:
-        raise _config_error(
-            f"hydra.launcher.signal_delay_s={delay_s} leaves less than a minute of the time limit "
-            f"(hydra.launcher.timeout_min={limit_s // 60}), and SLURM may send the signal up to 60 s early: the job "
-            f"would be stopped as it starts. Set hydra.launcher.signal_delay_s={max(0, limit_s - 60)} or less, or "
-            "raise hydra.launcher.timeout_min"
-        )
-
-
-def find_partition(name: str | None, known: Mapping[str, scheduler.Partition]) -> scheduler.Partition:
-    """The partition the jobs go to (None: the cluster's default); a comma list is one partition of all its nodes."""
-    listed = ", ".join(sorted(p for p in known if p)) or "none"
-    if not name:
-        if "" not in known:
-            raise _config_error(
-                f"this cluster has no default partition: name one with NORMSWEEP_SLURM_PARTITION (sinfo lists {listed})"
-            )
-        return known[""]
-    names = [part.strip() for part in name.split(",") if part.strip()]
-    unknown = [part for part in names if part not in known]
-    if unknown:
-        raise _config_error(
-            f"partition {unknown[0]} does not exist on this cluster (sinfo lists {listed}): set "
-            "NORMSWEEP_SLURM_PARTITION or hydra.launcher.partition to one of them"
-        )
-    return scheduler.Partition(name, tuple(node for part in names for node in known[part].nodes))
-
-
-def _metric_rows(job_dir: Path) -> int:
-    from normsweep.sweep.files import METRICS_FILE
-
-    try:
-        lines = (job_dir / METRICS_FILE).read_text().splitlines()
-    except OSError:
-        return 0
-    return max(0, len([line for line in lines if line.strip()]) - 1)
-
-
-class _SacctFilter(logging.Filter):
-    """submitit logs `Bypassing sacct error` at each of its polls when accounting is off; this launcher says it
-    once, and does not ask through submitit."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Bypassing sacct error" not in record.getMessage()
-
-
-SACCT_FILTER = _SacctFilter()
-
-
-@dataclass
-class _Job:
-    """One submitted job while the launcher waits for it."""
-
-    num: int
-    cfg: DictConfig  # the job's config as the job composes it, composed once at submission
-    submitted: Any  # submitit's Job
-    result: JobReturn | None = None
-    state: str = "PENDING"
-    raw_id: str = ""
-    gone_since: float | None = None  # when SLURM first said it had ended with no result file yet
-    stuck_since: float | None = None  # when it was first seen pending for a reason that does not resolve
-    failed: bool = False
-
-    @property
-    def job_id(self) -> str:
-        return str(self.submitted.job_id)
+from hydra_plugins.normsweep_launcher.config import OWN_KEYS
 
 
 class SlurmLauncher(SubmititSlurmLauncher):
     """hydra-submitit-launcher's SLURM launcher, which checks the request against the partition before submitting
-    and, instead of submitit's `results()` (which raises at the first job that ended without a result), waits for
-    every job itself: it asks squeue every `poll_s`, records a job that ended without its result in its folder,
-    prints the progress, and returns a JobReturn for every job so that the sweep's aggregation runs."""
+    and, instead of submitit's `results()`, waits for every job itself and returns a JobReturn for each, so that the
+    sweep's aggregation runs even when SLURM ended some of them."""
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.asked = dict(self.params)  # the keys as given, `auto` included
+        # What upstream hands to submitit: normsweep's own keys out, the resources fitted once setup knows the
+        # partition.
+        self.own = {key: self.params.pop(key) for key in OWN_KEYS if key in self.params}
+        self.partition: Any = None  # the partition's name ("": the cluster's default)
+        self.request: Any = None  # _core.Request
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        # Before the sweeper writes anything: a request that cannot run leaves no sweep folder behind.
-        from normsweep.config.errors import ConfigError
-        from normsweep.sweep.resume import refuse
+        from hydra_plugins.normsweep_launcher import _core
 
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        try:
-            try:
-                known = scheduler.partitions()
-            except scheduler.SchedulerUnavailable as err:
-                raise ConfigError(f"hydra/launcher=slurm submits to a SLURM cluster, but {err}") from None
-            check_time_limit(self.params)
-            partition = find_partition(self.params.get("partition"), known)
-            self.partition, self.request = partition.name, fit(partition, self.params)
-        except ConfigError as err:
-            refuse(err)
+        _core.setup(self)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        logging.getLogger("submitit").addFilter(SACCT_FILTER)
-        accounting = scheduler.accounting_available()
-        if not accounting:
-            log.warning(
-                "slurm: accounting is off on this cluster (sacct does not answer): a job that ends without its "
-                "result is noticed from squeue, without SLURM's reason"
-            )
-        jobs = self._submit(job_overrides, initial_job_idx, self.request)
-        try:
-            self._wait(jobs, accounting)
-        except KeyboardInterrupt:
-            left = [job for job in jobs if job.result is None]
-            arrays = sorted({job.job_id.split("_")[0] for job in left})
-            sweep_dir = self.config.hydra.sweep.dir
-            log.warning(
-                "stopped waiting; %d job%s go on in SLURM (scancel %s stops them). Once they have ended, "
-                "python -m normsweep.aggregate %s writes the tables, and the same command with hydra.sweep.dir=%s "
-                "resumes any that did not complete",
-                len(left),
-                "s" if len(left) > 1 else "",
-                " ".join(arrays),
-                sweep_dir,
-                sweep_dir,
-            )
-            sys.exit(130)
-        return [job.result for job in jobs]
+        from hydra_plugins.normsweep_launcher import _core
 
-    def _submit(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, request: Request) -> list[_Job]:
-        """Submit the jobs as hydra-submitit-launcher does (one array), with the resolved request."""
-        import submitit
-        from submitit.core.utils import FailedJobError
-
-        from normsweep.config.errors import ConfigError
-        from normsweep.sweep.resume import refuse
-
-        assert self.config is not None
-        params = {key: value for key, value in self.params.items() if key not in OWN_KEYS}
-        params.update(gpus_per_node=request.gpus_per_node, cpus_per_task=request.cpus_per_task, mem_gb=request.mem_gb)
-        executor = submitit.AutoExecutor(
-            cluster="slurm", folder=params.pop("submitit_folder"), slurm_max_num_timeout=params.pop("max_num_timeout")
-        )
-        shared = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{key if key in shared else f"slurm_{key}": v for key, v in params.items()})
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        gpus, cpus, mem_gb = request.gpus_per_node, request.cpus_per_task, request.mem_gb
-        log.info(
-            "slurm: submitting %d job%s to partition %s, %sasking for %s, %s and %s; sweep folder %s",
-            len(job_overrides),
-            "s" if len(job_overrides) > 1 else "",
-            self.partition,
-            "each " if len(job_overrides) > 1 else "",
-            f"{cpus} CPU{'s' if cpus > 1 else ''}" if cpus else "SLURM's default CPUs",
-            f"{mem_gb} GB" if mem_gb else "SLURM's default memory",
-            f"{gpus} GPU{'s' if gpus > 1 else ''}" if gpus else "no GPU",
-            sweep_dir,
-        )
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        calls, cfgs = [], []
-        for num, overrides in enumerate(job_overrides, start=initial_job_idx):
-            log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
-            calls.append((list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()))
-            cfgs.append(self._job_config(list(overrides), num))
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's error too: said once below
-                submitted = executor.map_array(self, *zip(*calls))
-        except FailedJobError as err:
-            lines = [line for line in str(err).splitlines() if line.strip()]
-            refuse(ConfigError(f"sbatch refused the jobs: {lines[-1] if lines else err}"))
-        return [_Job(call[2], cfg, job) for call, cfg, job in zip(calls, cfgs, submitted)]
-
-    def _wait(self, jobs: list[_Job], accounting: bool) -> None:
-        poll_s = max(1, int(self.params.get("poll_s") or 15))
-        shown: tuple[Any, ...] = ()
-        shown_at = next_poll = 0.0
-        unanswered = False
-        while True:
-            for job in jobs:
-                if job.result is None and job.submitted.paths.result_pickle.exists():
-                    self._collect(job)
-            waiting = [job for job in jobs if job.result is None]
-            now = time.monotonic()
-            if waiting and now >= next_poll:
-                next_poll = now + poll_s
-                try:
-                    entries = scheduler.queue(sorted({job.job_id.split("_")[0] for job in waiting}))
-                    unanswered = False
-                except scheduler.SchedulerUnavailable as err:
-                    if not unanswered:
-                        log.warning("slurm: %s; still waiting for the jobs", err)
-                    unanswered = True
-                else:
-                    self._follow(waiting, entries, accounting, now, poll_s)
-            counts = self._counts(jobs)
-            if counts != shown or now - shown_at >= HEARTBEAT_S:
-                log.info("slurm: %s", ", ".join(f"{n} {what}" for what, n in counts))
-                shown, shown_at = counts, now
-            if all(job.result is not None for job in jobs):
-                return
-            time.sleep(CHECK_RESULTS_S)
-
-    def _follow(
-        self, waiting: list[_Job], entries: dict[str, scheduler.QueueEntry], accounting: bool, now: float, poll_s: int
-    ) -> None:
-        """Update each waiting job from squeue; record the ones that ended without a result or can never start."""
-        ended: list[_Job] = []
-        for job in waiting:
-            entry = entries.get(job.job_id)
-            if entry is not None:
-                job.state, job.raw_id = entry.state, entry.raw_id or job.raw_id
-            if entry is None or not entry.alive:
-                # The result file can reach a shared file system after the job has left the queue: one more poll.
-                job.gone_since = job.gone_since or now
-                if now - job.gone_since >= poll_s:
-                    ended.append(job)
-                continue
-            job.gone_since = None
-            if entry.hopeless:
-                job.stuck_since = job.stuck_since or now
-                if now - job.stuck_since >= scheduler.patience_s(entry.reason):
-                    scheduler.cancel([job.job_id])
-                    self._record_end(
-                        job,
-                        f"SLURM cannot start job {job.job_id}: it is pending with reason {entry.reason}, which does "
-                        "not resolve by itself (cancelled)",
-                    )
-            else:
-                job.stuck_since = None
-        if not ended:
-            return
-        ends = scheduler.job_ends([job.job_id for job in ended]) if accounting else {}
-        for job in ended:
-            if job.submitted.paths.result_pickle.exists():
-                self._collect(job)
-                continue
-            if job.job_id in ends:
-                how = scheduler.describe_end(*ends[job.job_id])
-            elif job.job_id in entries:
-                how = entries[job.job_id].state
-            else:
-                how = "it left the queue" + ("" if accounting else " (accounting is off: SLURM keeps no reason)")
-            self._record_end(job, f"SLURM job {job.job_id} ended without a result: {how}{self._hint(job, how)}")
-
-    def _hint(self, job: _Job, how: str) -> str:
-        """What to change, for the ends a setting can prevent."""
-        if how.startswith("TIMEOUT"):
-            return (
-                f" (time limit hydra.launcher.timeout_min={self.params.get('timeout_min')}, requeued at most "
-                f"hydra.launcher.max_num_timeout={self.params.get('max_num_timeout')} times)"
-            )
-        try:
-            stderr = job.submitted.paths.stderr.read_text(errors="replace")[-20000:]
-        except OSError:
-            stderr = ""
-        asked = f"mem_gb, now {self.request.mem_gb}" if self.request.mem_gb else "mem_gb"
-        for key in ("mem_per_cpu", "mem_per_gpu"):
-            if self.params.get(key):
-                asked = f"{key}, now {self.params[key]}"
-        if how.startswith("OUT_OF_MEMORY") or "exceeded memory limit" in stderr or "oom-kill" in stderr.lower():
-            return f" (out of memory: raise hydra.launcher.{asked})"
-        if how.endswith((" 0:9", " 9:0")) or ": Killed" in stderr:  # SIGKILL: the OOM killer, or an administrator
-            return f" (killed by SIGKILL; if it ran out of memory, raise hydra.launcher.{asked})"
-        return ""
-
-    def _collect(self, job: _Job) -> None:
-        """The job's own return value, from submitit's result file."""
-        from submitit.core.utils import pickle_load
-
-        from normsweep.sweep.files import FINISHED
-        from normsweep.sweep.liveness import load_summary
-
-        outcome, value = pickle_load(job.submitted.paths.result_pickle)
-        if outcome == "success" and isinstance(value, JobReturn):
-            job.result = value
-            job.failed = load_summary(self._job_dir(job))["status"] not in FINISHED
-            job.state = "DONE"
-            return
-        lines = [line for line in str(value).splitlines() if line.strip()]
-        self._record_end(job, f"SLURM job {job.job_id} raised outside training: {lines[-1] if lines else outcome}")
-
-    def _job_config(self, overrides: list[str], num: int) -> DictConfig:
-        """The job's config as the job itself composes it."""
-        assert self.hydra_context is not None and self.config is not None
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        with open_dict(cfg.hydra.job):
-            cfg.hydra.job.num = num
-        return cfg
-
-    @staticmethod
-    def _job_dir(job: _Job) -> Path:
-        return Path(str(job.cfg.hydra.sweep.dir)) / str(job.cfg.hydra.sweep.subdir)
-
-    def _record_end(self, job: _Job, reason: str) -> None:
-        """Write the scheduler's reason into the job's folder (`incomplete` when it finished epochs, else `failed`)
-        and give the job a JobReturn, unless the folder holds a finished result or another live job."""
-        from normsweep.sweep.files import FINISHED, GROUPS, Status, write_summary
-        from normsweep.sweep.liveness import load_summary
-        from normsweep.sweep.resume import task_config
-
-        cfg, job_dir = job.cfg, self._job_dir(job)
-        task_overrides = list(cfg.hydra.overrides.task)
-        summary = load_summary(job_dir)
-        status = summary["status"]
-        ours = str(summary.get("slurm_job")) in {job.job_id, job.raw_id}
-        job.state, job.failed = "ENDED", True
-        job.result = JobReturn(
-            overrides=task_overrides,
-            working_dir=str(job_dir),
-            task_name=str(cfg.hydra.job.name),
-            status=JobStatus.COMPLETED,  # as a job that fails inside normsweep: its folder says what happened
-            _return_value=None,
-        )
-        if status in FINISHED:
-            job.failed = False  # it finished, though its result file went missing: the folder has the result
-            return
-        if status == Status.RUNNING and not ours:
-            log.warning("%s: %s; the folder is left to the job that runs there now", job_dir, reason)
-            return
-        if status in (Status.NOT_STARTED, Status.CORRUPT):
-            choices = cfg.hydra.runtime.choices
-            config = task_config(cfg)
-            summary = {
-                "seed": config.get("seed"),
-                **{group: choices.get(group) for group in GROUPS},
-                "overrides": task_overrides,
-                "config": config,
-                "slurm_job": job.job_id,
-            }
-        epochs = _metric_rows(job_dir)
-        summary.update(status=Status.INCOMPLETE if epochs else Status.FAILED, error=reason, epochs_completed=epochs)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        write_summary(job_dir, summary)
-        log.error("%s: %s", job_dir, reason)
-
-    @staticmethod
-    def _counts(jobs: list[_Job]) -> tuple[tuple[str, int], ...]:
-        def what(job: _Job) -> str:
-            if job.result is not None:
-                return "failed" if job.failed else "done"
-            return "pending" if job.state in scheduler.WAITING_STATES else "running"  # or ending, not yet recorded
-
-        states = Counter(what(job) for job in jobs)
-        return tuple((what, states[what]) for what in ("pending", "running", "done", "failed"))
+        return _core.launch(self, job_overrides, initial_job_idx, submit=super().launch)

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,21 +181,40 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def record_failure(
-    job_dir: Path, error: Exception, overrides: list[str], config: dict[str, Any], choices: dict[str, str]
+    job_dir: Path,
+    error: BaseException | str,
+    overrides: list[str],
+    config: dict[str, Any],
+    choices: Mapping[str, Any],
+    *,
+    status: Status = Status.FAILED,
+    recorded: Mapping[str, Any] | None = None,
+    **ended: Any,
 ) -> dict[str, Any]:
-    """Write summary.json for a job that raised: status `failed`, the error, and what the job was."""
-    message = str(error).strip() or type(error).__name__
-    if not isinstance(error, ConfigError):  # a ConfigError speaks for itself; anything else is named
-        message = f"{type(error).__name__}: {message}"
-    summary = {
-        "status": Status.FAILED,
+    """Write summary.json for a job that ended without a result: `status`, the error, and what the job was.
+
+    The job's own process gives the exception it raised: the summary names this host. A launcher that saw the job
+    end from outside (SLURM cancelled, killed or never started it) gives SLURM's reason as a string, `incomplete`
+    for a job that finished epochs (a resume continues it), `recorded`: what the job wrote while it ran (its host,
+    process and threads are kept; nothing for a job that never started), and what it knows of the end as keywords
+    (`slurm_job`, `epochs_completed`)."""
+    if isinstance(error, str):
+        message = error
+    else:
+        message = str(error).strip() or type(error).__name__
+        if not isinstance(error, ConfigError):  # a ConfigError speaks for itself; anything else is named
+            message = f"{type(error).__name__}: {message}"
+    summary: dict[str, Any] = {
+        "status": status,
         "error": message,
         "seed": config.get("seed"),
         **{group: choices.get(group) for group in GROUPS},
-        "host": socket.gethostname(),
-        "overrides": overrides,
+        **({"host": socket.gethostname()} if recorded is None else {}),
+        "overrides": list(overrides),
         "config": config,
     }
+    summary.update({key: value for key, value in (recorded or {}).items() if key not in ("status", "error")})
+    summary.update(ended)
     Path(job_dir).mkdir(parents=True, exist_ok=True)
     write_summary(job_dir, summary)
     return summary
