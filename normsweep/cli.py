@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -19,11 +20,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from normsweep.config.checks import validate
-from normsweep.config.errors import ConfigError
+from normsweep.config.checks import unknown_key, unknown_option_key, validate
+from normsweep.config.errors import USER_FULL_ERROR, ConfigError, full_error
 from normsweep.config.schema import Config, config_dir, register_configs
 from normsweep.job.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
 from normsweep.job.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, quiet_worker_cleanup, stop_on_sigterm
@@ -122,7 +125,6 @@ def app(cfg: DictConfig) -> float | None:
     keep_saved_behaviour(job_dir, cfg, overrides)  # a folder saved before a key was added resumes the old way
     config = task_config(cfg)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     tag = JobTag(hydra_cfg.job.num, overrides) if in_sweep else None
     if tag:
         tag.attach()
@@ -156,9 +158,9 @@ def app(cfg: DictConfig) -> float | None:
             record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices))
         if in_sweep:
             # Isolated: Hydra would re-raise at the end of the batch and skip the aggregation.
-            log.error("job failed: %s", err, exc_info=full_error or not user_error)
+            log.error("job failed: %s", err, exc_info=full_error() or not user_error)
             return None
-        if user_error and not full_error:
+        if user_error and not full_error():
             log.error("%s", err)
             sys.exit(2)
         raise
@@ -178,8 +180,16 @@ def main() -> None:
     if sweep:
         quiet_worker_cleanup()  # before the first worker, and its resource tracker, starts
     undo = hold_ctrl_c_in_workers() if sweep and hasattr(signal, "pthread_sigmask") else None
+    saved_env = {key: os.environ.get(key) for key in ("HYDRA_FULL_ERROR", USER_FULL_ERROR)}
+    os.environ[USER_FULL_ERROR] = "1" if full_error() else "0"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its composition errors here instead of printing them
     try:
         app()
+    except (HydraException, OmegaConfBaseException) as err:
+        if full_error():
+            raise
+        print(hydra_error_line(err), file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         # Jobs that run in this process say how to resume themselves (app); this is the launcher of jobs run in
         # other processes (joblib), or a launch interrupted before its first job.
@@ -193,5 +203,36 @@ def main() -> None:
             )
         sys.exit(130)
     finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if undo:
             undo()
+
+
+def hydra_error_line(err: Exception) -> str:
+    """A mistake Hydra found while composing the config (a wrong type, an unknown key or option, an override it
+    cannot parse), in one line naming what the user typed and the fix."""
+    said = [line.strip() for line in str(err).splitlines() if line.strip()]
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else None
+    reason = str(getattr(cause, "msg", cause) or "").splitlines()[0] if cause else ""
+    first = said[0] if said else type(err).__name__
+    merging = re.match(r"Error merging override (\S+)", first)
+    override = re.match(r"Could not (?:override|append to) '([^']+)'", first)
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", first)
+    if override and "." not in override.group(1):
+        return unknown_key(override.group(1))  # not Hydra's hint to add it with +: a typo is not a new key
+    if override:
+        return unknown_option_key(override.group(1), reason)
+    if merging:
+        return f"{merging.group(1)}: {reason or first}"
+    if missing:
+        group, option = missing.groups()
+        offered = [line for line in said[1:] if not line.startswith(("Available", "Config search path", "provider"))]
+        choices = f"; choose one of {', '.join(offered)}" if offered else ""
+        return f"{group}={option}: no such option in conf/{group}/{choices}"
+    if isinstance(err, OverrideParseException):
+        return f"cannot read the command line ({first}); see python -m normsweep --help for the override syntax"
+    return f"{first}{f': {reason}' if reason and reason not in first else ''}"

@@ -114,6 +114,27 @@ def test_user_errors_are_one_clear_line_without_traceback(tmp_path: Path, args: 
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["epochs=abc"], "epochs=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        (["-m", "norm=bn,gn", "epochs=abc"], "epochs=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        (["epoch=2"], "epoch: normsweep has no such setting; did you mean epochs?"),
+        (["-m", "norm=bn,gn", "epoch=2"], "epoch: normsweep has no such setting; did you mean epochs?"),
+        (["norm=gn", "norm.group=2"], "norm.group: norm=gn has no such key; did you mean norm.groups?"),
+        (["optimizer.lrr=0.1"], "optimizer.lrr: optimizer=adam has no such key; did you mean optimizer.lr?"),
+        (["-m", "norm=bn,nonexistent"], "norm=nonexistent: no such option in conf/norm/; choose one of bn, frn, gn"),
+        (["optimizer.lr=[1"], "cannot read the command line (no viable alternative at input '[1')"),
+    ],
+)
+def test_what_hydra_refuses_is_one_line_exit_2_and_no_folder(tmp_path: Path, args: list[str], line: str) -> None:
+    proc = run_cli_here([*args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    lines = [text for text in (proc.stdout + proc.stderr).splitlines() if text.strip()]
+    assert proc.returncode == 2
+    assert len(lines) == 1 and lines[0].startswith(line), lines
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
 def test_torchvision_data_set_end_to_end(tmp_path: Path) -> None:
     make_mnist(tmp_path / "data")
     proc = run_cli_here(

@@ -443,3 +443,14 @@ def test_aggregation_asks_slurm_once_for_all_its_running_jobs(sweep: Path, monke
     assert asked == [["7_0", "7_1", "7_2"]]  # one squeue call, not one per folder
     status = dict(zip(runs["job"].astype(str), runs["status"]))
     assert [status[job.name] for job in jobs[:3]] == ["running", "incomplete", "incomplete"]
+
+
+def test_a_sweep_that_ran_no_job_writes_no_empty_tables(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from normsweep.results.write import end_of_sweep
+
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")  # what Hydra writes before its sweeper fails
+    with pytest.raises(SystemExit) as exit_:
+        end_of_sweep(tmp_path, "norm")
+    assert exit_.value.code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun.yaml"]
+    assert "no job ran in" in capsys.readouterr().err

@@ -56,24 +56,27 @@ class ResumingSweeper(BasicSweeper):
         folders = SweepFolders(Path(str(self.config.hydra.sweep.dir)))
         numbered = OmegaConf.to_container(self.config.hydra.sweep)["subdir"] == NUMBERED
         placed, num = [], 0
-        for batch in batches:
-            placed.append([])
-            for overrides in batch:
-                job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-                with open_dict(job_cfg):
-                    job_cfg.hydra.job.num = job_cfg.hydra.job.id = num
-                try:
+        try:
+            for batch in batches:
+                placed.append([])
+                for overrides in batch:
+                    job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                    with open_dict(job_cfg):
+                        job_cfg.hydra.job.num = job_cfg.hydra.job.id = num
                     check_keys(job_cfg)  # `+epoch=3`: refused once, before launch, not by every job
                     name = folders.claim(
                         task_config(job_cfg),
                         list(job_cfg.hydra.overrides.task),
                         None if numbered else str(job_cfg.hydra.sweep.subdir),
                     )
-                except ConfigError as err:
-                    self._put_back()
-                    refuse(err)
-                placed[-1].append([*overrides, f"hydra.sweep.subdir={_quoted(name)}"])
-                num += 1
+                    placed[-1].append([*overrides, f"hydra.sweep.subdir={_quoted(name)}"])
+                    num += 1
+        except ConfigError as err:
+            self._put_back()
+            refuse(err)
+        except BaseException:  # a job that Hydra cannot compose (norm=bn,nonexistent): said by the command line
+            self._put_back()
+            raise
         return placed
 
     def _put_back(self) -> None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from normsweep.config.errors import ConfigError
 from normsweep.config.norms import BUILT_IN as NORMS
 from normsweep.config.norms import norm_record
+from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
 from normsweep.config.optimizers import optimizer_record
 from normsweep.config.records import to_record
 from normsweep.config.schema import (
@@ -19,6 +21,7 @@ from normsweep.config.schema import (
     PRECISIONS,
     USER_DATASET_KEYS,
     Config,
+    DatasetConfig,
     SyntheticConfig,
     UserDataset,
     config_dir,
@@ -33,11 +36,32 @@ def check_keys(cfg: DictConfig) -> None:
     known = [f.name for f in fields(Config)]
     for key in cfg:
         if key not in known and key != "hydra":
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise ConfigError(
-                f"{key}: normsweep has no such setting; {hint}The top-level settings are {', '.join(known)}"
-            )
+            raise ConfigError(unknown_key(str(key)))
+
+
+def unknown_key(key: str) -> str:
+    """What to say of a top-level key the schema does not know: the closest one, and the ones there are."""
+    known = [f.name for f in fields(Config)]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{key}: normsweep has no such setting; {hint}The top-level settings are {', '.join(known)}"
+
+
+def unknown_option_key(path: str, reason: str) -> str:
+    """What to say of a key that an option's schema does not have (`norm.group=2` for norm=gn), from OmegaConf's
+    reason (`Key 'group' not in 'GroupNorm'`): the closest key of that option, and the keys it has."""
+    named = re.match(r"Key '[^']+' not in '([^']+)'", reason)
+    records = [*NORMS.values(), *OPTIMIZERS.values(), DatasetConfig, SyntheticConfig]
+    schema = next((r for r in records if named and r.__name__ == named.group(1)), None)
+    if schema is None:
+        return f"{path}: no such key ({reason})"
+    group, key = path.rsplit(".", 1)
+    keys = [f.name for f in fields(schema) if not f.name.startswith("_")]
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f"did you mean {group}.{close[0]}? " if close else ""
+    name = getattr(schema, "name", MISSING)
+    option = f"{group}={name}" if name != MISSING else f"this {group}"
+    return f"{path}: {option} has no such key; {hint}its keys are {', '.join(keys)}"
 
 
 def _check(ok: bool, message: str) -> None:

@@ -21,7 +21,7 @@ from normsweep.results.tables import (
     format_table,
     problems,
 )
-from normsweep.sweep.files import ATTENTION, Status, atomic_write
+from normsweep.sweep.files import ATTENTION, Status, atomic_write, job_dirs
 
 LOG = "normsweep.log"  # each job's log, as Hydra names it (hydra.job.name + .log)
 
@@ -75,7 +75,11 @@ def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
 def end_of_sweep(sweep_dir: Path, compare: str) -> None:
     """What a multirun does once every job has ended (normsweep.sweep.callbacks.AggregateCallback): aggregate, then exit
     with status 1 if any job failed or stopped before its last epoch (a diverged job is a result, not a failure),
-    after the command that resumes them."""
+    after the command that resumes them. A sweep that ended before its first job (its launcher or sweeper failed,
+    and said why) has nothing to compare: no tables are written, and it exits with status 1."""
+    if not job_dirs(sweep_dir):
+        print(f"no job ran in {sweep_dir}: nothing to aggregate", file=sys.stderr, flush=True)
+        sys.exit(1)
     try:
         result = report(sweep_dir, compare)
     except ValueError as err:  # the jobs check `compare` names a config key; this is the sweep's keys

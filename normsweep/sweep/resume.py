@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from normsweep.config.errors import ConfigError
+from normsweep.config.errors import ConfigError, full_error
 from normsweep.sweep.files import (
     CHECKPOINT_FILE,
     METRICS_FILE,
@@ -195,7 +195,7 @@ def refuse(err: ConfigError) -> NoReturn:
 
     An exit, not an exception: Hydra turns exceptions raised in callbacks into warnings and carries on.
     """
-    log.error("%s", err, exc_info=err if os.environ.get("HYDRA_FULL_ERROR") == "1" else None)
+    log.error("%s", err, exc_info=err if full_error() else None)
     sys.exit(2)
 
 
