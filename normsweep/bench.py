@@ -21,14 +21,13 @@ from normsweep.config.checks import compose_run, options
 from normsweep.config.errors import ConfigError
 from normsweep.config.optimizers import Adam
 from normsweep.config.schema import Config, SyntheticConfig
+from normsweep.job.build import Job, build, describe_compute
 from normsweep.job.data import Data, Split, load, normalize
-from normsweep.job.diagnostics import Diagnostics, probe_size
-from normsweep.job.layers import norm_factory
-from normsweep.job.models import build_model
+from normsweep.job.diagnostics import probe_size
 from normsweep.job.optim import build_optimizer
 from normsweep.job.placement import available_cpus
 from normsweep.job.threads import choose_threads, step_macs
-from normsweep.job.train import Compute, prepare, resolve_compute, resolve_device, set_threads, train_epoch
+from normsweep.job.train import Compute, prepare, resolve_device, set_threads, train_epoch
 from normsweep.sweep.files import atomic_write
 
 VARIANTS = ("reference", "normsweep", "ceiling")
@@ -80,24 +79,22 @@ class Setup:
     data: Data  # on the device; its training split is exactly `steps` batches
     compile: bool = False  # normsweep and ceiling through torch.compile, as a run with compile=true
 
-    def build(self) -> nn.Module:
-        """The model with this norm, from conf/ as a run would build it (every check of a run applies)."""
-        return self.build_with_slots()[0]
-
-    def build_with_slots(self) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
-        """The model, and its norm layers as the diagnostics find them."""
-        torch.manual_seed(0)
-        c, h, w = self.data.shape
-        run = self.config()
-        factory = norm_factory(run.norm, self.model)
-        model = build_model(self.model, run.model, c, (h, w), self.data.num_classes, factory).to(self.device)
-        return model, factory.slots(model)
+    def build(self) -> Job:
+        """The job of this setting on the device: the model with this norm, from conf/ as a run builds it (every check
+        of a run applies), and the compute normsweep and ceiling run in."""
+        return build(self.config(), self.device, self.data).to(self.device)
 
     def config(self) -> Config:
-        return _composed(self.model, self.norm, self.batch_size)
+        run = _composed(self.model, self.norm, self.batch_size)
+        return dataclasses.replace(run, precision=self.precision, compile=self.compile)
 
-    def compute(self, model: nn.Module) -> Compute:
-        return resolve_compute(self.precision, None, self.compile, model, self.device)
+    def rate(self, start: float) -> float:
+        """Training images per second of the `steps` batches timed since `start`."""
+        return self.batch_size * self.steps / (time.perf_counter() - start)
+
+    def batches(self, n: int) -> Data:
+        """The data with only the first `n` batches of its training split."""
+        return dataclasses.replace(self.data, train=self.data.train[: n * self.batch_size])
 
 
 @functools.cache
@@ -106,10 +103,16 @@ def _composed(model: str, norm: str, batch_size: int) -> Config:
     return compose_run([f"model={model}", f"norm={norm}", f"batch_size={batch_size}"])
 
 
+def _trainer(setup: Setup) -> tuple[Job, nn.Module, torch.optim.Optimizer]:
+    """The setup's job, the module to call in its compute (train.prepare) and Adam at lr 1e-3 on its model."""
+    job = setup.build()
+    return job, prepare(job.model, job.compute), build_optimizer(job.model.parameters(), Adam(lr=1e-3))
+
+
 def run_reference(setup: Setup) -> float:
     """DataLoader over PIL images with per-sample transforms, num_workers=0, fp32 in the default layout, and a
     `.item()` on the loss and the correct count after every batch: the loop most tutorials (and the article) use."""
-    model = setup.build()
+    model = setup.build().model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     cpu_split = Split(setup.data.train.images.cpu(), setup.data.train.labels.cpu())
     dataset = ArticleDataset(cpu_split, setup.data.mean.tolist(), setup.data.std.tolist())
@@ -134,34 +137,26 @@ def run_reference(setup: Setup) -> float:
     steps(setup.warmup)
     start = time.perf_counter()
     steps(setup.steps)
-    return setup.batch_size * setup.steps / (time.perf_counter() - start)
+    return setup.rate(start)
 
 
 def run_normsweep(setup: Setup) -> float:
     """The project's own epoch: seeded permutation, batched crop and flip on the device, one sync at the end."""
-    model = setup.build()
-    compute = setup.compute(model)
-    forward = prepare(model, compute)
-    optimizer = build_optimizer(model.parameters(), Adam(lr=1e-3))
+    job, forward, optimizer = _trainer(setup)
     generator = torch.Generator(device=setup.device).manual_seed(0)
-    warm = dataclasses.replace(setup.data, train=setup.data.train[: setup.warmup * setup.batch_size])
-    train_epoch(forward, warm, optimizer, setup.batch_size, generator, compute)
+    train_epoch(forward, setup.batches(setup.warmup), optimizer, setup.batch_size, generator, job.compute)
     start = time.perf_counter()
-    train_epoch(forward, setup.data, optimizer, setup.batch_size, generator, compute)
-    return setup.batch_size * setup.steps / (time.perf_counter() - start)
+    train_epoch(forward, setup.data, optimizer, setup.batch_size, generator, job.compute)
+    return setup.rate(start)
 
 
 def time_diagnostics(setup: Setup, epoch_images: int) -> float:
     """Seconds one epoch's diagnostics take (diagnostics.py, with the probe batch of an `epoch_images`-image
     training split), on the model after its warm-up steps; the first measurement warms up, the second is timed."""
-    model, slots = setup.build_with_slots()
-    compute = setup.compute(model)
-    forward = prepare(model, compute)
-    optimizer = build_optimizer(model.parameters(), Adam(lr=1e-3))
+    job, forward, optimizer = _trainer(setup)
     generator = torch.Generator(device=setup.device).manual_seed(0)
-    probe = Diagnostics(model, slots, setup.data, setup.batch_size, 0, compute, images=probe_size(epoch_images))
-    warm = dataclasses.replace(setup.data, train=setup.data.train[: max(1, setup.warmup) * setup.batch_size])
-    train_epoch(forward, warm, optimizer, setup.batch_size, generator, compute)
+    probe = job.probe(images=probe_size(epoch_images))
+    train_epoch(forward, setup.batches(max(1, setup.warmup)), optimizer, setup.batch_size, generator, job.compute)
     probe.measure(1)
     _sync(setup.device)
     start = time.perf_counter()
@@ -173,10 +168,8 @@ def time_diagnostics(setup: Setup, epoch_images: int) -> float:
 def run_ceiling(setup: Setup) -> float:
     """Forward, backward and step on one batch already normalized in memory, in normsweep's precision and layout:
     no data work at all, the most this hardware gives this model in that setting."""
-    model = setup.build()
-    compute = setup.compute(model)
-    forward = prepare(model, compute)
-    optimizer = build_optimizer(model.parameters(), Adam(lr=1e-3))
+    job, forward, optimizer = _trainer(setup)
+    compute = job.compute
     x = normalize(setup.data.train.images[: setup.batch_size], setup.data, compute.memory_format)
     y = setup.data.train.labels[: setup.batch_size]
 
@@ -192,7 +185,7 @@ def run_ceiling(setup: Setup) -> float:
     steps(setup.warmup)
     start = time.perf_counter()
     steps(setup.steps)
-    return setup.batch_size * setup.steps / (time.perf_counter() - start)
+    return setup.rate(start)
 
 
 RUNNERS: dict[str, Callable[[Setup], float]] = {
@@ -214,18 +207,17 @@ def make_data(shape: tuple[int, int, int], batch_size: int, steps: int, device: 
 
 
 def bench(
-    setup_args: dict,
-    norms: list[str],
+    setups: list[Setup],
     repeats: int,
     log: Callable[[str], None] = print,
     diagnostics_epoch: int | None = None,
 ) -> pd.DataFrame:
-    """Time every variant `repeats` times per norm, alternating their order; one row per (norm, variant, repeat).
-    With `diagnostics_epoch` (training images per epoch), each repeat also times one epoch's diagnostics: a row of
-    variant `diagnostics` with its `seconds`."""
+    """Time every variant `repeats` times per setup (one per norm), alternating their order; one row per (norm,
+    variant, repeat). With `diagnostics_epoch` (training images per epoch), each repeat also times one epoch's
+    diagnostics: a row of variant `diagnostics` with its `seconds`."""
     rows = []
-    for norm in norms:
-        setup = Setup(norm=norm, **setup_args)
+    for setup in setups:
+        norm = setup.norm
         if setup.compile:  # each norm is another graph: start from an empty cache, below dynamo's recompile limit
             import torch._dynamo
 
@@ -287,7 +279,7 @@ def job_threads(setting: int, setup: Setup, device: torch.device) -> int:
     """The threads a job would train this setup with: `threads=N`, or what threads=0 picks for its model."""
     if setting or device.type != "cpu":
         return setting or available_cpus()
-    macs = step_macs(setup.build(), setup.data.shape, setup.batch_size)
+    macs = step_macs(setup.build().model, setup.data.shape, setup.batch_size)
     return choose_threads(0, available_cpus(), macs).threads
 
 
@@ -309,7 +301,7 @@ def _shape(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m normsweep.bench",
         description="Training images per second: the article's DataLoader loop (reference), normsweep's trainer, "
@@ -353,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also time one epoch's diagnostics (diagnostics=true) and give it as a share of an epoch of this many "
         f"training images at normsweep's rate (default {EPOCH_IMAGES}: CIFAR-10 at val_fraction 0.2)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _norms(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The norms to time, once the arguments are checked; a wrong one ends the benchmark with the parser's message."""
     norms = [n.strip() for n in args.norm.split(",") if n.strip()]
     unknown = [n for n in norms if n not in options("norm")]
     if unknown or not norms:
@@ -365,39 +361,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--warmup and --busy must be 0 or more")
     if args.diagnostics is not None and args.diagnostics < 1:
         parser.error("--diagnostics: give the training images of one epoch, 1 or more (e.g. --diagnostics 40000)")
+    return norms
 
+
+def _setups(parser: argparse.ArgumentParser, args: argparse.Namespace, norms: list[str]) -> tuple[list[Setup], Compute]:
+    """One setup per norm on the same data, and the compute normsweep and ceiling run in. Every norm's model is built
+    once before anything is timed: a run's checks (a norm that needs feature maps on the mlp, batch statistics at
+    batch size 1, ...) stop the benchmark here, in one line, in the benchmark's words."""
     try:
         device = resolve_device(args.device)
         set_threads(max(args.threads) or available_cpus())
         data = make_data(args.shape, args.batch_size, args.steps, device)
-        setup_args = dict(
-            model=args.model,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            device=device,
-            precision=args.precision,
-            data=data,
-            compile=args.compile,
-        )
-        # Every norm's model is built once before anything is timed: a run's checks (a norm that needs feature
-        # maps on the mlp, batch statistics at batch size 1, ...) stop the benchmark here, in one line.
-        probes = [Setup(norm=norm, **setup_args) for norm in norms]
-        compute = [probe.compute(probe.build()) for probe in probes][0]
+        same = (args.batch_size, args.steps, args.warmup, device, args.precision, data, args.compile)
+        setups = [Setup(args.model, norm, *same) for norm in norms]
+        return setups, [setup.build().compute for setup in setups][0]
     except ConfigError as err:
         message = str(err).replace("device=", "--device ").replace("batch_size=", "--batch-size ")
         parser.error(message.replace("model=", "--model ").replace("norm=", "--norm "))
-    plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
-    counts = {t: job_threads(t, probes[0], device) for t in args.threads}
-    shown = " / ".join(plural(n, "thread") + (" (threads=0)" if t == 0 else "") for t, n in counts.items())
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def _header(args: argparse.Namespace, device: torch.device, counts: dict[int, int], compute: Compute) -> str:
+    """The first line: what is timed, on what, in which threads and compute."""
+    shown = " / ".join(_plural(n, "thread") + (" (threads=0)" if t == 0 else "") for t, n in counts.items())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device}, {shown}"
-    header = (
+    return (
         f"{args.model}, batch {args.batch_size}, {'x'.join(map(str, args.shape))} synthetic uint8 images, "
-        f"{plural(args.steps, 'timed step')} x {plural(args.repeats, 'repeat')}, {where}; normsweep and ceiling in "
-        f"{compute.precision}{', channels_last' if compute.channels_last else ''}"
-        f"{', compiled' if compute.compile else ''}, reference in fp32"
+        f"{_plural(args.steps, 'timed step')} x {_plural(args.repeats, 'repeat')}, {where}; normsweep and ceiling in "
+        f"{describe_compute(compute)}, reference in fp32"
     )
-    print(header, flush=True)
+
+
+def _time_all(setups: list[Setup], args: argparse.Namespace, counts: dict[int, int]) -> pd.DataFrame:
+    """Every setup timed at each thread count, quiet and then (with --busy) beside busy processes."""
     parts = []
     for busy in (0, args.busy) if args.busy else (0,):
         with busy_processes(busy):
@@ -409,15 +408,18 @@ def main(argv: list[str] | None = None) -> int:
                     + (f", busy {busy}" if busy else "")
                 )
                 part = bench(
-                    setup_args,
-                    norms,
+                    setups,
                     args.repeats,
                     log=lambda line, say=say: print(f"{line}  [{say}]", flush=True),
                     diagnostics_epoch=args.diagnostics,
                 )
                 parts.append(part.assign(threads=threads, thread_setting=setting, busy=busy))
-    runs = pd.concat(parts, ignore_index=True)
-    table = summarize(runs, args.diagnostics or EPOCH_IMAGES)
+    return pd.concat(parts, ignore_index=True)
+
+
+def _recorded(runs: pd.DataFrame, args: argparse.Namespace, device: torch.device, compute: Compute) -> pd.DataFrame:
+    """The rows of bench.csv: every run with the settings and what it ran in (the reference loop always in fp32, the
+    default (contiguous) layout, and eagerly)."""
     settings = {
         "model": args.model,
         "batch_size": args.batch_size,
@@ -427,16 +429,18 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__,
     }
-    # What each row ran in: the reference loop always in fp32, the default (contiguous) layout, and eagerly.
     ran_in = {v: (compute.precision, compute.channels_last, compute.compile) for v in (*VARIANTS, "diagnostics")}
     ran_in["reference"] = ("fp32", False, False)
-    runs = runs.assign(
+    return runs.assign(
         **settings,
         precision=runs["variant"].map(lambda v: ran_in[v][0]),
         channels_last=runs["variant"].map(lambda v: ran_in[v][1]),
         compile=runs["variant"].map(lambda v: ran_in[v][2]),
     )
-    atomic_write(args.out, runs.to_csv(index=False, float_format="%.6g"))
+
+
+def _report(table: pd.DataFrame, runs: pd.DataFrame, args: argparse.Namespace) -> None:
+    """The table of medians and ratios, what it shows, and the slowdowns beside busy processes."""
     print()
     print(
         table.to_string(
@@ -453,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     each = f"median of {args.repeats} runs" if args.repeats > 1 else "one run each"
     print(f"\nimages per second, {each}; every run in {args.out.resolve()}")
     if args.busy:
-        print(f"\nslowdown beside {plural(args.busy, 'busy process')} (quiet images/s over busy images/s):")
+        print(f"\nslowdown beside {_plural(args.busy, 'busy process')} (quiet images/s over busy images/s):")
         print(slowdowns(runs).to_string(index=False, float_format="{:.2f}x".format))
     if args.diagnostics:
         probe = min(probe_size(args.diagnostics), args.steps * args.batch_size)
@@ -461,6 +465,20 @@ def main(argv: list[str] | None = None) -> int:
             f"diagnostics_s: one epoch's diagnostics ({probe}-image probe batch), seconds; "
             f"diagnostics/epoch: that over a {args.diagnostics}-image training epoch at the normsweep rate"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    setups, compute = _setups(parser, args, _norms(parser, args))
+    device = setups[0].device
+    counts = {t: job_threads(t, setups[0], device) for t in args.threads}
+    print(_header(args, device, counts, compute), flush=True)
+    runs = _time_all(setups, args, counts)
+    table = summarize(runs, args.diagnostics or EPOCH_IMAGES)
+    runs = _recorded(runs, args, device, compute)
+    atomic_write(args.out, runs.to_csv(index=False, float_format="%.6g"))
+    _report(table, runs, args)
     return 0
 
 

@@ -38,8 +38,8 @@ def images_per_second(setup: Setup, deterministic: bool) -> float:
 
 
 def trained_weights(setup: Setup, deterministic: bool, steps: int = 30) -> list[torch.Tensor]:
-    model = setup.build()
-    compute = setup.compute(model)
+    job = setup.build()
+    model, compute = job.model, job.compute
     forward = prepare(model, compute)
     torch.backends.cudnn.deterministic = deterministic
     optimizer = build_optimizer(model.parameters(), Adam(lr=1e-3))

@@ -9,23 +9,15 @@ import pytest
 import torch
 
 from normsweep.config.checks import compose_run
-from normsweep.job.data import load
-from normsweep.job.layers import norm_factory
-from normsweep.job.models import build_model
-from normsweep.job.train import Compute, fit
+from normsweep.job.build import build
 
 TIMINGS = ("epoch_seconds", "images_per_second")
 
 
-def _fit(compute: Compute) -> list[dict]:
-    run = compose_run(
-        ["model=mlp", "norm=ln", "dataset=synthetic", "dataset.shape=[1,4,4]", "dataset.size=160", "epochs=2"]
-    )
-    data = load(run.dataset, run.val_fraction, run.seed)
-    torch.manual_seed(0)
-    c, h, w = data.shape
-    model = build_model(run.model["name"], run.model, c, (h, w), data.num_classes, norm_factory(run.norm, "mlp"))
-    history = fit(model, data, run.optimizer, run.epochs, 32, run.seed, compute=compute)
+def _fit(compile: bool) -> list[dict]:
+    overrides = ["model=mlp", "norm=ln", "dataset=synthetic", "dataset.shape=[1,4,4]", "dataset.size=160", "epochs=2"]
+    run = compose_run([*overrides, "batch_size=32", f"compile={str(compile).lower()}"])
+    history = build(run, torch.device("cpu")).train()
     return [{k: v for k, v in asdict(m).items() if k not in TIMINGS} for m in history]
 
 
@@ -38,11 +30,11 @@ def test_a_backward_the_compiler_fails_on_trains_eagerly(monkeypatch: pytest.Mon
         raise AssertionError("64 v.s. 8192")  # what inductor raised on the H200
 
     torch.set_num_threads(1)
-    eager = _fit(Compute())
+    eager = _fit(compile=False)
     torch._dynamo.reset()
     monkeypatch.setattr(compile_fx, "compile_fx_backward", fails)
     try:
-        compiled = _fit(Compute(compile=True))
+        compiled = _fit(compile=True)
     finally:
         torch._dynamo.reset()
     assert compiled == eager

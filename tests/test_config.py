@@ -14,9 +14,8 @@ from normsweep.config.checks import compose_run, options, validate
 from normsweep.config.errors import ConfigError
 from normsweep.config.norms import BUILT_IN as NORMS
 from normsweep.config.schema import config_dir
-from normsweep.job.data import load, normalize
-from normsweep.job.layers import norm_factory
-from normsweep.job.models import build_model
+from normsweep.job.build import build
+from normsweep.job.data import normalize
 from normsweep.job.optim import build_optimizer
 
 CONF = Path(config_dir())
@@ -30,16 +29,9 @@ def test_the_groups_offer_what_the_readme_lists() -> None:
     assert options("experiment") == ["gn_batch_size", "lr_range", "quick", "seed_cifar10"]
 
 
-def forward_backward(run, data) -> None:
-    torch.manual_seed(0)
-    model = build_model(
-        run.model["name"],
-        run.model,
-        data.shape[0],
-        data.shape[1:],
-        data.num_classes,
-        norm_factory(run.norm, run.model["name"]),
-    )
+def forward_backward(run) -> None:
+    job = build(run, torch.device("cpu"))
+    model, data = job.model, job.data
     optimizer = build_optimizer(model.parameters(), run.optimizer)
     before = [p.detach().clone() for p in model.parameters()]
     loss = torch.nn.functional.cross_entropy(model(normalize(data.train.images[:8], data)), data.train.labels[:8])
@@ -54,20 +46,19 @@ def forward_backward(run, data) -> None:
 def test_model_and_norm_compose_and_train(compose_cfg, model: str, norm: str) -> None:
     narrow = {"resnet18": ["model.widths=[8,8,16,16]"], "resnet20": ["model.widths=[8,16,16]"]}  # same structure
     run = compose_run([f"model={model}", f"norm={norm}", *narrow.get(model, [])])
-    data = load(run.dataset, run.val_fraction, run.seed)
     record = NORMS[norm]()
     if model == "mlp" and (not record.fc_features or record.adapt_model):  # feature maps only; convolutions only
         with pytest.raises(ConfigError, match=f"model=mlp norm={norm}"):
-            forward_backward(run, data)
+            forward_backward(run)
     else:
-        forward_backward(run, data)
+        forward_backward(run)
 
 
 @pytest.mark.parametrize("optimizer", options("optimizer"))
 def test_optimizer_composes_and_steps(compose_cfg, optimizer: str) -> None:
     run = compose_run([f"optimizer={optimizer}", "optimizer.lr=0.01"])
     assert run.optimizer.name == optimizer and run.optimizer.lr == 0.01
-    forward_backward(run, load(run.dataset, run.val_fraction, run.seed))
+    forward_backward(run)
 
 
 @pytest.mark.parametrize("dataset", options("dataset"))
@@ -84,7 +75,7 @@ def test_dataset_composes_loads_and_trains(compose_cfg, tmp_path, monkeypatch, d
     writers[dataset]()
     on_disk = dataset not in ("digits", "synthetic")
     run = compose_run([f"dataset={dataset}", f"dataset.root={tmp_path}"] if on_disk else [f"dataset={dataset}"])
-    forward_backward(run, load(run.dataset, run.val_fraction, run.seed))
+    forward_backward(run)
 
 
 def test_shell_overrides_take_effect(compose_cfg) -> None:

@@ -21,12 +21,9 @@ from torch import nn
 
 from normsweep.config.checks import compose_run
 from normsweep.config.norms import BUILT_IN as NORMS
-from normsweep.job.data import load
-from normsweep.job.diagnostics import Diagnostics
-from normsweep.job.layers import norm_factory
-from normsweep.job.models import build_model
+from normsweep.job.build import Job, build
 from normsweep.job.optim import build_optimizer
-from normsweep.job.train import Compute, fit, prepare, resolve_compute, resolve_device
+from normsweep.job.train import Compute, EpochMetrics, prepare, resolve_compute, resolve_device
 
 pytestmark = [
     pytest.mark.cuda,
@@ -38,33 +35,15 @@ VALUES = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]  # me
 TIMINGS = ("epoch_seconds", "images_per_second")
 
 
-def _setup(overrides: list[str], device: torch.device = CUDA):
-    """A run's config, its data and a freshly seeded model, both on `device`."""
-    run = compose_run(overrides)
-    data = load(run.dataset, run.val_fraction, run.seed).to(device)
-    torch.manual_seed(run.seed)
-    factory = norm_factory(run.norm, run.model["name"])
-    c, h, w = data.shape
-    model = build_model(run.model["name"], run.model, c, (h, w), data.num_classes, factory).to(device)
-    return run, data, model, factory
+def _setup(overrides: list[str]) -> Job:
+    """A run's job on the GPU: its data and a freshly seeded model."""
+    return build(compose_run(overrides), CUDA).to(CUDA)
 
 
-def _train(overrides: list[str], compute: Compute | None = None, diagnose: bool = False, seed: int | None = None):
-    run, data, model, factory = _setup(overrides)
-    compute = compute or Compute()
-    seed = run.seed if seed is None else seed
-    probe = Diagnostics(model, factory.slots(model), data, run.batch_size, seed, compute) if diagnose else None
-    history = fit(
-        model,
-        data,
-        run.optimizer,
-        run.epochs,
-        run.batch_size,
-        seed,
-        compute=compute,
-        diagnose=probe.measure if probe else None,
-    )
-    return model, history
+def _train(overrides: list[str], diagnose: bool = False) -> tuple[nn.Module, list[EpochMetrics]]:
+    job = _setup(overrides)
+    probe = job.probe() if diagnose else None
+    return job.model, job.train(diagnose=probe.measure if probe else None)
 
 
 def _numbers(history) -> list[dict]:
@@ -97,9 +76,9 @@ def test_training_on_cuda_learns_with_a_finite_falling_loss(norm: str) -> None:
 @pytest.mark.parametrize("model", ["simple_cnn", "deep_cnn", "resnet20"])
 def test_same_seed_same_numbers_on_the_same_gpu(model: str) -> None:
     args = [f"model={model}", "norm=bn", "epochs=2", "diagnostics=false"]
-    first = _numbers(_train(args, seed=3)[1])
-    again = _numbers(_train(args, seed=3)[1])
-    other = _numbers(_train(args, seed=4)[1])
+    first = _numbers(_train([*args, "seed=3"])[1])
+    again = _numbers(_train([*args, "seed=3"])[1])
+    other = _numbers(_train([*args, "seed=4"])[1])
     assert first == again
     assert first != other
 
@@ -121,7 +100,7 @@ def test_device_auto_picks_cuda_and_an_absent_gpu_is_refused() -> None:
 
 
 def test_the_data_stays_on_the_gpu_as_uint8() -> None:
-    _, data, _, _ = _setup(["dataset=synthetic", "dataset.shape=[3,32,32]", "dataset.size=200"])
+    data = _setup(["dataset=synthetic", "dataset.shape=[3,32,32]", "dataset.size=200"]).data
     assert data.train.images.is_cuda and data.train.images.dtype == torch.uint8
     assert data.test.labels.is_cuda
 
@@ -137,7 +116,8 @@ def test_adam_adamw_and_sgd_use_their_fused_kernels_on_cuda() -> None:
 
 @pytest.mark.parametrize("model_name", ["simple_cnn", "deep_cnn", "resnet20"])
 def test_bf16_autocast_and_channels_last_take_effect(model_name: str) -> None:
-    run, data, model, _ = _setup([f"model={model_name}", "dataset=synthetic", "dataset.shape=[3,32,32]"])
+    job = _setup([f"model={model_name}", "dataset=synthetic", "dataset.shape=[3,32,32]"])
+    data, model = job.data, job.model
     compute = resolve_compute("bf16", None, False, model, CUDA)
     assert compute == Compute(precision="bf16", channels_last=True, compile=False)  # auto: channels_last with bf16
     assert resolve_compute("fp32", None, False, model, CUDA).channels_last is False
@@ -159,9 +139,7 @@ def test_bf16_autocast_and_channels_last_take_effect(model_name: str) -> None:
 
 @pytest.mark.slow
 def test_bf16_training_learns() -> None:
-    _, data, model, _ = _setup(["model=deep_cnn"])
-    compute = resolve_compute("bf16", None, False, model, CUDA)
-    _, history = _train(["model=deep_cnn", "epochs=4", "diagnostics=false"], compute=compute)
+    _, history = _train(["model=deep_cnn", "precision=bf16", "epochs=4", "diagnostics=false"])
     assert all(m.finite for m in history)
     assert history[-1].train_loss < history[0].train_loss and history[-1].val_acc > 70
 
@@ -171,8 +149,7 @@ def test_compiled_training_on_cuda_learns() -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
-    compute = Compute(compile=True)
-    _, history = _train(["norm=gn", "epochs=3", "diagnostics=false"], compute=compute)
+    _, history = _train(["norm=gn", "compile=true", "epochs=3", "diagnostics=false"])
     assert all(m.finite for m in history)
     assert history[-1].train_loss < history[0].train_loss and history[-1].val_acc > 70
 

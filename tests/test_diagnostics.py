@@ -17,11 +17,11 @@ from test_results import make_job
 from normsweep.config.checks import compose_run
 from normsweep.config.norms import norm_record
 from normsweep.job import run as job_module
+from normsweep.job.build import Job, build
 from normsweep.job.data import load
 from normsweep.job.diagnostics import LAYER_METRICS, Diagnostics
 from normsweep.job.layers import norm_factory
-from normsweep.job.models import build_model
-from normsweep.job.train import Compute, fit
+from normsweep.job.train import Compute
 from normsweep.results.write import report as aggregate_report
 from normsweep.sweep.files import DIAGNOSTICS_COLUMNS, write_diagnostics
 
@@ -34,18 +34,8 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # tiny models: threads only add overhead (conftest restores the count)
 
 
-def _setup(overrides: list[str]):
-    run = compose_run([*SMALL, *overrides])
-    data = load(run.dataset, run.val_fraction, run.seed)
-    torch.manual_seed(0)
-    factory = norm_factory(run.norm, run.model["name"])
-    c, h, w = data.shape
-    model = build_model(run.model["name"], run.model, c, (h, w), data.num_classes, factory)
-    return run, data, model, factory
-
-
-def _probe(model, factory, data, batch_size: int = 64) -> Diagnostics:
-    return Diagnostics(model, factory.slots(model), data, batch_size, seed=0, compute=Compute())
+def _setup(overrides: list[str]) -> Job:
+    return build(compose_run([*SMALL, *overrides]), torch.device("cpu"))
 
 
 def _values(rows: list[dict]) -> dict[tuple[str, str], float]:
@@ -70,8 +60,7 @@ def _values(rows: list[dict]) -> dict[tuple[str, str], float]:
 )  # fmt: skip
 def test_every_norm_layer_is_found_named_and_measured(model: str, norm: str, layers: list[str]) -> None:
     extra = ["model.blocks=[1,1]", "model.widths=[4,8]"] if model == "resnet20" else []
-    _, data, net, factory = _setup([f"model={model}", f"norm={norm}", *extra])
-    rows = _probe(net, factory, data).measure(epoch=1)
+    rows = _setup([f"model={model}", f"norm={norm}", *extra]).probe().measure(epoch=1)
     per_layer = [r for r in rows if r["depth"] > 0]
     assert list(dict.fromkeys(r["layer"] for r in per_layer)) == layers
     assert [r["depth"] for r in per_layer[:: len(LAYER_METRICS)]] == list(range(1, len(layers) + 1))
@@ -90,7 +79,7 @@ def test_a_users_model_and_norm_are_measured_without_changing_them(monkeypatch: 
     data = load(compose_run(SMALL).dataset, 0.2, 0)
     factory = norm_factory(norm_record({"_target_": "my_norms.MyLayerNorm"}, "myln"), "tiny_resnet")
     model = TinyResNet(1, (8, 8), 4, factory, width=4)
-    rows = _probe(model, factory, data).measure(epoch=1)
+    rows = Diagnostics(model, factory.slots(model), data, 64, seed=0, compute=Compute()).measure(epoch=1)
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     assert layers == ["stem.1.0", "blocks.0.1.0", "blocks.0.3", "blocks.1.1.0", "blocks.1.3", "model"]
     assert all(math.isfinite(r["value"]) for r in rows)
@@ -99,32 +88,24 @@ def test_a_users_model_and_norm_are_measured_without_changing_them(monkeypatch: 
 
 def test_the_norm_layer_sees_the_gradient_of_its_input_even_before_an_inplace_relu() -> None:
     # norm=none: the identity's output is its input, and the in-place ReLU after it overwrites that tensor.
-    _, data, model, factory = _setup(["norm=none"])
-    probe = _probe(model, factory, data)
+    job = _setup(["norm=none"])
+    probe = job.probe()
     values = _values(probe.measure(epoch=1))
-    f = model.features
+    f = job.model.features
     first = f[0](probe.images)
     first.retain_grad()
-    logits = model.classifier(f[7](f[6](torch.relu(f[3](torch.relu(first))))))
+    logits = job.model.classifier(f[7](f[6](torch.relu(f[3](torch.relu(first))))))
     (torch.nn.functional.cross_entropy(logits, probe.labels, reduction="sum") / len(probe.labels)).backward()
     assert values[("features.1", "grad_norm")] == pytest.approx(first.grad.norm().item(), rel=1e-4)
 
 
 def _train(norm: str, batch_size: int, epochs: int = 1, diagnose: bool = False):
-    """(model, its factory, data, history, diagnostics rows) of a short training on the small data set."""
-    run, data, model, factory = _setup([f"norm={norm}", f"batch_size={batch_size}"])
-    probe = _probe(model, factory, data, batch_size) if diagnose else None
+    """(the job, its history, its diagnostics rows) of a short training on the small data set."""
+    job = _setup([f"norm={norm}", f"batch_size={batch_size}", f"epochs={epochs}"])
+    probe = job.probe() if diagnose else None
     rows: list[dict] = []
-    history = fit(
-        model,
-        data,
-        run.optimizer,
-        epochs,
-        batch_size,
-        seed=0,
-        diagnose=(lambda epoch: rows.extend(probe.measure(epoch))) if probe else None,
-    )
-    return model, factory, data, history, rows
+    history = job.train(diagnose=(lambda epoch: rows.extend(probe.measure(epoch))) if probe else None)
+    return job, history, rows
 
 
 @pytest.mark.slow  # trains at batch size 2 for seconds
@@ -138,8 +119,8 @@ def test_train_eval_gap_is_zero_for_layernorm_and_not_for_batchnorm_at_a_tiny_ba
 
 
 def test_the_probe_changes_no_state() -> None:
-    model, factory, data, _, _ = _train("bn", batch_size=16)  # running statistics away from their initial values
-    probe = _probe(model, factory, data)
+    job = _train("bn", batch_size=16)[0]  # running statistics away from their initial values
+    model, probe = job.model, job.probe()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.grad.clone() for p in model.parameters()]  # the last training step's
     rng = torch.get_rng_state()
@@ -151,8 +132,8 @@ def test_the_probe_changes_no_state() -> None:
 
 
 def test_training_with_diagnostics_gives_the_same_numbers_as_without() -> None:
-    without = _train("bn", batch_size=32, epochs=2)[3]
-    with_, rows = _train("bn", batch_size=32, epochs=2, diagnose=True)[3:]
+    without = _train("bn", batch_size=32, epochs=2)[1]
+    with_, rows = _train("bn", batch_size=32, epochs=2, diagnose=True)[1:]
     strip = lambda history: [{k: v for k, v in asdict(m).items() if k not in TIMINGS} for m in history]  # noqa: E731
     assert strip(with_) == strip(without)
     ratios = [r["value"] for r in rows if r["metric"] == "update_ratio"]

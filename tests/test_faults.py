@@ -82,16 +82,16 @@ def test_a_damaged_data_set_fails_its_job_only(tmp_path: Path) -> None:
 
 def test_an_unexpected_error_is_isolated_with_its_traceback_in_the_job_log(tmp_path: Path, monkeypatch) -> None:
     # A CUDA out-of-memory error cannot be provoked on this CPU: the gn job's training raises one instead.
-    import normsweep.job.run
+    import normsweep.job.build
 
-    real_fit = normsweep.job.run.fit
+    real_fit = normsweep.job.build.fit
 
     def fit(model, data, optimizer_cfg, *args, **kwargs):
         if any(type(m).__name__ == "GroupNorm" and m.num_groups > 1 for m in model.modules()):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_fit(model, data, optimizer_cfg, *args, **kwargs)
 
-    monkeypatch.setattr(normsweep.job.run, "fit", fit)
+    monkeypatch.setattr(normsweep.job.build, "fit", fit)
     proc = run_cli_here(["-m", "norm=gn,bn", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "failed: job 0 (norm=gn epochs=1 seed=0): OutOfMemoryError: CUDA out of memory" in proc.stdout + proc.stderr
