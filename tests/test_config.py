@@ -15,7 +15,9 @@ from normsweep.config.errors import ConfigError
 from normsweep.config.norms import BUILT_IN as NORMS
 from normsweep.config.schema import config_dir
 from normsweep.job.build import build
-from normsweep.job.data import normalize
+from normsweep.job.data import load, normalize
+from normsweep.job.layers import norm_factory
+from normsweep.job.models import build_model
 from normsweep.job.optim import build_optimizer
 
 CONF = Path(config_dir())
@@ -244,13 +246,13 @@ def test_a_target_that_cannot_be_imported_is_said_the_same_way_in_every_group(tm
     from normsweep.config.norms import norm_record
     from normsweep.config.optimizers import optimizer_record
     from normsweep.config.records import to_record
-    from normsweep.config.schema import USER_DATASET_KEYS, UserDataset
+    from normsweep.config.schema import UserDataset
 
     node = {"_target_": "nowhere_module.Thing", "lr": 0.1}
     record = {
         "norm": lambda: norm_record({"_target_": node["_target_"]}, "mine"),
         "optimizer": lambda: optimizer_record(dict(node), "mine"),
-        "dataset": lambda: to_record(dict(node), "mine", "dataset", UserDataset, ("_target_", *USER_DATASET_KEYS), ""),
+        "dataset": lambda: to_record(dict(node), "mine", UserDataset),
         "model": lambda: {"_target_": node["_target_"]},
     }[group]()
     with pytest.raises(ConfigError) as err:

@@ -180,8 +180,8 @@ def test_two_sweeps_started_together_get_their_own_folders(tmp_path: Path) -> No
 
 
 BAD_VALUES = [
-    (["epochs=abc"], "Value 'abc' of type 'str' could not be converted to Integer", 1),
-    (["norm=foo"], "Could not find 'norm/foo'\n\nAvailable options in 'norm':", 1),
+    (["epochs=abc"], "epochs=abc: Value 'abc' of type 'str' could not be converted to Integer", 2),
+    (["norm=foo"], "norm=foo: no such option in conf/norm/; choose one of bn, frn, gn", 2),
     (["optimizer.lr=0"], "optimizer.lr=0.0: the learning rate must be a number > 0", 2),
     (["batch_size=0"], "batch_size=0: use a batch size of 1 or more", 2),
     (["val_fraction=1"], "val_fraction=1.0: it is the share of the training set held out", 2),
@@ -220,3 +220,11 @@ def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
         text=True,
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "batch_size=0" in proc.stderr
+    proc = subprocess.run(  # Hydra's own refusal too: the user asked for its traceback
+        [sys.executable, "-m", "normsweep", "epochs=abc", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr

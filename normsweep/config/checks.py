@@ -19,7 +19,6 @@ from normsweep.config.records import to_record
 from normsweep.config.schema import (
     COMPARE_METRICS,
     PRECISIONS,
-    USER_DATASET_KEYS,
     Config,
     DatasetConfig,
     SyntheticConfig,
@@ -79,14 +78,7 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Config:
     run: Config = OmegaConf.to_object(cfg)
     run.norm = norm_record(run.norm, choices.get("norm"))
     run.optimizer = optimizer_record(run.optimizer, choices.get("optimizer"))
-    run.dataset = to_record(
-        run.dataset,
-        choices.get("dataset"),
-        "dataset",
-        UserDataset,
-        ("_target_", *USER_DATASET_KEYS),
-        "a data set YAML needs a _target_ naming a function that returns your images and labels",
-    )
+    run.dataset = to_record(run.dataset, choices.get("dataset"), UserDataset)
     _check(
         isinstance(run.model, dict) and "_target_" in run.model,
         f"model={choices.get('model')}: its YAML needs a _target_ naming the model class",

@@ -182,6 +182,13 @@ class UserNorm(NormConfig):
 
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+    GROUP: ClassVar[str] = "norm"
+    TYPED: ClassVar[tuple[str, ...]] = NormConfig.OWN_KEYS
+    NEEDS: ClassVar[str] = (
+        "a norm YAML needs a _target_ naming the class or function that makes the layer (called with the number of "
+        "channels), e.g. _target_: my_norms.MyNorm"
+    )
+
 
 # The built-in norms, by option name (conf/norm/<name>.yaml); their YAMLs start from `/schema_norm_<name>`.
 _RECORDS = (
@@ -200,12 +207,4 @@ BUILT_IN: dict[str, type[NormConfig]] = {record.name: record for record in _RECO
 
 def norm_record(node: dict[str, Any] | NormConfig, choice: str | None) -> NormConfig:
     """The record of a composed `norm` node: a built-in's typed record as it is, or a user YAML's as a UserNorm."""
-    return to_record(
-        node,
-        choice,
-        "norm",
-        UserNorm,
-        NormConfig.OWN_KEYS,
-        "a norm YAML needs a _target_ naming the class or function that makes the layer (called with the number of "
-        "channels), e.g. _target_: my_norms.MyNorm",
-    )
+    return to_record(node, choice, UserNorm)

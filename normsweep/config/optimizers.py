@@ -136,6 +136,13 @@ class UserOptimizer(OptimizerConfig):
 
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+    GROUP: ClassVar[str] = "optimizer"
+    TYPED: ClassVar[tuple[str, ...]] = (*OptimizerConfig.OWN_KEYS, "lr")
+    NEEDS: ClassVar[str] = (
+        "an optimizer YAML needs a _target_ naming the optimizer class, e.g. _target_: torch.optim.RMSprop, with "
+        "_partial_: true and lr"
+    )
+
 
 # The built-in optimizers by option name (conf/optimizer/<name>.yaml); each YAML starts from `/schema_optimizer_<name>`.
 BUILT_IN: dict[str, type[OptimizerConfig]] = {record.name: record for record in (Adam, AdamW, SGD)}
@@ -143,12 +150,4 @@ BUILT_IN: dict[str, type[OptimizerConfig]] = {record.name: record for record in 
 
 def optimizer_record(node: dict[str, Any] | OptimizerConfig, choice: str | None) -> OptimizerConfig:
     """The record of a composed `optimizer` node: a built-in's as it is, or a user YAML's as a UserOptimizer."""
-    return to_record(
-        node,
-        choice,
-        "optimizer",
-        UserOptimizer,
-        (*OptimizerConfig.OWN_KEYS, "lr"),
-        "an optimizer YAML needs a _target_ naming the optimizer class, e.g. _target_: torch.optim.RMSprop, with "
-        "_partial_: true and lr",
-    )
+    return to_record(node, choice, UserOptimizer)

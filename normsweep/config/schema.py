@@ -47,6 +47,10 @@ def new_dir(path: str) -> str:
 OmegaConf.register_new_resolver("normsweep.new_dir", new_dir, use_cache=True, replace=True)
 
 
+# The keys normsweep itself reads from a user data set's YAML; every other key goes to its `_target_` callable.
+USER_DATASET_KEYS = ("name", "crop_padding", "hflip", "test_fraction", "split_seed")
+
+
 @dataclass
 class DatasetConfig(Record):
     """A built-in data set: its YAML starts from `/schema_dataset` (synthetic's from `/schema_dataset_synthetic`)."""
@@ -78,6 +82,9 @@ class UserDataset(DatasetConfig):
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     OWN_KEYS: ClassVar[tuple[str, ...]] = ("_target_", *(f.name for f in fields(DatasetConfig)))
+    GROUP: ClassVar[str] = "dataset"
+    TYPED: ClassVar[tuple[str, ...]] = ("_target_", *USER_DATASET_KEYS)
+    NEEDS: ClassVar[str] = "a data set YAML needs a _target_ naming a function that returns your images and labels"
 
 
 @dataclass
@@ -105,8 +112,6 @@ class Config:
     diagnostics: bool = True  # each norm layer measured on a probe batch every epoch: diagnostics.csv (diagnostics.py)
 
 
-# The keys normsweep itself reads from a user data set's YAML; every other key goes to its `_target_` callable.
-USER_DATASET_KEYS = ("name", "crop_padding", "hflip", "test_fraction", "split_seed")
 PRECISIONS = ("fp32", "bf16")
 # compare_metric → what it is, in words (a runs.csv column): results.csv sorts by its mean; the best row tops it.
 COMPARE_METRICS = {
