@@ -50,6 +50,10 @@ class NormConfig(Record):
 
 @dataclass
 class _EpsAffine(NormConfig):
+    """A built-in norm: per sample and defined on fc features unless its record says otherwise."""
+
+    fc_features: bool = True
+    batch_stats: bool = False
     eps: float = 1e-5
     affine: bool = True  # a learned per-channel scale (and shift, where the norm has one)
 
@@ -74,7 +78,6 @@ class BatchNorm(_EpsAffine):
 
     _target_: str = "normsweep.job.layers.batch_norm"
     name: str = "bn"
-    fc_features: bool = True
     batch_stats: bool = True
     momentum: Optional[float] = 0.1  # noqa: UP045 (null: a cumulative average)
     track_running_stats: bool = True
@@ -93,8 +96,6 @@ class LayerNorm(_EpsAffine):
 
     _target_: str = "normsweep.job.layers.layer_norm"
     name: str = "ln"
-    fc_features: bool = True
-    batch_stats: bool = False
 
 
 @dataclass
@@ -103,8 +104,6 @@ class LayerNorm2d(_EpsAffine):
 
     _target_: str = "normsweep.job.layers.LayerNorm2d"
     name: str = "ln2d"
-    fc_features: bool = True
-    batch_stats: bool = False
 
 
 @dataclass
@@ -113,8 +112,6 @@ class RMSNorm(_EpsAffine):
 
     _target_: str = "normsweep.job.layers.RMSNorm2d"
     name: str = "rms"
-    fc_features: bool = True
-    batch_stats: bool = False
 
 
 @dataclass
@@ -124,7 +121,6 @@ class InstanceNorm(_EpsAffine):
     _target_: str = "normsweep.job.layers.instance_norm"
     name: str = "in"
     fc_features: bool = False
-    batch_stats: bool = False
 
 
 @dataclass
@@ -133,8 +129,6 @@ class GroupNorm(_EpsAffine):
 
     _target_: str = "normsweep.job.layers.group_norm"
     name: str = "gn"
-    fc_features: bool = True
-    batch_stats: bool = False
     groups: int = 8
     group_size: Optional[int] = None  # noqa: UP045 (channels per group, in place of groups when set)
 
@@ -171,7 +165,6 @@ class FilterResponseNorm(_EpsAffine):
     _target_: str = "normsweep.job.layers.FilterResponseNorm"
     name: str = "frn"
     fc_features: bool = False
-    batch_stats: bool = False
     own_activation: bool = True
     eps: float = 1e-6
 

@@ -28,7 +28,18 @@ def _flat_features(channels: int, height: int, width: int, model: str) -> int:
     return channels * height * width
 
 
-class SimpleCNN(nn.Module):
+class _FeaturesThenHead(nn.Module):
+    """`features` (convolutions, flattened) then the head: fc(hidden) → ReLU → fc(classes)."""
+
+    def _head(self, features: nn.Sequential, flat: int, hidden: int, num_classes: int) -> None:
+        self.features = features
+        self.classifier = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class SimpleCNN(_FeaturesThenHead):
     """conv3x3(32) → norm → ReLU → conv3x3(64) → norm → ReLU → maxpool 2 → fc(hidden) → ReLU → fc(classes)."""
 
     def __init__(
@@ -42,7 +53,7 @@ class SimpleCNN(nn.Module):
         super().__init__()
         _check_width(hidden, "simple_cnn")
         h, w = (_conv_out(_conv_out(s, 3, 0), 3, 0) // 2 for s in image_size)
-        self.features = nn.Sequential(
+        features = nn.Sequential(
             nn.Conv2d(in_channels, 32, kernel_size=3),
             *norm.act(32, layer="conv1"),
             nn.Conv2d(32, 64, kernel_size=3),
@@ -50,17 +61,10 @@ class SimpleCNN(nn.Module):
             nn.MaxPool2d(2),
             nn.Flatten(),
         )
-        self.classifier = nn.Sequential(
-            nn.Linear(_flat_features(64, h, w, "simple_cnn"), hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        self._head(features, _flat_features(64, h, w, "simple_cnn"), hidden, num_classes)
 
 
-class DeepCNN(nn.Module):
+class DeepCNN(_FeaturesThenHead):
     """Three stages of conv3x3(pad 1) → norm → ReLU → maxpool 2 (64, 128, 256), fc(hidden) → ReLU → fc(classes)."""
 
     def __init__(
@@ -83,15 +87,9 @@ class DeepCNN(nn.Module):
                 nn.MaxPool2d(2),
             ]
             channels, h, w = width, h // 2, w // 2
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.classifier = nn.Sequential(
-            nn.Linear(_flat_features(channels, h, w, "deep_cnn"), hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
+        self._head(
+            nn.Sequential(*layers, nn.Flatten()), _flat_features(channels, h, w, "deep_cnn"), hidden, num_classes
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
 
 
 class MLP(nn.Module):
