@@ -1,6 +1,6 @@
 """`python -m normsweep`: the command line (normsweep/cli.py)."""
 
-from normsweep.cli import main
+from normsweep.cli import console
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -6,6 +6,7 @@ a job imports the training code when it runs."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import logging
@@ -236,3 +237,22 @@ def hydra_error_line(err: Exception) -> str:
     if isinstance(err, OverrideParseException):
         return f"cannot read the command line ({first}); see python -m normsweep --help for the override syntax"
     return f"{first}{f': {reason}' if reason and reason not in first else ''}"
+
+
+def console() -> None:
+    """The process's entry (`python -m normsweep`, the `normsweep` script): main(), then an exit without the
+    interpreter's teardown. Tearing down torch, pandas and matplotlib takes 0.5-1 s after the last line of a sweep
+    (measured in docs/performance.md); the exit handlers still run first (logging's flush, joblib's and
+    multiprocessing's clean-up of workers), only the freeing of every module's objects is skipped."""
+    try:
+        main()
+        code: int = 0
+    except SystemExit as exit_:
+        if exit_.code is not None and not isinstance(exit_.code, int):
+            print(exit_.code, file=sys.stderr)
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    atexit._run_exitfuncs()  # what the interpreter runs before its teardown, in the same order
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
