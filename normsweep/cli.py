@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from normsweep.config import hydra_compat
 from normsweep.config.schema import Config, ConfigError, config_dir, register_configs, validate
 from normsweep.job.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
 from normsweep.job.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, quiet_worker_cleanup, stop_on_sigterm
@@ -117,7 +118,7 @@ def place(run: Config, job_num: int, in_sweep: bool) -> tuple[Config, int]:
     return dataclasses.replace(run, device=device), fair_threads(available_cpus(), at_once)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+@hydra.main(config_path=config_dir(), config_name="config", **hydra_compat.main_options())
 def app(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)

@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from normsweep.config import hydra_compat
 from normsweep.config.errors import ConfigError
 from normsweep.config.norms import BUILT_IN as NORMS
 from normsweep.config.norms import norm_record
@@ -48,7 +49,7 @@ def new_dir(path: str) -> str:
     raise AssertionError("unreachable")
 
 
-OmegaConf.register_new_resolver("normsweep.new_dir", new_dir, use_cache=True, replace=True)
+hydra_compat.register_resolver("normsweep.new_dir", new_dir, use_cache=True)
 
 
 @dataclass
@@ -127,14 +128,13 @@ def register_configs() -> None:
     neither `--help` nor an unknown option's error lists them (its YAML starts from it:
     `defaults: [/schema_norm_bn@_here_, _self_]`)."""
     _share_the_config_store()
-    store = ConfigStore.instance()
-    store.store(name="base_config", node=Config)
+    hydra_compat.store(name="base_config", node=Config)
     for name, record in NORMS.items():
-        store.store(name=f"schema_norm_{name}", node=record)
+        hydra_compat.store(name=f"schema_norm_{name}", node=record)
     for name, record in OPTIMIZERS.items():
-        store.store(name=f"schema_optimizer_{name}", node=record)
-    store.store(name="schema_dataset", node=DatasetConfig)
-    store.store(name="schema_dataset_synthetic", node=SyntheticConfig)
+        hydra_compat.store(name=f"schema_optimizer_{name}", node=record)
+    hydra_compat.store(name="schema_dataset", node=DatasetConfig)
+    hydra_compat.store(name="schema_dataset_synthetic", node=SyntheticConfig)
 
 
 def check_keys(cfg: DictConfig) -> None:
@@ -262,7 +262,7 @@ def compose_run(overrides: list[str]) -> Config:
     register_configs()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        with initialize_config_dir(config_dir=config_dir(), **hydra_compat.version_base()):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
             choices = dict(cfg.hydra.runtime.choices)
             with open_dict(cfg):
