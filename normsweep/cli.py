@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from normsweep.config import hydra_compat
 from normsweep.config.checks import unknown_key, unknown_option_key, validate
 from normsweep.config.errors import USER_FULL_ERROR, ConfigError, full_error
 from normsweep.config.schema import Config, config_dir, register_configs
@@ -118,7 +119,7 @@ def place(run: Config, job_num: int, in_sweep: bool) -> tuple[Config, int]:
     return dataclasses.replace(run, device=device), fair_threads(available_cpus(), at_once)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+@hydra.main(config_path=config_dir(), config_name="config", **hydra_compat.main_options())
 def app(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)

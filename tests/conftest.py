@@ -21,6 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from normsweep.config import hydra_compat
 from normsweep.config.schema import config_dir, register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +90,7 @@ def compose_cfg():
 
     def _compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        with initialize_config_dir(config_dir=config_dir(), **hydra_compat.version_base()):
             return compose("config", overrides=overrides or [], return_hydra_config=return_hydra_config)
 
     yield _compose

@@ -454,3 +454,21 @@ def test_a_sweep_that_ran_no_job_writes_no_empty_tables(tmp_path: Path, capsys: 
     assert exit_.value.code == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun.yaml"]
     assert "no job ran in" in capsys.readouterr().err
+
+
+def test_the_sweep_callback_aggregates_a_sweep_that_ended_and_leaves_one_stopped_by_an_exit_alone(sweep: Path) -> None:
+    # Hydra 1.4 calls on_multirun_end in a `finally`: also while Ctrl-C or a refused launch ends the sweep, whose
+    # exit status (130, 2) and last lines must stand. Hydra 1.3 calls it only after the jobs have ended.
+    from omegaconf import OmegaConf
+
+    from normsweep.sweep.callbacks import AggregateCallback
+
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "compare": "norm"})
+    with pytest.raises(SystemExit) as ended:
+        try:
+            sys.exit(130)
+        finally:
+            AggregateCallback().on_multirun_end(config)
+    assert ended.value.code == 130 and not (sweep / "results.csv").exists()
+    AggregateCallback().on_multirun_end(config)
+    assert (sweep / "results.csv").is_file()

@@ -62,7 +62,7 @@ class ResumingSweeper(BasicSweeper):
                 for overrides in batch:
                     job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
                     with open_dict(job_cfg):
-                        job_cfg.hydra.job.num = job_cfg.hydra.job.id = num
+                        job_cfg.hydra.job.num, job_cfg.hydra.job.id = num, str(num)  # as Hydra's launchers: id is a str
                     check_keys(job_cfg)  # `+epoch=3`: refused once, before launch, not by every job
                     name = folders.claim(
                         task_config(job_cfg),

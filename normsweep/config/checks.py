@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from normsweep.config import hydra_compat
 from normsweep.config.errors import ConfigError
 from normsweep.config.norms import BUILT_IN as NORMS
 from normsweep.config.norms import norm_record
@@ -155,7 +156,7 @@ def compose_run(overrides: list[str]) -> Config:
     register_configs()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        with initialize_config_dir(config_dir=config_dir(), **hydra_compat.version_base()):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
             choices = dict(cfg.hydra.runtime.choices)
             with open_dict(cfg):

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
+from normsweep.config import hydra_compat
 from normsweep.config.norms import BUILT_IN as NORMS
 from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
 from normsweep.config.records import Record
@@ -44,7 +45,7 @@ def new_dir(path: str) -> str:
     raise AssertionError("unreachable")
 
 
-OmegaConf.register_new_resolver("normsweep.new_dir", new_dir, use_cache=True, replace=True)
+hydra_compat.register_resolver("normsweep.new_dir", new_dir, use_cache=True)
 
 
 # The keys normsweep itself reads from a user data set's YAML; every other key goes to its `_target_` callable.
@@ -135,11 +136,10 @@ def register_configs() -> None:
     neither `--help` nor an unknown option's error lists them (its YAML starts from it:
     `defaults: [/schema_norm_bn@_here_, _self_]`)."""
     _share_the_config_store()
-    store = ConfigStore.instance()
-    store.store(name="base_config", node=Config)
+    hydra_compat.store(name="base_config", node=Config)
     for name, record in NORMS.items():
-        store.store(name=f"schema_norm_{name}", node=record)
+        hydra_compat.store(name=f"schema_norm_{name}", node=record)
     for name, record in OPTIMIZERS.items():
-        store.store(name=f"schema_optimizer_{name}", node=record)
-    store.store(name="schema_dataset", node=DatasetConfig)
-    store.store(name="schema_dataset_synthetic", node=SyntheticConfig)
+        hydra_compat.store(name=f"schema_optimizer_{name}", node=record)
+    hydra_compat.store(name="schema_dataset", node=DatasetConfig)
+    hydra_compat.store(name="schema_dataset_synthetic", node=SyntheticConfig)

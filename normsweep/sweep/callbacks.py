@@ -5,6 +5,7 @@ aggregation (pandas, matplotlib) is imported only when a sweep ends."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,10 @@ class AggregateCallback(Callback):
     """Runs the aggregator in the launcher process at the end of a multirun (normsweep.results.write.end_of_sweep)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if sys.exc_info()[1] is not None:
+            # Hydra 1.4 calls this also while the sweep ends by an exception or an exit (Ctrl-C, a launch refused
+            # before any job ran; 1.3 only once the jobs have ended): that ending, and its exit status, stand.
+            return
         from normsweep.results.write import end_of_sweep
 
         end_of_sweep(Path(config.hydra.sweep.dir), str(config.get("compare", "norm")))

@@ -1,0 +1,58 @@
+"""The calls whose form differs between Hydra 1.3 / OmegaConf 2.3 and Hydra 1.4 / OmegaConf 2.4, in one place."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+import omegaconf
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string: "1.4.0rc3" -> (1, 4)."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None:
+        raise ValueError(f"not a version: {version!r}")
+    return int(found[1]), int(found[2])
+
+
+HYDRA_14 = _release(hydra.__version__) >= (1, 4)
+OMEGACONF_24 = _release(omegaconf.__version__) >= (2, 4)
+
+# The `_target_`s Hydra instantiates from normsweep's config: the callbacks of conf/hydra/default.yaml. Hydra 1.4
+# checks them against this list (its sweeper and launcher plugins, and Python's logging, need no entry).
+EXECUTION_WHITELIST = ("normsweep.sweep.*",)
+
+
+def version_base() -> dict[str, Any]:
+    """Keyword arguments for initialize_config_dir(): Hydra 1.3 warns unless given version_base ("1.3": its
+    current behaviour); Hydra 1.4 deprecates the parameter, and its own defaults are those."""
+    return {} if HYDRA_14 else {"version_base": "1.3"}
+
+
+def main_options() -> dict[str, Any]:
+    """Keyword arguments for @hydra.main() besides the config's path and name: version_base as for
+    initialize_config_dir(), and in Hydra 1.4 the targets that config may instantiate (without a whitelist 1.4 warns
+    for each one, and 1.5 will refuse them)."""
+    if HYDRA_14:
+        return {"execution_whitelist": list(EXECUTION_WHITELIST)}
+    return version_base()
+
+
+def register_resolver(name: str, resolver: Callable[..., Any], use_cache: bool = False) -> None:
+    """OmegaConf.register_resolver in 2.4, which deprecates register_new_resolver; in 2.3 register_resolver is the
+    old string-only API (itself deprecated there), so register_new_resolver it is. Replaces one of that name."""
+    if OMEGACONF_24:
+        OmegaConf.register_resolver(name, resolver, replace=True, use_cache=use_cache)
+    else:
+        OmegaConf.register_new_resolver(name, resolver, replace=True, use_cache=use_cache)
+
+
+def store(name: str, node: Any, **where: Any) -> None:
+    """ConfigStore.store(), replacing a config of that name: normsweep registers its schemas again before each
+    composition. Hydra 1.3 replaces silently and has no `replace`; 1.4 warns unless told (and 1.5 will refuse)."""
+    ConfigStore.instance().store(name=name, node=node, **where, **({"replace": True} if HYDRA_14 else {}))
