@@ -241,19 +241,23 @@ def hydra_error_line(err: Exception) -> str:
 
 
 def console() -> None:
-    """The process's entry (`python -m normsweep`, the `normsweep` script): main(), then an exit without the
-    interpreter's teardown. Tearing down torch, pandas and matplotlib takes 0.5-1 s after the last line of a sweep
-    (measured in docs/performance.md); the exit handlers still run first (logging's flush, joblib's and
-    multiprocessing's clean-up of workers), only the freeing of every module's objects is skipped."""
+    """The process's entry (`python -m normsweep`, the `normsweep` script): main(), and an exit without the
+    interpreter's teardown. Freeing torch's, pandas' and matplotlib's modules takes 0.5-1 s after the last line of a
+    sweep (measured in docs/performance.md). The interpreter's own shutdown still runs up to that point (threads
+    joined, joblib's workers ended, exit handlers registered since start-up run); only the freeing is skipped."""
+    status = [1]  # until main() ends: an exception that escapes it is exit status 1, as the interpreter has it
+
+    def end_now() -> None:  # the first exit handler registered here runs after those registered later
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status[0])
+
+    atexit.register(end_now)
     try:
         main()
-        code: int = 0
+        status[0] = 0
     except SystemExit as exit_:
-        if exit_.code is not None and not isinstance(exit_.code, int):
-            print(exit_.code, file=sys.stderr)
-        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    atexit._run_exitfuncs()  # what the interpreter runs before its teardown, in the same order
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+        status[0] = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        raise

@@ -56,3 +56,14 @@ def store(name: str, node: Any, **where: Any) -> None:
     """ConfigStore.store(), replacing a config of that name: normsweep registers its schemas again before each
     composition. Hydra 1.3 replaces silently and has no `replace`; 1.4 warns unless told (and 1.5 will refuse)."""
     ConfigStore.instance().store(name=name, node=node, **where, **({"replace": True} if HYDRA_14 else {}))
+
+
+def instantiate(config: dict[str, Any], **kwargs: Any) -> Any:
+    """hydra.utils.instantiate() of a config the user wrote (an optimizer's record): under Hydra 1.4 its own
+    `_target_` is whitelisted for the call, since the app's whitelist names only normsweep's callbacks and 1.4
+    refuses any other target inside the app; Hydra 1.3 has no whitelist (and would pass the key on as an argument)."""
+    from hydra.utils import instantiate as hydra_instantiate
+
+    if HYDRA_14:
+        kwargs["_execution_whitelist_"] = [str(config["_target_"])]
+    return hydra_instantiate(config, **kwargs)

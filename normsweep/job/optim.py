@@ -31,12 +31,12 @@ def build_optimizer(params: Any, record: OptimizerConfig) -> torch.optim.Optimiz
     a checkpoint saved then loads."""
     import inspect
 
-    from hydra.utils import instantiate
+    from normsweep.config import hydra_compat
 
     params = list(params)
     cls = import_target(record._target_, f"optimizer={record.name}")  # the one error text for a wrong name
     # The record is a partial call (its `_partial_`, as Hydra means it): the parameters are the argument left.
-    make = instantiate(
+    make = hydra_compat.instantiate(
         {"_target_": record._target_, "_partial_": record._partial_, **record.arguments()}, _convert_="all"
     )
     kept = [] if record.decay_norm_and_bias else no_decay(params)

@@ -4,7 +4,11 @@ aggregation (pandas, matplotlib) is imported only when a sweep ends."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,18 +18,71 @@ from omegaconf import DictConfig, OmegaConf
 
 from normsweep.sweep.resume import ResumeConflict, check_folder_name, check_resumable, refuse, task_config
 
+log = logging.getLogger("normsweep")
+
 
 class AggregateCallback(Callback):
-    """Runs the aggregator in the launcher process at the end of a multirun (normsweep.results.write.end_of_sweep)."""
+    """Aggregates a sweep once its jobs have ended (normsweep.results.write.end_of_sweep), as the launcher's last
+    step: in a process started with the sweep, which has imported pandas and matplotlib while the jobs trained
+    (results/warm.py), or here when that process is not there or those are imported here already."""
+
+    # The warm process of the sweep this process launches. Not an attribute: launchers pickle the callbacks along
+    # with the jobs (joblib, submitit), and a process handle cannot be pickled.
+    warm: subprocess.Popen[str] | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "pandas" in sys.modules and "matplotlib.pyplot" in sys.modules:
+            return  # nothing left to import: aggregated here (a test's process, a second sweep in one process)
+        with contextlib.suppress(OSError):
+            AggregateCallback.warm = subprocess.Popen(
+                [sys.executable, "-m", "normsweep.results.warm"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,  # its own failure is seen as no answer; then the aggregation runs here
+                text=True,
+            )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        warm, AggregateCallback.warm = AggregateCallback.warm, None
         if sys.exc_info()[1] is not None:
             # Hydra 1.4 calls this also while the sweep ends by an exception or an exit (Ctrl-C, a launch refused
             # before any job ran; 1.3 only once the jobs have ended): that ending, and its exit status, stand.
+            if warm is not None:
+                warm.kill()
             return
-        from normsweep.results.write import end_of_sweep
+        sweep_dir, compare = str(config.hydra.sweep.dir), str(config.get("compare", "norm"))
+        code = _aggregated_by(warm, sweep_dir, compare) if warm is not None else None
+        if code is None:
+            from normsweep.results.write import end_of_sweep
 
-        end_of_sweep(Path(config.hydra.sweep.dir), str(config.get("compare", "norm")))
+            end_of_sweep(Path(sweep_dir), compare)
+        elif code:
+            sys.exit(code)
+
+
+def _aggregated_by(warm: subprocess.Popen[str], sweep_dir: str, compare: str) -> int | None:
+    """Have the warm process aggregate: its lines said here, in order, each on its own stream (its log records in
+    this process's log); its exit status. None when it cannot (it died, or answered nothing): aggregate here."""
+    from normsweep.results.warm import ERR, LOG
+
+    assert warm.stdin is not None and warm.stdout is not None
+    try:
+        warm.stdin.write(json.dumps([sweep_dir, compare]) + "\n")
+        warm.stdin.close()
+    except OSError:  # it has ended already (an import failed)
+        warm.kill()
+        return None
+    said = False
+    for line in warm.stdout:
+        said = True
+        tag, text = line[:1], line[1:].rstrip("\n")
+        if tag == LOG:
+            level, _, message = text.partition(" ")
+            log.log(int(level), "%s", message)
+        else:
+            print(text, file=sys.stderr if tag == ERR else sys.stdout, flush=True)
+    code = warm.wait()
+    return code if said or code == 0 else None
 
 
 class ResumeCheck(Callback):

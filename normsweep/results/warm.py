@@ -1,0 +1,75 @@
+"""The end-of-sweep aggregation in a process of its own, started with the sweep: pandas, matplotlib and the tables
+are imported while the jobs train (on another core), not after the last one. The launcher sends one line, the
+sweep folder and the compared axis; what the aggregation prints and logs comes back tagged, one line each, for the
+launcher to say in its own streams and log (sweep/callbacks.py); its exit status is the aggregation's."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+OUT, ERR, LOG = "O", "E", "L"  # the tag before each line sent back: stdout, stderr, a log record (level first)
+
+
+class _Tagged(io.TextIOBase):
+    """A text stream that sends every complete line to the real stdout behind its tag."""
+
+    def __init__(self, tag: str, sink: io.TextIOBase) -> None:
+        self.tag, self.sink, self.pending = tag, sink, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.sink.write(f"{self.tag}{line}\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+
+class _Relay(logging.Handler):
+    def __init__(self, sink: io.TextIOBase) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for line in record.getMessage().splitlines() or [""]:
+            self.sink.write(f"{LOG}{record.levelno} {line}\n")
+        self.sink.flush()
+
+
+def main() -> int:
+    # Ctrl-C is the launcher's to handle (it says how to resume); this process ends when the launcher does, as its
+    # stdin then closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from normsweep.results.write import end_of_sweep  # pandas, matplotlib.pyplot, scipy.special: the point
+
+    request = sys.stdin.readline()
+    if not request:
+        return 0
+    sweep_dir, compare = json.loads(request)
+    sink = sys.stdout
+    sys.stdout, sys.stderr = _Tagged(OUT, sink), _Tagged(ERR, sink)
+    logging.getLogger("normsweep").addHandler(_Relay(sink))
+    logging.getLogger("normsweep").propagate = False
+    try:
+        end_of_sweep(Path(sweep_dir), compare)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    for stream in (sys.stdout, sys.stderr):
+        if stream.pending:  # a last line without its newline
+            stream.write("\n")
+    sink.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
