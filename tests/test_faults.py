@@ -210,21 +210,16 @@ def test_bad_values_end_a_real_process_with_their_exit_status(tmp_path: Path, ar
     _assert_refused(run_cli(args, cwd=tmp_path), tmp_path, message, status)
 
 
-def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+@pytest.mark.parametrize(
+    "arg, said",  # normsweep's refusal, and Hydra's own: the user asked for the traceback behind either
+    [("batch_size=0", "batch_size=0"), ("epochs=abc", "ConfigCompositionException")],
+)
+def test_hydra_full_error_shows_the_traceback(tmp_path: Path, arg: str, said: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "normsweep", "batch_size=0", f"hydra.run.dir={tmp_path / 'run'}"],
+        [sys.executable, "-m", "normsweep", arg, f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path,
-        env=env,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
         capture_output=True,
         text=True,
     )
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "batch_size=0" in proc.stderr
-    proc = subprocess.run(  # Hydra's own refusal too: the user asked for its traceback
-        [sys.executable, "-m", "normsweep", "epochs=abc", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and said in proc.stderr
