@@ -472,3 +472,20 @@ def test_the_sweep_callback_aggregates_a_sweep_that_ended_and_leaves_one_stopped
     assert ended.value.code == 130 and not (sweep / "results.csv").exists()
     AggregateCallback().on_multirun_end(config)
     assert (sweep / "results.csv").is_file()
+
+
+def test_the_warm_aggregation_says_its_lines_in_order_on_their_streams(sweep: Path, capsys) -> None:
+    # What the launcher of a sweep does at its end: the process started with the sweep aggregates, and its lines,
+    # log records and exit status come back as if the aggregation had run in the launcher.
+    from normsweep.sweep.callbacks import _aggregated_by
+
+    broken = json.loads((sweep / "0" / "summary.json").read_text()) | {"status": "failed", "error": "boom"}
+    (sweep / "0" / "summary.json").write_text(json.dumps(broken))
+    warm = subprocess.Popen(
+        [sys.executable, "-m", "normsweep.results.warm"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert _aggregated_by(warm, str(sweep), "norm") == 1  # a failed job: the end of the sweep says so, exit 1
+    out, err = capsys.readouterr()
+    assert out.index("norm runs") < out.index("results: ") and "failed: job 0" in out
+    assert err.startswith("the job failed") or "jobs failed" in err
+    assert (sweep / "results.csv").is_file() and (sweep / "report.md").is_file()

@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 OUT, ERR, LOG = "O", "E", "L"  # the tag before each line sent back: stdout, stderr, a log record (level first)
@@ -64,6 +65,9 @@ def main() -> int:
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    except Exception:  # a bug stays loud: its traceback goes back with the rest
+        traceback.print_exc()
+        code = 1
     for stream in (sys.stdout, sys.stderr):
         if stream.pending:  # a last line without its newline
             stream.write("\n")
