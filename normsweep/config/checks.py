@@ -31,20 +31,21 @@ from normsweep.config.schema import (
 _ABSENT = object()
 
 
+_TOP_LEVEL = [f.name for f in fields(Config)]
+
+
 def check_keys(cfg: DictConfig) -> None:
     """Refuse a top-level key the schema does not know (`+epoch=3`, a typo Hydra's own advice lets through)."""
-    known = [f.name for f in fields(Config)]
     for key in cfg:
-        if key not in known and key != "hydra":
+        if key not in _TOP_LEVEL and key != "hydra":
             raise ConfigError(unknown_key(str(key)))
 
 
 def unknown_key(key: str) -> str:
     """What to say of a top-level key the schema does not know: the closest one, and the ones there are."""
-    known = [f.name for f in fields(Config)]
-    close = difflib.get_close_matches(key, known, n=1)
+    close = difflib.get_close_matches(key, _TOP_LEVEL, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
-    return f"{key}: normsweep has no such setting; {hint}The top-level settings are {', '.join(known)}"
+    return f"{key}: normsweep has no such setting; {hint}The top-level settings are {', '.join(_TOP_LEVEL)}"
 
 
 def unknown_option_key(path: str, reason: str) -> str:

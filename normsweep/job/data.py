@@ -16,6 +16,7 @@ import torch
 
 from normsweep.config.errors import ConfigError
 from normsweep.config.schema import USER_DATASET_KEYS, DatasetConfig, SyntheticConfig, UserDataset
+from normsweep.config.targets import import_target
 
 
 @dataclass
@@ -207,12 +208,10 @@ def _torchvision(class_name: str, split_kw: str) -> Callable[[DatasetConfig], tu
 
 
 def _user_data(cfg: DatasetConfig) -> tuple[Split, Split, int]:
-    """A data set of the user's own: `cfg._target_` names a callable, called with `cfg.kwargs`, that returns either
+    """A data set of the user's own: `cfg._target_` names a callable, called with its arguments, that returns either
     `(images, labels)` (normsweep then holds out a fixed test split, as for digits) or
     `{"train": (images, labels), "test": (images, labels)}`. Images: uint8 (0..255) or float, (N, C, H, W) or
     (N, H, W), as torch tensors or numpy arrays; labels: integers 0..K-1."""
-    from normsweep.config.targets import import_target
-
     make = import_target(cfg._target_, f"dataset={cfg.name}")
     where = f"dataset={cfg.name} (_target_={cfg._target_})"
     try:

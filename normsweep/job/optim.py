@@ -76,8 +76,6 @@ def build_scheduler(
     """The learning-rate schedule, stepped `steps_per_epoch` times an epoch (1: per epoch): a linear warm-up over
     the first `warmup_epochs` (from lr / its steps up to lr), then `schedule`: constant, or cosine from lr down to 0
     after the last step. Without warm-up and per epoch, the schedule of job folders saved before either existed."""
-    import torch
-
     total = epochs * steps_per_epoch
     warmup = round(warmup_epochs * steps_per_epoch)
 
@@ -106,9 +104,6 @@ _DYNAMO_WRAPPED = ("add_param_group", "zero_grad", "state_dict", "load_state_dic
 def without_dynamo() -> None:
     """Let torch.optim.Optimizer's methods that torch.compile must skip run as the plain methods they wrap, unless
     torch._dynamo is loaded already (compile=true ran in this process). Call before building the optimizer."""
-
-    import torch
-
     if "torch._dynamo" in sys.modules:
         return
     for name in _DYNAMO_WRAPPED:
@@ -122,7 +117,6 @@ def step_function(optimizer: torch.optim.Optimizer) -> Any:
     the grad-mode guard for torch.compile) the step itself under that grad mode, when no step hook is registered:
     the same arithmetic without importing torch._dynamo. Anything else: `optimizer.step`, untouched. Not for a
     compiled model's training (train_epoch then calls `optimizer.step`)."""
-    import torch
     from torch.optim import optimizer as base
 
     hooks = (

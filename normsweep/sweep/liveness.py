@@ -41,8 +41,7 @@ def slurm_alive(summary: dict[str, Any]) -> bool | None:
     """What SLURM says of the job a summary names: True while it is pending or running, False once it has ended
     (or SLURM no longer knows it); None when the summary names no SLURM job or SLURM cannot be asked."""
     job = summary.get("slurm_job")
-    said = _slurm_says([str(job)]) if job else None
-    return None if said is None else said[str(job)]
+    return scheduler.is_alive(str(job)) if job else None
 
 
 def process_alive(summary: dict[str, Any]) -> bool:
@@ -74,7 +73,7 @@ def load_summaries(job_dirs: Sequence[Path]) -> list[dict[str, Any]]:
         for summary in summaries
         if summary.get("slurm_job") and summary["status"] in (Status.RUNNING, Status.INCOMPLETE)
     }
-    said = _slurm_says(sorted(asked))
+    said = scheduler.alive(sorted(asked))
     for summary in summaries:
         job = str(summary.get("slurm_job") or "")
         alive = said.get(job) if said is not None and job in asked else None
@@ -88,15 +87,3 @@ def load_summaries(job_dirs: Sequence[Path]) -> list[dict[str, Any]]:
 def load_summary(job_dir: Path) -> dict[str, Any]:
     """One folder's summary as load_summaries gives it; never raises, whatever state the folder is in."""
     return load_summaries([job_dir])[0]
-
-
-def _slurm_says(ids: list[str]) -> dict[str, bool] | None:
-    """{job: whether SLURM may still run it} for these SLURM jobs, in one squeue call; None when SLURM cannot be
-    asked. A job squeue no longer knows has ended."""
-    if not ids:
-        return {}
-    try:
-        entries = scheduler.queue(ids)
-    except scheduler.SchedulerUnavailable:
-        return None
-    return {job: job in entries and entries[job].alive for job in ids}

@@ -167,17 +167,22 @@ def job_states(ids: list[str]) -> dict[str, str]:
     return {job_id: entry.state for job_id, entry in queue(ids).items()}
 
 
-def is_alive(job_id: str) -> bool | None:
-    """True while SLURM may still run the job (pending, running, completing, requeued); False when it has ended or
-    SLURM no longer knows it; None when SLURM cannot be asked."""
+def alive(ids: list[str]) -> dict[str, bool] | None:
+    """{job id: True while SLURM may still run it (pending, running, completing, requeued), False once it has ended
+    or SLURM no longer knows it}, in one squeue call for all; None when SLURM cannot be asked."""
+    if not ids:
+        return {}
     try:
-        entries = queue([job_id])
+        entries = queue(ids)
     except SchedulerUnavailable:
         return None
-    entry = entries.get(job_id)
-    if entry is None:
-        return False
-    return entry.alive
+    return {job_id: job_id in entries and entries[job_id].alive for job_id in ids}
+
+
+def is_alive(job_id: str) -> bool | None:
+    """alive() for one job: True, False, or None when SLURM cannot be asked."""
+    said = alive([job_id])
+    return None if said is None else said[job_id]
 
 
 def accounting_available() -> bool:
