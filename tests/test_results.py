@@ -489,3 +489,26 @@ def test_the_warm_aggregation_says_its_lines_in_order_on_their_streams(sweep: Pa
     assert out.index("norm runs") < out.index("results: ") and "failed: job 0" in out
     assert err.startswith("the job failed") or "jobs failed" in err
     assert (sweep / "results.csv").is_file() and (sweep / "report.md").is_file()
+
+
+def _write_png(path: Path) -> None:
+    atomic_write(path, b"\x89PNG drawn in " + str(os.getpid()).encode())
+
+
+def _fail_to_draw(path: Path) -> None:
+    raise ValueError(f"cannot draw {path.name}")
+
+
+def test_figures_drawn_side_by_side_are_both_written_and_a_failure_there_is_not_lost(tmp_path: Path, capfd) -> None:
+    from functools import partial
+
+    from normsweep.results.write import _draw
+
+    _draw([partial(_write_png, tmp_path / "curves.png"), partial(_write_png, tmp_path / "diagnostics.png")], True)
+    drawn_by = {(tmp_path / name).read_bytes().rsplit(b" ", 1)[1] for name in ("curves.png", "diagnostics.png")}
+    assert str(os.getpid()).encode() in drawn_by and len(drawn_by) == 2  # the second one in a process of its own
+    with pytest.raises(RuntimeError, match="drawing .*diagnostics.png failed"):
+        _draw(
+            [partial(_write_png, tmp_path / "curves.png"), partial(_fail_to_draw, tmp_path / "diagnostics.png")], True
+        )
+    assert "ValueError: cannot draw diagnostics.png" in capfd.readouterr().err  # its traceback, said by it

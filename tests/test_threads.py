@@ -3,8 +3,12 @@ model's size, not by the load, so the same command gives the same numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -14,7 +18,16 @@ from torch import nn
 from normsweep.config.checks import compose_run
 from normsweep.job.layers import norm_factory
 from normsweep.job.models import build_model
-from normsweep.job.threads import SPLIT_MACS, ThreadChoice, busy_cpus, choose_threads, describe, step_macs
+from normsweep.job.threads import (
+    SPLIT_MACS,
+    ThreadChoice,
+    busy_between,
+    busy_cpus,
+    choose_threads,
+    cpu_sample,
+    describe,
+    step_macs,
+)
 
 
 def _model(name: str, shape: tuple[int, int, int]) -> nn.Module:
@@ -66,12 +79,39 @@ def _spin() -> None:
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="busy_cpus reads Linux's /proc/stat")
 def test_a_process_spinning_beside_the_job_counts_as_a_busy_cpu() -> None:
-    spinner = multiprocessing.get_context("fork").Process(target=_spin, daemon=True)
-    spinner.start()
+    # Not a child of this process (its parent, the shell, has exited): other work, as a browser would be.
+    shell = subprocess.run(
+        ["sh", "-c", f"{sys.executable} -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    spinner = int(shell.stdout)
     try:
         time.sleep(0.2)
         busy = busy_cpus(seconds=0.3)
     finally:
+        os.kill(spinner, signal.SIGKILL)
+    assert busy is not None and 0.5 <= busy <= len(os.sched_getaffinity(0)) + 0.01
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads Linux's /proc")
+def test_the_sweeps_own_processes_are_not_other_work() -> None:
+    # The sweep's aggregation process is a child of the process that trains: importing and drawing beside the
+    # first job, it must not make the job log say the machine is busy.
+    spinner = multiprocessing.get_context("fork").Process(target=_spin, daemon=True)
+    spinner.start()
+    try:
+        time.sleep(0.1)
+        before = cpu_sample()
+        time.sleep(0.4)
+        after = cpu_sample()
+    finally:
         spinner.terminate()
         spinner.join()
-    assert busy is not None and 0.5 <= busy <= len(os.sched_getaffinity(0)) + 0.01
+    assert before is not None and after is not None
+    spent = after.children[spinner.pid] - before.children.get(spinner.pid, 0.0)
+    assert spent >= 0.2  # the child spun (it has a CPU of its own or shares one)
+    mine_too = dataclasses.replace(after, children={}, own=before.own)
+    everything = busy_between(before, mine_too)  # what the old measure said: the child counted as busy
+    assert busy_between(before, after) <= everything - spent / (after.at - before.at) + 0.1  # ticks: 1/100 s

@@ -24,7 +24,7 @@ from normsweep.job.checkpoint import load_checkpoint, save_checkpoint
 from normsweep.job.diagnostics import Diagnostics
 from normsweep.job.optim import no_decay
 from normsweep.job.placement import available_cpus
-from normsweep.job.threads import ThreadChoice, busy_cpus, choose_threads, describe, step_macs
+from normsweep.job.threads import CpuSample, ThreadChoice, busy_since, choose_threads, cpu_sample, describe, step_macs
 from normsweep.job.train import EpochMetrics, describe_hardware, evaluate, resolve_device
 from normsweep.sweep.files import (
     DIAGNOSTICS_FILE,
@@ -85,8 +85,9 @@ def _build(run: Config, budget: int, previous: dict[str, Any]) -> tuple[Job, tor
     """The job on its device, and the CPU threads it trains with (threads.py); the log says what trains where."""
     device = resolve_device(run.device)
     torch.set_num_threads(run.threads or budget)  # until the choice below, which needs the model
+    cpus = cpu_sample()  # how busy the machine is, measured over the build
     job = build(run, device)
-    choice = _threads(run, budget, job.model, job.data.shape, device, previous)
+    choice = _threads(run, budget, job.model, job.data.shape, device, previous, cpus)
     torch.set_num_threads(choice.threads)
     busy_line = describe(choice, available_cpus())
     if busy_line:
@@ -103,19 +104,25 @@ def _build(run: Config, budget: int, previous: dict[str, Any]) -> tuple[Job, tor
 
 
 def _threads(
-    run: Config, budget: int, model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, previous: dict
+    run: Config,
+    budget: int,
+    model: torch.nn.Module,
+    shape: tuple[int, ...],
+    device: torch.device,
+    previous: dict,
+    cpus: CpuSample | None,
 ) -> ThreadChoice:
     """The job's CPU threads (threads.py). A job resumed with threads=0 keeps the count it started with: the rest of
     its epochs give the numbers they would have given, even on a node with more CPUs."""
     if run.threads or device.type != "cpu":
         return choose_threads(run.threads, budget, None)
     if previous.get("threads") and previous.get("epochs_completed"):
-        return ThreadChoice(int(previous["threads"]), "as before the resume", busy_cpus(seconds=0.05))
+        return ThreadChoice(int(previous["threads"]), "as before the resume", busy_since(cpus))
     try:
         macs = step_macs(model, shape, run.batch_size)
     except Exception:  # a model that fails on blank images fails in training, with the error said there
         macs = None
-    return choose_threads(0, budget, macs, busy_cpus(seconds=0.05))
+    return choose_threads(0, budget, macs, busy_since(cpus))
 
 
 def _provenance(

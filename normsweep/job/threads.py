@@ -29,37 +29,79 @@ class ThreadChoice:
     busy: float | None = None  # CPUs busy with other processes when the job started (None: not measured)
 
 
-def busy_cpus(cpus: list[int] | None = None, seconds: float = 0.1) -> float | None:
-    """How many of this process's CPUs other processes kept busy over `seconds` (from /proc/stat; this process
-    sleeps meanwhile). None where /proc/stat is not there (macOS, Windows)."""
-    if cpus is None and hasattr(os, "sched_getaffinity"):
-        cpus = sorted(os.sched_getaffinity(0))
+@dataclass(frozen=True)
+class CpuSample:
+    """Where the CPUs stood at one moment: per CPU (all ticks, idle ticks) from /proc/stat, and the CPU seconds of
+    this process and of each of its children (the sweep's own aggregation process is one: not "other work")."""
 
-    def sample() -> dict[str, tuple[int, int]] | None:
-        try:
-            lines = Path("/proc/stat").read_text().splitlines()
-        except OSError:
-            return None
-        ticks = {}
-        for line in lines:
-            name, *fields = line.split()
-            if name.startswith("cpu") and name != "cpu":
-                values = [int(v) for v in fields[:8]]
-                ticks[name] = (sum(values), values[3] + values[4])  # all, idle + iowait
-        return ticks
+    at: float
+    cpus: dict[str, tuple[int, int]]
+    own: float
+    children: dict[int, float]
 
-    before = sample()
+
+def cpu_sample() -> CpuSample | None:
+    """The CPUs now, or None where /proc/stat is not there (macOS, Windows)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    cpus = {}
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            values = [int(v) for v in fields[:8]]
+            cpus[name] = (sum(values), values[3] + values[4])  # all, idle + iowait
+    return CpuSample(time.monotonic(), cpus, time.process_time(), _children_seconds())
+
+
+def _children_seconds() -> dict[int, float]:
+    """CPU seconds (user + system) of each child of this process, from /proc (empty where it cannot be read)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    seconds = {}
+    try:
+        pids = [int(p) for task in Path("/proc/self/task").iterdir() for p in (task / "children").read_text().split()]
+    except (OSError, ValueError):
+        return seconds
+    for pid in pids:
+        try:  # the fields after the command's name, which may hold spaces: utime and stime are the 12th and 13th
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    return seconds
+
+
+def busy_since(before: CpuSample | None, cpus: list[int] | None = None, at_least: float = 0.05) -> float | None:
+    """How many of this process's CPUs other processes kept busy since `before` (this process and its children
+    left out, so the window may hold the job's own set-up; it is made `at_least` seconds long by sleeping the
+    rest: /proc/stat counts in hundredths of a second). None where /proc/stat is not there."""
     if before is None:
         return None
-    time.sleep(seconds)
-    after = sample() or {}
+    if cpus is None and hasattr(os, "sched_getaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+    time.sleep(max(0.0, at_least - (time.monotonic() - before.at)))
+    after = cpu_sample()
+    return None if after is None else busy_between(before, after, cpus)
+
+
+def busy_between(before: CpuSample, after: CpuSample, cpus: list[int] | None = None) -> float:
+    """CPUs busy between two samples (`cpus`: of these only; None: all), less what this process and its children
+    spent."""
     busy = 0.0
-    for name in [f"cpu{c}" for c in cpus] if cpus else list(after):
-        if name in before and name in after:
-            total = after[name][0] - before[name][0]
-            idle = after[name][1] - before[name][1]
+    for name in [f"cpu{c}" for c in cpus] if cpus else list(after.cpus):
+        if name in before.cpus and name in after.cpus:
+            total = after.cpus[name][0] - before.cpus[name][0]
+            idle = after.cpus[name][1] - before.cpus[name][1]
             busy += (total - idle) / total if total > 0 else 0.0
-    return busy
+    ours = after.own - before.own
+    ours += sum(spent - before.children.get(pid, 0.0) for pid, spent in after.children.items())
+    return max(0.0, busy - ours / max(after.at - before.at, 1e-9))
+
+
+def busy_cpus(cpus: list[int] | None = None, seconds: float = 0.1) -> float | None:
+    """How many of this process's CPUs other processes keep busy over the next `seconds`."""
+    return busy_since(cpu_sample(), cpus, at_least=seconds)
 
 
 def step_macs(model: nn.Module, sample_shape: tuple[int, ...], batch_size: int) -> int:

@@ -3,8 +3,12 @@ about jobs in trouble."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shlex
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -26,12 +30,13 @@ from normsweep.sweep.files import ATTENTION, Status, atomic_write, job_dirs
 LOG = "normsweep.log"  # each job's log, as Hydra names it (hydra.job.name + .log)
 
 
-def aggregate(sweep_dir: Path, compare: str | None = "norm") -> Report:
+def aggregate(sweep_dir: Path, compare: str | None = "norm", side_by_side: bool = False) -> Report:
     """Write runs.csv, results.csv, best_by_<compare>.csv (when something besides `compare` was swept) and
     curves.png (and diagnostics.png, when the jobs wrote diagnostics.csv) into `sweep_dir`, and return what was
     aggregated.
 
     Raises ValueError, before writing anything, if `compare` names no key of the sweep (None: no best-by table).
+    `side_by_side` draws the two figures at once (see _draw).
     """
     sweep_dir = Path(sweep_dir)
     report = collect(sweep_dir)
@@ -41,19 +46,40 @@ def aggregate(sweep_dir: Path, compare: str | None = "norm") -> Report:
     atomic_write(sweep_dir / "results.csv", report.results.to_csv(index=False, float_format="%.6g"))
     if report.best is not None and compare:
         atomic_write(sweep_dir / best_file(compare), report.best.to_csv(index=False, float_format="%.6g"))
+    figures = []
     if len(report.curves):
-        plot_curves(report, sweep_dir / "curves.png")
+        figures.append(partial(plot_curves, report, sweep_dir / "curves.png"))
     layers = diagnostics(report, sweep_dir)
     if layers is not None:  # jobs run with diagnostics=true (older sweeps have none: no figure)
-        plot_diagnostics(report, layers, sweep_dir / DIAGNOSTICS_FIGURE)
+        figures.append(partial(plot_diagnostics, report, layers, sweep_dir / DIAGNOSTICS_FIGURE))
+    _draw(figures, side_by_side)
     return report
 
 
-def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
+def _draw(figures: list[Callable[[], None]], side_by_side: bool) -> None:
+    """Draw the figures, the last one in a forked process beside this one when `side_by_side` (the warm
+    aggregation process, single-threaded, at the end of a sweep when the cores are free: the two figures are about
+    half a second each). A figure that fails there fails the aggregation too; its traceback is printed by it."""
+    if not (side_by_side and len(figures) > 1 and hasattr(os, "fork")):
+        for draw in figures:
+            draw()
+        return
+    other = multiprocessing.get_context("fork").Process(target=figures[-1], daemon=True)
+    other.start()
+    try:
+        for draw in figures[:-1]:
+            draw()
+    finally:
+        other.join()
+    if other.exitcode:
+        raise RuntimeError(f"drawing {figures[-1].args[-1]} failed (exit status {other.exitcode})")
+
+
+def report(sweep_dir: Path, compare: str | None = "norm", side_by_side: bool = False) -> Report:
     """Aggregate `sweep_dir` and write its report.md; print the comparison table, the best-by table when there is
     one, where the files are, and a line per job in trouble. A `compare` naming no key of the sweep raises
     ValueError before any file is written."""
-    result = aggregate(sweep_dir, compare)
+    result = aggregate(sweep_dir, compare, side_by_side)
     best = result.best
     written = write_report(result, sweep_dir)
     where = Path(sweep_dir).resolve()
@@ -72,7 +98,7 @@ def report(sweep_dir: Path, compare: str | None = "norm") -> Report:
     return result
 
 
-def end_of_sweep(sweep_dir: Path, compare: str) -> None:
+def end_of_sweep(sweep_dir: Path, compare: str, side_by_side: bool = False) -> None:
     """What a multirun does once every job has ended (normsweep.sweep.callbacks.AggregateCallback): aggregate, then exit
     with status 1 if any job failed or stopped before its last epoch (a diverged job is a result, not a failure),
     after the command that resumes them. A sweep that ended before its first job (its launcher or sweeper failed,
@@ -81,10 +107,10 @@ def end_of_sweep(sweep_dir: Path, compare: str) -> None:
         print(f"no job ran in {sweep_dir}: nothing to aggregate", file=sys.stderr, flush=True)
         sys.exit(1)
     try:
-        result = report(sweep_dir, compare)
+        result = report(sweep_dir, compare, side_by_side)
     except ValueError as err:  # the jobs check `compare` names a config key; this is the sweep's keys
         print(f"{err}; aggregated without a best-by table", file=sys.stderr, flush=True)
-        result = report(sweep_dir, None)
+        result = report(sweep_dir, None, side_by_side)
     statuses = result.runs["status"]
     unfinished = int(statuses.isin(ATTENTION).sum())
     if not unfinished:
