@@ -135,6 +135,40 @@ def test_what_hydra_refuses_is_one_line_exit_2_and_no_folder(tmp_path: Path, arg
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize(
+    "args, lines",
+    [
+        (["norm=bn,gn", "optimizer.lr=-0.01"], ["optimizer.lr=-0.01: the learning rate must be a number > 0"]),
+        (
+            ["norm=bn,in", "batch_size=1", "val_fraction=0.2,1.5"],
+            [
+                "norm=bn batch_size=1: this norm takes its statistics over the batch and needs at least 2 images per "
+                "batch; use batch_size=2 or more, or a per-sample norm (ln, ln2d, rms, in, gn, ws_gn, frn) (1 of 4 "
+                "jobs: norm=bn val_fraction=0.2)",
+                "val_fraction=1.5: it is the share of the training set held out for validation, strictly between 0 "
+                "and 1 (e.g. val_fraction=0.2) (2 of 4 jobs: norm=bn val_fraction=1.5, norm=in val_fraction=1.5)",
+            ],
+        ),
+        (
+            ["norm=bn,gn", "model._target_=nosuchpackage.Net"],
+            [
+                "model=simple_cnn: cannot import _target_=nosuchpackage.Net (No module named 'nosuchpackage'); the "
+                "module must be importable from where normsweep runs (run from its folder, set PYTHONPATH, or pip "
+                "install it)"
+            ],
+        ),
+    ],
+)
+def test_a_sweep_is_checked_whole_before_any_job_starts(tmp_path: Path, args: list[str], lines: list[str]) -> None:
+    # Every job's config goes through a single run's checks first: each mistake said once, in the order of the jobs
+    # (naming the jobs it affects when not all), exit 2, and no sweep folder.
+    proc = run_cli_here(["-m", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    said = [text.split("] ", 1)[-1] for text in (proc.stdout + proc.stderr).splitlines() if text.strip()]
+    assert proc.returncode == 2
+    assert said == lines
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_torchvision_data_set_end_to_end(tmp_path: Path) -> None:
     make_mnist(tmp_path / "data")
     proc = run_cli_here(

@@ -88,30 +88,42 @@ class ResumingSweeper(BasicSweeper):
 
     def _with_folders(self, batches: Sequence[Sequence[Sequence[str]]]) -> list[list[list[str]]]:
         # Imported here: Hydra imports every plugin module at start-up, for any app; torch loads only for ours.
-        from normsweep.config.checks import check_keys
+        from normsweep.config.checks import check_job
         from normsweep.config.errors import ConfigError
-        from normsweep.sweep.resume import SweepFolders, refuse, task_config
+        from normsweep.sweep.compose import JobConfigs
+        from normsweep.sweep.resume import SweepFolders, mistakes_of, refuse, task_config
 
         assert self.hydra_context is not None and self.config is not None
         folders = SweepFolders(Path(str(self.config.hydra.sweep.dir)))
         numbered = OmegaConf.to_container(self.config.hydra.sweep)["subdir"] == NUMBERED
-        placed, num = [], 0
+        configs = JobConfigs(self.hydra_context.config_loader, self.config)
+        placed: list[list[list[str]]] = []
+        mistakes: dict[str, list[list[str]]] = {}  # what a job's config is refused for -> the jobs' overrides
+        imported: set[str] = set()
+        num = 0
         try:
             for batch in batches:
                 placed.append([])
                 for overrides in batch:
-                    job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                    job_cfg = configs.compose(list(overrides))
                     with open_dict(job_cfg):
                         job_cfg.hydra.job.num, job_cfg.hydra.job.id = num, str(num)  # as Hydra's launchers: id is a str
-                    check_keys(job_cfg)  # `+epoch=3`: refused once, before launch, not by every job
+                    num += 1
+                    task = list(job_cfg.hydra.overrides.task)
+                    try:  # the checks a single run makes, for every job before any starts: one line per mistake
+                        check_job(job_cfg, dict(job_cfg.hydra.runtime.choices), imported)
+                    except ConfigError as err:
+                        mistakes.setdefault(str(err), []).append(task)
+                        continue
+                    if mistakes:
+                        continue  # the launch is refused: no folder is claimed
                     name = folders.claim(
-                        task_config(job_cfg),
-                        list(job_cfg.hydra.overrides.task),
-                        None if numbered else str(job_cfg.hydra.sweep.subdir),
+                        task_config(job_cfg), task, None if numbered else str(job_cfg.hydra.sweep.subdir)
                     )
                     placed[-1].append([*overrides, f"hydra.sweep.subdir={_quoted(name)}"])
                     self._hand_over(job_cfg, name, placed[-1][-1])
-                    num += 1
+            if mistakes:
+                raise ConfigError(mistakes_of(mistakes, [o for batch in batches for o in batch]))
         except ConfigError as err:
             self._put_back()
             refuse(err)

@@ -78,6 +78,8 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Config:
     choices = choices or {}
     check_keys(cfg)
     run: Config = OmegaConf.to_object(cfg)
+    if isinstance(run, dict):  # a masked copy (check_job) keeps its nodes' types but not the root's
+        run = Config(**run)
     run.norm = norm_record(run.norm, choices.get("norm"))
     run.optimizer = optimizer_record(run.optimizer, choices.get("optimizer"))
     run.dataset = to_record(run.dataset, choices.get("dataset"), UserDataset)
@@ -165,3 +167,31 @@ def compose_run(overrides: list[str]) -> Config:
             return validate(cfg, choices)
     finally:
         GlobalHydra.instance().clear()
+
+
+def named_targets(run: Config) -> list[tuple[str, str, str]]:
+    """(path, option, key) of each class or function a validated config names outside normsweep and torch: a
+    user's model, norm (and its adapt_model), optimizer or data set, which must be importable where jobs run."""
+    named = [
+        (run.model.get("_target_"), f"model={run.model.get('name')}", "_target_"),
+        (getattr(run.norm, "_target_", None), f"norm={run.norm.name}", "_target_"),
+        (getattr(run.norm, "adapt_model", None), f"norm={run.norm.name}", "adapt_model"),
+        (getattr(run.optimizer, "_target_", None), f"optimizer={run.optimizer.name}", "_target_"),
+        (getattr(run.dataset, "_target_", None), f"dataset={run.dataset.name}", "_target_"),
+    ]
+    own = ("normsweep.", "torch.", "torchvision.")
+    return [(str(path), where, key) for path, where, key in named if path and not str(path).startswith(own)]
+
+
+def check_job(cfg: DictConfig, choices: dict[str, Any], imported: set[str]) -> Config:
+    """What a single run checks before training, for one job of a sweep before any job starts: the values (validate)
+    and that the classes its config names can be imported (each path once: `imported` holds those done)."""
+    from normsweep.config.targets import import_target
+
+    own = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what a job gets (a third of a deepcopy)
+    run = validate(own, choices)
+    for path, where, key in named_targets(run):
+        if path not in imported:
+            import_target(path, where, key)
+            imported.add(path)
+    return run

@@ -9,7 +9,8 @@ from typing import Any
 import hydra
 import omegaconf
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from hydra.core.override_parser.types import Override
+from omegaconf import DictConfig, OmegaConf
 
 
 def _release(version: str) -> tuple[int, int]:
@@ -67,3 +68,21 @@ def instantiate(config: dict[str, Any], **kwargs: Any) -> Any:
     if HYDRA_14:
         kwargs["_execution_whitelist_"] = [str(config["_target_"])]
     return hydra_instantiate(config, **kwargs)
+
+
+def set_plain_values(cfg: DictConfig, values: list[Override], task: list[Override]) -> None:
+    """What Hydra's config loader does, after composing the defaults, with plain `key=value` overrides (`values`) and
+    the job's overrides (`task`, in the order given): set each value, record the overrides, name the job's override
+    dirname. Done on a copy of a job's config composed with other values for the same keys, it gives the config
+    Hydra composes (tests/test_sweeper.py checks that). Hydra 1.4 computes the dirname from the recorded overrides."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+    cfg.hydra.overrides.task = [o.input_line for o in task]
+    if not HYDRA_14:
+        from hydra._internal.config_loader_impl import get_overrides_dirname
+
+        dirname = cfg.hydra.job.config.override_dirname
+        cfg.hydra.job.override_dirname = get_overrides_dirname(
+            overrides=task, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep, exclude_keys=dirname.exclude_keys
+        )

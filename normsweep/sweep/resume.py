@@ -190,6 +190,21 @@ class SweepFolders:
         return next(path for path in numbered if not path.exists() and path not in self._claimed)
 
 
+def mistakes_of(mistakes: dict[str, list[list[str]]], jobs: Sequence[Sequence[str]], named: int = 3) -> str:
+    """One line per distinct mistake found in a sweep's jobs, in the order met; one that not every job makes names
+    the jobs that make it, by the overrides that tell them apart (`2 of 10 jobs: norm=bn batch_size=1, ...`)."""
+    common = set.intersection(*(set(job) for job in jobs)) if jobs else set()
+    lines = []
+    for message, affected in mistakes.items():
+        if len(affected) == len(jobs):
+            lines.append(message)
+            continue
+        labels = [" ".join(o for o in job if o not in common) or "(no overrides)" for job in affected]
+        shown = ", ".join(labels[:named]) + (f" and {len(labels) - named} more" if len(labels) > named else "")
+        lines.append(f"{message} ({len(affected)} of {len(jobs)} jobs: {shown})")
+    return "\n".join(lines)
+
+
 def refuse(err: ConfigError) -> NoReturn:
     """Stop the launch with the refusal in one message (exit status 2), before any job starts.
 
