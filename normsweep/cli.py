@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from normsweep.config import hydra_compat
-from normsweep.config.checks import unknown_key, unknown_option_key, validate
+from normsweep.config.checks import unknown_key, unknown_model_key, unknown_option_key, validate
 from normsweep.config.errors import USER_FULL_ERROR, ConfigError, full_error
 from normsweep.config.schema import Config, config_dir, register_configs
 from normsweep.job.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
@@ -226,6 +226,8 @@ def hydra_error_line(err: Exception) -> str:
     missing = re.search(r"Could not find '([^']+)/([^']+)'", first)
     if override and "." not in override.group(1):
         return unknown_key(override.group(1))  # not Hydra's hint to add it with +: a typo is not a new key
+    if override and override.group(1).startswith("model."):
+        return unknown_model_key(override.group(1), _chosen("model"))
     if override:
         return unknown_option_key(override.group(1), reason)
     if merging:
@@ -238,6 +240,12 @@ def hydra_error_line(err: Exception) -> str:
     if isinstance(err, OverrideParseException):
         return f"cannot read the command line ({first}); see python -m normsweep --help for the override syntax"
     return f"{first}{f': {reason}' if reason and reason not in first else ''}"
+
+
+def _chosen(group: str) -> str | None:
+    """The option of `group` the command line names (the first, for a sweep over several), or None."""
+    given = [arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith(f"{group}=")]
+    return given[-1].split(",")[0] if given else None
 
 
 def console() -> None:

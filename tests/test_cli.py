@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -123,16 +124,26 @@ def test_user_errors_are_one_clear_line_without_traceback(tmp_path: Path, args: 
         (["-m", "norm=bn,gn", "epoch=2"], "epoch: normsweep has no such setting; did you mean epochs?"),
         (["norm=gn", "norm.group=2"], "norm.group: norm=gn has no such key; did you mean norm.groups?"),
         (["optimizer.lrr=0.1"], "optimizer.lrr: optimizer=adam has no such key; did you mean optimizer.lr?"),
+        (["model.hiden=32"], "model.hiden: model=simple_cnn has no such key; did you mean model.hidden?"),
+        (["+model.hiden=32"], "model.hiden: model=simple_cnn has no such key; did you mean model.hidden?"),
+        (["-m", "norm=bn,gn", "+model.hiden=32"], "model.hiden: model=simple_cnn has no such key; did you mean"),
+        (["norm=gn", "+norm.grups=2"], "norm.grups: norm=gn has no such key; did you mean norm.groups?"),
+        (["+dataset.rooot=/x"], "dataset.rooot: dataset=digits has no such key; did you mean dataset.root?"),
         (["-m", "norm=bn,nonexistent"], "norm=nonexistent: no such option in conf/norm/; choose one of bn, frn, gn"),
         (["optimizer.lr=[1"], "cannot read the command line (no viable alternative at input '[1')"),
     ],
 )
 def test_what_hydra_refuses_is_one_line_exit_2_and_no_folder(tmp_path: Path, args: list[str], line: str) -> None:
     proc = run_cli_here([*args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
-    lines = [text for text in (proc.stdout + proc.stderr).splitlines() if text.strip()]
+    lines = [_without_log_prefix(text) for text in (proc.stdout + proc.stderr).splitlines() if text.strip()]
     assert proc.returncode == 2
     assert len(lines) == 1 and lines[0].startswith(line), lines
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def _without_log_prefix(line: str) -> str:
+    """A log line's text: `[2026-12-04 21:40:57,849][normsweep][ERROR] - ` or `[...][HYDRA] ` taken off."""
+    return re.sub(r"^(\[[^\]]*\])+( - )?\s*", "", line)
 
 
 @pytest.mark.parametrize(
@@ -163,7 +174,7 @@ def test_a_sweep_is_checked_whole_before_any_job_starts(tmp_path: Path, args: li
     # Every job's config goes through a single run's checks first: each mistake said once, in the order of the jobs
     # (naming the jobs it affects when not all), exit 2, and no sweep folder.
     proc = run_cli_here(["-m", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
-    said = [text.split("] ", 1)[-1] for text in (proc.stdout + proc.stderr).splitlines() if text.strip()]
+    said = [_without_log_prefix(text) for text in (proc.stdout + proc.stderr).splitlines() if text.strip()]
     assert proc.returncode == 2
     assert said == lines
     assert not (tmp_path / "sweep").exists()

@@ -227,16 +227,17 @@ def test_float_images_are_standardized_on_their_own_scale(user_module: str) -> N
         ("float_labels", {}, "labels must be 10 integers"),
         ("wide_ints", {}, "integer images must be 0..255"),
         ("one_class", {}, "fewer than 2 distinct labels"),
-        ("pairs", {"colour": True}, "unexpected keyword argument 'colour'"),
+        ("pairs", {"colour": True}, "^dataset.colour: dataset=mine has no such key; its keys are "),
         ("nowhere", {}, "cannot import _target_=.*nowhere"),
     ],
 )
 def test_a_broken_user_data_set_is_explained(user_module: str, target: str, kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as err:
         load(user(f"{user_module}.{target}", **kwargs), val_fraction=0.2, seed=0)
-    assert str(err.value).startswith(
-        f"dataset=mine{'' if target == 'nowhere' else f' (_target_={user_module}.{target})'}"
-    )
+    if not message.startswith("^"):  # the others name the data set and its function first
+        assert str(err.value).startswith(
+            f"dataset=mine{'' if target == 'nowhere' else f' (_target_={user_module}.{target})'}"
+        )
 
 
 @pytest.mark.parametrize("existing_root", [False, True])

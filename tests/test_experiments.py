@@ -133,3 +133,24 @@ def test_a_users_own_norm_and_optimizer_sweep_beside_the_built_in_ones(tmp_path:
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "model=mlp norm=torch_in: layer fc1 has fc features (N, C)" in output and "Traceback" not in output
+
+
+def test_a_misspelled_key_of_a_users_model_or_data_set_is_refused_before_any_job(tmp_path: Path) -> None:
+    # Their keys are the arguments of the user's class and function: the closest one is named, with or without +.
+    project = tmp_path / "project"
+    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("multirun", "outputs", "__pycache__"))
+    base = ["--config-dir", "my_conf", "-m", "model=tiny_resnet", "dataset=stripes", "norm=bn,gn", "epochs=1"]
+    for typo, line in [
+        (
+            "+model.widht=8",
+            "model.widht: model=tiny_resnet has no such key; did you mean model.width? its keys are width",
+        ),
+        (
+            "+dataset.nn=240",
+            "dataset.nn: dataset=stripes has no such key; did you mean dataset.n? its keys are n, size",
+        ),
+    ]:
+        result = run_cli_here([*base, typo, f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=project)
+        output = result.stdout + result.stderr
+        assert result.returncode == 2 and output.count(line) == 1, output
+        assert "Traceback" not in output and not (tmp_path / "sweep").exists()

@@ -75,7 +75,7 @@ def test_too_small_images_are_a_clear_error() -> None:
 
 
 def test_unknown_model_argument_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="model=mlp.*width"):
+    with pytest.raises(ConfigError, match="^model.width: model=mlp has no such key; its keys are hidden"):
         build_model(
             "mlp",
             {"_target_": TARGETS["mlp"], "width": 3},

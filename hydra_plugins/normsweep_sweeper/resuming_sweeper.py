@@ -99,7 +99,7 @@ class ResumingSweeper(BasicSweeper):
         configs = JobConfigs(self.hydra_context.config_loader, self.config)
         placed: list[list[list[str]]] = []
         mistakes: dict[str, list[list[str]]] = {}  # what a job's config is refused for -> the jobs' overrides
-        imported: set[str] = set()
+        imported: dict[str, Any] = {}  # the classes the jobs' configs name, imported once
         num = 0
         try:
             for batch in batches:

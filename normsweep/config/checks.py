@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from dataclasses import fields
@@ -19,6 +20,7 @@ from normsweep.config.optimizers import optimizer_record
 from normsweep.config.records import to_record
 from normsweep.config.schema import (
     COMPARE_METRICS,
+    MODEL_ARGUMENTS,
     PRECISIONS,
     Config,
     DatasetConfig,
@@ -48,7 +50,7 @@ def unknown_key(key: str) -> str:
     return f"{key}: normsweep has no such setting; {hint}The top-level settings are {', '.join(_TOP_LEVEL)}"
 
 
-def unknown_option_key(path: str, reason: str) -> str:
+def unknown_option_key(path: str, reason: str, chosen: str | None = None) -> str:
     """What to say of a key that an option's schema does not have (`norm.group=2` for norm=gn), from OmegaConf's
     reason (`Key 'group' not in 'GroupNorm'`): the closest key of that option, and the keys it has."""
     named = re.match(r"Key '[^']+' not in '([^']+)'", reason)
@@ -60,9 +62,43 @@ def unknown_option_key(path: str, reason: str) -> str:
     keys = [f.name for f in fields(schema) if not f.name.startswith("_")]
     close = difflib.get_close_matches(key, keys, n=1)
     hint = f"did you mean {group}.{close[0]}? " if close else ""
-    name = getattr(schema, "name", MISSING)
+    name = chosen or getattr(schema, "name", MISSING)
     option = f"{group}={name}" if name != MISSING else f"this {group}"
     return f"{path}: {option} has no such key; {hint}its keys are {', '.join(keys)}"
+
+
+def unknown_model_key(path: str, choice: str | None) -> str:
+    """What to say of `model.KEY=…` when the model's YAML has no KEY: a model's keys are its class's arguments, so
+    the closest argument of the class (its YAML read from conf/model/, the class imported: this is an error's path),
+    and how to set an argument the YAML leaves at its default (`+model.KEY=…`)."""
+    from normsweep.config.targets import check_arguments, import_target
+
+    key = path.split(".", 1)[1]
+    add = f"to set an argument its YAML leaves at its default, add it: +{path}=VALUE"
+    try:
+        defaults = OmegaConf.load(Path(config_dir()) / "config.yaml")["defaults"]
+        choice = choice or next(d["model"] for d in defaults if isinstance(d, DictConfig) and "model" in d)
+        target = OmegaConf.load(Path(config_dir()) / "model" / f"{choice}.yaml")["_target_"]
+        check_arguments(import_target(target, f"model={choice}"), [key], f"model={choice}", "model", MODEL_ARGUMENTS)
+    except ConfigError as err:
+        return str(err)
+    except Exception:  # a model's YAML elsewhere (a user's config folder): what can be said without it
+        return f"{path}: model={choice}'s YAML has no such key; {add}"
+    return f"{path}: model={choice}'s YAML has no such key; {add}"
+
+
+def _check_added_keys(cfg: DictConfig, group: str) -> None:
+    """Refuse a key added with `+` to a built-in option (`+norm.grups=2`): its record has no field for it, and
+    OmegaConf would drop it silently. A user's option passes its other keys to its `_target_` instead."""
+    node = cfg.get(group)
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if schema is None or not dataclasses.is_dataclass(schema) or "kwargs" in {f.name for f in fields(schema)}:
+        return
+    known = {f.name for f in fields(schema)}
+    for key in node:
+        if key not in known:
+            reason = f"Key '{key}' not in '{schema.__name__}'"
+            raise ConfigError(unknown_option_key(f"{group}.{key}", reason, node.get("name")))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -77,6 +113,8 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Config:
     default names of a user's norm, optimizer or data set."""
     choices = choices or {}
     check_keys(cfg)
+    for group in ("norm", "optimizer", "dataset"):
+        _check_added_keys(cfg, group)
     run: Config = OmegaConf.to_object(cfg)
     if isinstance(run, dict):  # a masked copy (check_job) keeps its nodes' types but not the root's
         run = Config(**run)
@@ -183,15 +221,25 @@ def named_targets(run: Config) -> list[tuple[str, str, str]]:
     return [(str(path), where, key) for path, where, key in named if path and not str(path).startswith(own)]
 
 
-def check_job(cfg: DictConfig, choices: dict[str, Any], imported: set[str]) -> Config:
-    """What a single run checks before training, for one job of a sweep before any job starts: the values (validate)
-    and that the classes its config names can be imported (each path once: `imported` holds those done)."""
-    from normsweep.config.targets import import_target
+def check_job(cfg: DictConfig, choices: dict[str, Any], imported: dict[str, Any]) -> Config:
+    """What a single run checks before training, for one job of a sweep before any job starts: the values (validate),
+    that the classes its config names can be imported (each path once: `imported` holds those done), and, when
+    its overrides set a model's or a user data set's keys, that the class takes them."""
+    from normsweep.config.targets import check_arguments, import_target
 
     own = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what a job gets (a third of a deepcopy)
     run = validate(own, choices)
     for path, where, key in named_targets(run):
         if path not in imported:
-            import_target(path, where, key)
-            imported.add(path)
+            imported[path] = import_target(path, where, key)
+    touched = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] for o in cfg.hydra.overrides.task if "." in o}
+    if "model" in touched:  # a typo on the command line; the model's own YAML is checked when the job builds it
+        path = run.model["_target_"]
+        if path not in imported:
+            imported[path] = import_target(path, f"model={run.model['name']}")
+        keys = [k for k in run.model if k not in ("_target_", "name")]
+        check_arguments(imported[path], keys, f"model={run.model['name']}", "model", MODEL_ARGUMENTS)
+    if "dataset" in touched and isinstance(run.dataset, UserDataset):
+        make = imported[run.dataset._target_]
+        check_arguments(make, run.dataset.arguments(), f"dataset={run.dataset.name}", "dataset")
     return run

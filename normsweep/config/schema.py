@@ -113,6 +113,7 @@ class Config:
     diagnostics: bool = True  # each norm layer measured on a probe batch every epoch: diagnostics.csv (diagnostics.py)
 
 
+MODEL_ARGUMENTS = ("in_channels", "image_size", "num_classes", "norm")  # what normsweep passes every model class
 PRECISIONS = ("fp32", "bf16")
 # compare_metric → what it is, in words (a runs.csv column): results.csv sorts by its mean; the best row tops it.
 COMPARE_METRICS = {

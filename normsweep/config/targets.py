@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from hydra.utils import get_object
@@ -44,3 +46,25 @@ def import_target(path: str, where: str, key: str = "_target_") -> Callable[...,
     if not callable(target):
         raise ConfigError(f"{where}: {key}={path} is a {type(target).__name__}, not a class or function")
     return target
+
+
+def check_arguments(
+    target: Callable[..., Any], keys: Iterable[str], where: str, group: str, given: Iterable[str] = ()
+) -> None:
+    """Refuse a key of the option `where` (e.g. "model=simple_cnn") that `target` takes no argument for: a typo, with
+    or without `+`, named with the closest argument and the ones there are (those normsweep passes itself,
+    `given`, left out). A target taking **kwargs accepts any key; one whose signature cannot be read is not checked."""
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = [n for n, p in parameters.items() if p.kind in named and n not in set(given)]
+    for key in keys:
+        if key not in parameters:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"did you mean {group}.{close[0]}? " if close else ""
+            known = f"its keys are {', '.join(accepted)}" if accepted else "it takes no keys"
+            raise ConfigError(f"{group}.{key}: {where} has no such key; {hint}{known}")

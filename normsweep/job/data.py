@@ -16,7 +16,7 @@ import torch
 
 from normsweep.config.errors import ConfigError
 from normsweep.config.schema import USER_DATASET_KEYS, DatasetConfig, SyntheticConfig, UserDataset
-from normsweep.config.targets import import_target
+from normsweep.config.targets import check_arguments, import_target
 
 
 @dataclass
@@ -213,6 +213,7 @@ def _user_data(cfg: DatasetConfig) -> tuple[Split, Split, int]:
     `{"train": (images, labels), "test": (images, labels)}`. Images: uint8 (0..255) or float, (N, C, H, W) or
     (N, H, W), as torch tensors or numpy arrays; labels: integers 0..K-1."""
     make = import_target(cfg._target_, f"dataset={cfg.name}")
+    check_arguments(make, cfg.arguments(), f"dataset={cfg.name}", "dataset")
     where = f"dataset={cfg.name} (_target_={cfg._target_})"
     try:
         made = make(**cfg.arguments())

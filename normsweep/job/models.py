@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from normsweep.config.errors import ConfigError
-from normsweep.config.targets import import_target
+from normsweep.config.schema import MODEL_ARGUMENTS
+from normsweep.config.targets import check_arguments, import_target
 from normsweep.job.layers import NormFactory
 
 
@@ -236,6 +237,7 @@ def build_model(
     """Instantiate the model named by `spec["_target_"]` and prove it runs on one input of the data's shape."""
     kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "name")}  # name: normsweep's label
     cls = import_target(spec["_target_"], f"model={name}")
+    check_arguments(cls, kwargs, f"model={name}", "model", MODEL_ARGUMENTS)
     try:
         hints = get_type_hints(cls.__init__)
     except Exception:  # a user's class may annotate with names that do not resolve at runtime: no checks then
