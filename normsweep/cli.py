@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -33,7 +34,7 @@ from normsweep.config.schema import Config, config_dir, register_configs
 from normsweep.job.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
 from normsweep.job.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, quiet_worker_cleanup, stop_on_sigterm
 from normsweep.sweep.callbacks import ResumeCheck
-from normsweep.sweep.files import record_failure
+from normsweep.sweep.files import DiskFull, disk_full, full_disk_line, record_failure
 from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
 
 log = logging.getLogger("normsweep")
@@ -155,6 +156,8 @@ def app(cfg: DictConfig) -> float | None:
     except ResumeConflict as err:
         refuse(err)  # another job's folder: nothing is written into it, and the launch stops
     except Exception as err:
+        if disk_full(err):  # not this job's failure: the sweep stops (main), and the same command resumes the job
+            raise DiskFull(err) from err
         user_error = isinstance(err, ConfigError)
         if in_sweep or not (user_error and discard_unused_run_dir(job_dir, f"{hydra_cfg.job.name}.log")):
             record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices))
@@ -204,6 +207,8 @@ def main() -> None:
                 file=sys.stderr,
             )
         sys.exit(130)
+    except (DiskFull, OSError) as err:
+        stop_on_full_disk(err, sweep)
     finally:
         for key, value in saved_env.items():
             if value is None:
@@ -212,6 +217,19 @@ def main() -> None:
                 os.environ[key] = value
         if undo:
             undo()
+
+
+def stop_on_full_disk(err: DiskFull | OSError, sweep: bool) -> None:
+    """A full disk, met by a job or by Hydra writing its files: one line naming where, with how to resume once there
+    is space, and exit status DiskFull.status. Any other OSError is not this: it goes on as it was raised."""
+    cause = err.args[0] if isinstance(err, DiskFull) else err
+    if not disk_full(cause):
+        raise err
+    folder = (ResumeCheck.sweep_dir if sweep else ResumeCheck.run_dir) or os.path.dirname(cause.filename or "")
+    if full_error():
+        traceback.print_exception(err)
+    print(full_disk_line(cause, folder or os.getcwd(), sweep), file=sys.stderr)
+    sys.exit(DiskFull.status)
 
 
 def hydra_error_line(err: Exception) -> str:

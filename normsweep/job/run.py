@@ -6,6 +6,7 @@ checkpoint, and a folder holding another job is refused before anything in it ch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -30,6 +31,7 @@ from normsweep.sweep.files import (
     DIAGNOSTICS_FILE,
     FINISHED,
     Status,
+    disk_full,
     read_diagnostics,
     write_diagnostics,
     write_metrics,
@@ -209,11 +211,14 @@ def _restore(job_dir: Path, job: Job, provenance: dict[str, Any]) -> _Progress:
 
 
 def _train(job: Job, progress: _Progress) -> list[EpochMetrics]:
-    """The job's epochs after its checkpoint, each one's files written as it ends; interrupted, it is incomplete."""
+    """The job's epochs after its checkpoint, each one's files written as it ends; interrupted, or stopped by a full
+    disk, it is incomplete (on a disk still full, its summary stays `running`: incomplete once its process ends)."""
     try:
         return job.train(progress.record, progress.state, progress.diagnose if progress.probe else None)
-    except KeyboardInterrupt:
-        progress.mark(Status.INCOMPLETE, len(progress.rows))
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt) or disk_full(err):
+            with contextlib.suppress(OSError):
+                progress.mark(Status.INCOMPLETE, len(progress.rows))
         raise
 
 
