@@ -32,7 +32,13 @@ from normsweep.config.checks import unknown_key, unknown_option_key, validate
 from normsweep.config.errors import USER_FULL_ERROR, ConfigError, full_error
 from normsweep.config.schema import Config, config_dir, register_configs
 from normsweep.job.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
-from normsweep.job.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, quiet_worker_cleanup, stop_on_sigterm
+from normsweep.job.signals import (
+    hold_ctrl_c,
+    hold_ctrl_c_in_workers,
+    quiet_worker_cleanup,
+    stop_on_sigterm,
+    stopped_by,
+)
 from normsweep.sweep.callbacks import ResumeCheck
 from normsweep.sweep.files import DiskFull, disk_full, full_disk_line, record_failure
 from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
@@ -143,8 +149,7 @@ def app(cfg: DictConfig) -> float | None:
             run, cpus = place(checked, job_num, in_sweep)
             summary = run_job(run, job_dir, overrides, config, cpus)
     except KeyboardInterrupt as err:
-        terminated = isinstance(err, Terminated)
-        what = "stopped by SIGTERM (SLURM ended or requeued the job)" if terminated else "interrupted"
+        what, status = stopped_by(err)
         if multiprocessing.parent_process() is not None:  # a joblib worker: its launcher says how to resume
             log.warning("%s; the checkpoint keeps the last finished epoch", what)
             raise
@@ -152,7 +157,7 @@ def app(cfg: DictConfig) -> float | None:
         log.warning(
             "%s; the checkpoint keeps the last finished epoch. To resume, run the same command with %s", what, where
         )
-        sys.exit(143 if terminated else 130)
+        sys.exit(status)
     except ResumeConflict as err:
         refuse(err)  # another job's folder: nothing is written into it, and the launch stops
     except Exception as err:
@@ -189,24 +194,26 @@ def main() -> None:
     os.environ[USER_FULL_ERROR] = "1" if full_error() else "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its composition errors here instead of printing them
     try:
-        app()
+        with stop_on_sigterm():  # `kill` of the sweep stops it as Ctrl-C does, between its jobs too
+            app()
     except (HydraException, OmegaConfBaseException) as err:
         if full_error():
             raise
         print(hydra_error_line(err), file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         # Jobs that run in this process say how to resume themselves (app); this is the launcher of jobs run in
-        # other processes (joblib), or a launch interrupted before its first job.
+        # other processes (joblib), or a sweep stopped before its first job or between two, or while it aggregates.
+        what, status = stopped_by(err)
         if ResumeCheck.sweep_dir is None:
-            print("interrupted before any job started", file=sys.stderr)
+            print(f"{what} before any job started", file=sys.stderr)
         else:
             print(
-                "interrupted; each job's checkpoint keeps its last finished epoch. To resume, run the same command "
+                f"{what}; each job's checkpoint keeps its last finished epoch. To resume, run the same command "
                 f"with hydra.sweep.dir={ResumeCheck.sweep_dir}",
                 file=sys.stderr,
             )
-        sys.exit(130)
+        sys.exit(status)
     except (DiskFull, OSError) as err:
         stop_on_full_disk(err, sweep)
     finally:

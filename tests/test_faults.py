@@ -145,15 +145,37 @@ def test_killed_mid_epoch_and_resumed_gives_the_uninterrupted_numbers(tmp_path: 
     assert _summary(sweep / "1")["test_acc"] == _summary(tmp_path / "ref")["test_acc"]
 
 
-def test_interrupted_with_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "sig, status, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM")]
+)
+def test_interrupted_with_ctrl_c_or_kill_says_how_to_resume(tmp_path: Path, monkeypatch, sig, status, said) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # `kill` of a sweep run here (under SLURM: test_slurm_jobs.py)
     sweep = tmp_path / "s"
     proc = _popen(["-m", "norm=bn", "epochs=50", "batch_size=16", "device=cpu", f"hydra.sweep.dir={sweep}"], tmp_path)
     _wait_for_rows(sweep / "0" / "metrics.csv", 1, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     output = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == 130 and "Traceback" not in output
-    assert f"To resume, run the same command with hydra.sweep.dir={sweep}" in output
-    assert _summary(sweep / "0")["status"] == "incomplete"
+    assert proc.returncode == status and "Traceback" not in output, output
+    assert f"{said}; the checkpoint keeps the last finished epoch. To resume, run the same command with " in output
+    assert f"hydra.sweep.dir={sweep}" in output and output.count("To resume") == 1
+    summary = _summary(sweep / "0")
+    assert summary["status"] == "incomplete"
+    assert torch.load(sweep / "0" / "checkpoint.pt", weights_only=True)["epoch"] == summary["epochs_completed"]
+
+
+def test_sigterm_between_jobs_or_while_aggregating_says_how_to_resume(tmp_path: Path, monkeypatch) -> None:
+    import normsweep.results.write
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(normsweep.results.write, "end_of_sweep", lambda *a, **k: signal.raise_signal(signal.SIGTERM))
+    sweep = tmp_path / "s"
+    proc = run_cli_here(["-m", "norm=bn", "epochs=1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 143, proc.stdout + proc.stderr
+    assert (
+        "stopped by SIGTERM; each job's checkpoint keeps its last finished epoch. To resume, run the same command "
+        f"with hydra.sweep.dir={sweep}"
+    ) in proc.stderr
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process's own SIGTERM given back
 
 
 def test_a_run_folder_resumed_with_another_config_is_refused_and_changes_nothing(tmp_path: Path) -> None:
