@@ -331,3 +331,43 @@ def test_a_real_full_disk_stops_the_sweep_and_resumes_once_there_is_space(tmp_pa
     for job in ("0", "1"):
         expected = pd.read_csv(tmp_path / "ref" / job / "metrics.csv")[VALUES]
         pd.testing.assert_frame_equal(pd.read_csv(sweep / job / "metrics.csv")[VALUES], expected)
+
+
+@pytest.mark.parametrize("cut", [("checkpoint.pt",), ("checkpoint.pt", "checkpoint.prev.pt")])
+def test_a_checkpoint_cut_in_half_resumes_from_the_one_before_with_the_same_numbers(
+    tmp_path: Path, monkeypatch, cut: tuple[str, ...]
+) -> None:
+    import normsweep.job.run
+
+    real_save = normsweep.job.run.save_checkpoint
+
+    def stopped_in_epoch_3(job_dir: Path, state: dict) -> None:
+        if state["epoch"] == 3:
+            raise KeyboardInterrupt
+        real_save(job_dir, state)
+
+    run = tmp_path / "r"
+    monkeypatch.setattr(normsweep.job.run, "save_checkpoint", stopped_in_epoch_3)
+    assert run_cli_here(["epochs=4", f"hydra.run.dir={run}"], tmp_path).returncode == 130
+    monkeypatch.setattr(normsweep.job.run, "save_checkpoint", real_save)
+    for name in cut:  # a copy cut short, a file system that lost its end
+        (run / name).write_bytes((run / name).read_bytes()[:300_000])
+
+    resumed = run_cli_here(["epochs=4", f"hydra.run.dir={run}"], tmp_path)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "Traceback" not in output, output
+    if len(cut) == 1:
+        assert f"checkpoint.pt in {run} cannot be read (" in output
+        assert "set aside as checkpoint.pt.unreadable; resuming from the checkpoint before it (epoch 1)" in output
+        assert _summary(run)["resumed_from_epoch"] == 1
+    else:
+        assert "set aside as checkpoint.pt.unreadable and checkpoint.prev.pt.unreadable; training this job again " in (
+            output
+        )
+        assert _summary(run)["resumed_from_epoch"] == 0
+    assert not (run / "checkpoint.prev.pt").exists()  # a finished job keeps its last checkpoint only
+    reference = run_cli_here(["epochs=4", f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
+    assert reference.returncode == 0
+    expected = pd.read_csv(tmp_path / "ref" / "metrics.csv")[VALUES]
+    pd.testing.assert_frame_equal(pd.read_csv(run / "metrics.csv")[VALUES], expected)
+    assert _summary(run)["test_acc"] == _summary(tmp_path / "ref")["test_acc"]

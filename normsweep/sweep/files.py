@@ -213,6 +213,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the one before: resumed from when checkpoint.pt cannot be read
 
 
 def record_failure(
