@@ -42,7 +42,8 @@ def load_checkpoint(job_dir: Path) -> dict[str, Any] | None:
         except OSError as err:
             raise ConfigError(f"{path} cannot be read ({err.strerror or err}); make it readable to resume") from None
         except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-            damaged.append((path, str(err).splitlines()[0] if str(err) else type(err).__name__))
+            reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+            damaged.append((path, reason))  # torch's first sentence: its advice goes on for four more
             continue
         _set_aside(damaged, f"resuming from the checkpoint before it (epoch {state['epoch']})")
         if path.name != CHECKPOINT_FILE:  # the next save keeps it as the one before
