@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from normsweep.results.write import report
-from normsweep.sweep.files import job_dirs
+from normsweep.sweep.files import DiskFull, disk_full, job_dirs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         report(args.sweep_dir, args.compare)
     except ValueError as err:
         parser.error(str(err))
+    except OSError as err:
+        if not disk_full(err):
+            raise
+        where = f"writing {err.filename}" if err.filename else f"in {args.sweep_dir}"
+        print(f"{os.strerror(err.errno)} ({where}); once there is space, run this command again", file=sys.stderr)
+        return DiskFull.status
     return 0
 
 

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -31,9 +32,15 @@ from normsweep.config.checks import unknown_key, unknown_model_key, unknown_opti
 from normsweep.config.errors import USER_FULL_ERROR, ConfigError, full_error
 from normsweep.config.schema import Config, config_dir, register_configs
 from normsweep.job.placement import JOBS_AT_ONCE_ENV, available_cpus, fair_threads, job_device, pinned_gpus
-from normsweep.job.signals import Terminated, hold_ctrl_c, hold_ctrl_c_in_workers, quiet_worker_cleanup, stop_on_sigterm
+from normsweep.job.signals import (
+    hold_ctrl_c,
+    hold_ctrl_c_in_workers,
+    quiet_worker_cleanup,
+    stop_on_sigterm,
+    stopped_by,
+)
 from normsweep.sweep.callbacks import ResumeCheck
-from normsweep.sweep.files import record_failure
+from normsweep.sweep.files import DiskFull, disk_full, full_disk_line, record_failure
 from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
 
 log = logging.getLogger("normsweep")
@@ -142,8 +149,7 @@ def app(cfg: DictConfig) -> float | None:
             run, cpus = place(checked, job_num, in_sweep)
             summary = run_job(run, job_dir, overrides, config, cpus)
     except KeyboardInterrupt as err:
-        terminated = isinstance(err, Terminated)
-        what = "stopped by SIGTERM (SLURM ended or requeued the job)" if terminated else "interrupted"
+        what, status = stopped_by(err)
         if multiprocessing.parent_process() is not None:  # a joblib worker: its launcher says how to resume
             log.warning("%s; the checkpoint keeps the last finished epoch", what)
             raise
@@ -151,10 +157,12 @@ def app(cfg: DictConfig) -> float | None:
         log.warning(
             "%s; the checkpoint keeps the last finished epoch. To resume, run the same command with %s", what, where
         )
-        sys.exit(143 if terminated else 130)
+        sys.exit(status)
     except ResumeConflict as err:
         refuse(err)  # another job's folder: nothing is written into it, and the launch stops
     except Exception as err:
+        if disk_full(err):  # not this job's failure: the sweep stops (main), and the same command resumes the job
+            raise DiskFull(err) from err
         user_error = isinstance(err, ConfigError)
         if in_sweep or not (user_error and discard_unused_run_dir(job_dir, f"{hydra_cfg.job.name}.log")):
             record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices))
@@ -186,24 +194,28 @@ def main() -> None:
     os.environ[USER_FULL_ERROR] = "1" if full_error() else "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its composition errors here instead of printing them
     try:
-        app()
+        with stop_on_sigterm():  # `kill` of the sweep stops it as Ctrl-C does, between its jobs too
+            app()
     except (HydraException, OmegaConfBaseException) as err:
         if full_error():
             raise
         print(hydra_error_line(err), file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         # Jobs that run in this process say how to resume themselves (app); this is the launcher of jobs run in
-        # other processes (joblib), or a launch interrupted before its first job.
+        # other processes (joblib), or a sweep stopped before its first job or between two, or while it aggregates.
+        what, status = stopped_by(err)
         if ResumeCheck.sweep_dir is None:
-            print("interrupted before any job started", file=sys.stderr)
+            print(f"{what} before any job started", file=sys.stderr)
         else:
             print(
-                "interrupted; each job's checkpoint keeps its last finished epoch. To resume, run the same command "
+                f"{what}; each job's checkpoint keeps its last finished epoch. To resume, run the same command "
                 f"with hydra.sweep.dir={ResumeCheck.sweep_dir}",
                 file=sys.stderr,
             )
-        sys.exit(130)
+        sys.exit(status)
+    except (DiskFull, OSError) as err:
+        stop_on_full_disk(err, sweep)
     finally:
         for key, value in saved_env.items():
             if value is None:
@@ -212,6 +224,19 @@ def main() -> None:
                 os.environ[key] = value
         if undo:
             undo()
+
+
+def stop_on_full_disk(err: DiskFull | OSError, sweep: bool) -> None:
+    """A full disk, met by a job or by Hydra writing its files: one line naming where, with how to resume once there
+    is space, and exit status DiskFull.status. Any other OSError is not this: it goes on as it was raised."""
+    cause = err.args[0] if isinstance(err, DiskFull) else err
+    if not disk_full(cause):
+        raise err
+    folder = (ResumeCheck.sweep_dir if sweep else ResumeCheck.run_dir) or os.path.dirname(cause.filename or "")
+    if full_error():
+        traceback.print_exception(err)
+    print(full_disk_line(cause, folder or os.getcwd(), sweep), file=sys.stderr)
+    sys.exit(DiskFull.status)
 
 
 def hydra_error_line(err: Exception) -> str:

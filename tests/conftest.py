@@ -138,7 +138,7 @@ def run_cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
     loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
     saved_loggers = [(lg, lg.level, lg.disabled, lg.propagate, lg.handlers[:]) for lg in loggers]
-    saved = (sys.argv, os.getcwd(), ResumeCheck.made, ResumeCheck.sweep_dir, dict(os.environ))
+    saved = (sys.argv, os.getcwd(), ResumeCheck.made, ResumeCheck.run_dir, ResumeCheck.sweep_dir, dict(os.environ))
     saved_path, modules_before, warnoptions = sys.path[:], set(sys.modules), sys.warnoptions[:]
     out, err = io.StringIO(), io.StringIO()
     code: int | str | None = 0
@@ -157,7 +157,7 @@ def run_cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                     print(code, file=sys.stderr)
     finally:
         GlobalHydra.instance().clear()
-        sys.argv, cwd_before, ResumeCheck.made, ResumeCheck.sweep_dir, environ = saved
+        sys.argv, cwd_before, ResumeCheck.made, ResumeCheck.run_dir, ResumeCheck.sweep_dir, environ = saved
         sys.path[:], sys.warnoptions[:] = saved_path, warnoptions
         here = Path(cwd).resolve()
         for name in set(sys.modules) - modules_before:  # a user's module: the next test may bring its own of that name

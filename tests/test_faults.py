@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -144,15 +145,37 @@ def test_killed_mid_epoch_and_resumed_gives_the_uninterrupted_numbers(tmp_path: 
     assert _summary(sweep / "1")["test_acc"] == _summary(tmp_path / "ref")["test_acc"]
 
 
-def test_interrupted_with_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "sig, status, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM")]
+)
+def test_interrupted_with_ctrl_c_or_kill_says_how_to_resume(tmp_path: Path, monkeypatch, sig, status, said) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # `kill` of a sweep run here (under SLURM: test_slurm_jobs.py)
     sweep = tmp_path / "s"
     proc = _popen(["-m", "norm=bn", "epochs=50", "batch_size=16", "device=cpu", f"hydra.sweep.dir={sweep}"], tmp_path)
     _wait_for_rows(sweep / "0" / "metrics.csv", 1, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     output = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == 130 and "Traceback" not in output
-    assert f"To resume, run the same command with hydra.sweep.dir={sweep}" in output
-    assert _summary(sweep / "0")["status"] == "incomplete"
+    assert proc.returncode == status and "Traceback" not in output, output
+    assert f"{said}; the checkpoint keeps the last finished epoch. To resume, run the same command with " in output
+    assert f"hydra.sweep.dir={sweep}" in output and output.count("To resume") == 1
+    summary = _summary(sweep / "0")
+    assert summary["status"] == "incomplete"
+    assert torch.load(sweep / "0" / "checkpoint.pt", weights_only=True)["epoch"] == summary["epochs_completed"]
+
+
+def test_sigterm_between_jobs_or_while_aggregating_says_how_to_resume(tmp_path: Path, monkeypatch) -> None:
+    import normsweep.results.write
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(normsweep.results.write, "end_of_sweep", lambda *a, **k: signal.raise_signal(signal.SIGTERM))
+    sweep = tmp_path / "s"
+    proc = run_cli_here(["-m", "norm=bn", "epochs=1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 143, proc.stdout + proc.stderr
+    assert (
+        "stopped by SIGTERM; each job's checkpoint keeps its last finished epoch. To resume, run the same command "
+        f"with hydra.sweep.dir={sweep}"
+    ) in proc.stderr
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process's own SIGTERM given back
 
 
 def test_a_run_folder_resumed_with_another_config_is_refused_and_changes_nothing(tmp_path: Path) -> None:
@@ -223,3 +246,128 @@ def test_hydra_full_error_shows_the_traceback(tmp_path: Path, arg: str, said: st
         text=True,
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and said in proc.stderr
+
+
+def _full_disk_line(folder: Path, sweep: bool) -> str:
+    what = "sweep" if sweep else "run"
+    option = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    return (
+        f"the {what} stopped, and every finished epoch is kept. Once there is space, run the same command with "
+        f"{option}={folder} to resume"
+    )
+
+
+@pytest.mark.parametrize("sweep", [True, False])
+def test_a_full_disk_stops_in_one_line_and_the_same_command_resumes(tmp_path: Path, monkeypatch, sweep) -> None:
+    # The disk fills as job 0 writes its second checkpoint (the test below fills a real one, where mounting is allowed).
+    import normsweep.job.checkpoint
+
+    real_write = normsweep.job.checkpoint.atomic_write
+    written: list[Path] = []
+
+    def full_after_one(path: Path, data: bytes, previous: Path | None = None) -> None:
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))  # as atomic_write raises it
+        written.append(path)
+        real_write(path, data, previous)
+
+    folder = tmp_path / "s"
+    args = ["-m", "norm=bn,gn"] if sweep else ["norm=bn"]
+    args = [*args, "epochs=3", f"hydra.{'sweep' if sweep else 'run'}.dir={folder}"]
+    monkeypatch.setattr(normsweep.job.checkpoint, "atomic_write", full_after_one)
+    proc = run_cli_here(args, tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 75, output
+    job = folder / "0" if sweep else folder
+    said = f"No space left on device (writing {job / 'checkpoint.pt'}): {_full_disk_line(folder, sweep)}"
+    assert said in output and output.count("No space left") == 1 and "Traceback" not in output
+    assert _summary(job)["status"] == "incomplete" and _summary(job)["epochs_completed"] == 1
+    assert not (folder / "1").exists()  # the sweep stopped: the next job did not start, nor was it marked failed
+
+    monkeypatch.setattr(normsweep.job.checkpoint, "atomic_write", real_write)  # space again
+    resumed = run_cli_here(args, tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from the checkpoint of epoch 1/3" in resumed.stdout
+    reference = tmp_path / "ref"
+    args[-1] = f"hydra.{'sweep' if sweep else 'run'}.dir={reference}"
+    assert run_cli_here(args, tmp_path).returncode == 0
+    for name in ["0", "1"] if sweep else ["."]:
+        got, expected = pd.read_csv(folder / name / "metrics.csv"), pd.read_csv(reference / name / "metrics.csv")
+        pd.testing.assert_frame_equal(got[VALUES], expected[VALUES])
+        assert _summary(folder / name)["test_acc"] == _summary(reference / name)["test_acc"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 700 kB file system (tmpfs): the first checkpoint of the default model fits, the second does not."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs is not permitted here ({mounted.stderr.decode().strip()})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_real_full_disk_stops_the_sweep_and_resumes_once_there_is_space(tmp_path: Path, small_disk: Path) -> None:
+    sweep = small_disk / "s"
+    args = ["-m", "norm=bn,gn", "epochs=2"]
+    proc = run_cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 75, output
+    assert f"No space left on device (writing {sweep / '0' / 'checkpoint.pt'}): {_full_disk_line(sweep, True)}" in (
+        output
+    )
+    assert "Traceback" not in output and output.count("No space left") == 1
+    assert _summary(sweep / "0")["status"] == "incomplete"
+
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)  # space freed
+    resumed = run_cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from the checkpoint of epoch 1/2" in resumed.stdout
+    assert run_cli_here([*args, f"hydra.sweep.dir={tmp_path / 'ref'}"], tmp_path).returncode == 0
+    for job in ("0", "1"):
+        expected = pd.read_csv(tmp_path / "ref" / job / "metrics.csv")[VALUES]
+        pd.testing.assert_frame_equal(pd.read_csv(sweep / job / "metrics.csv")[VALUES], expected)
+
+
+@pytest.mark.parametrize("cut", [("checkpoint.pt",), ("checkpoint.pt", "checkpoint.prev.pt")])
+def test_a_checkpoint_cut_in_half_resumes_from_the_one_before_with_the_same_numbers(
+    tmp_path: Path, monkeypatch, cut: tuple[str, ...]
+) -> None:
+    import normsweep.job.run
+
+    real_save = normsweep.job.run.save_checkpoint
+
+    def stopped_in_epoch_3(job_dir: Path, state: dict) -> None:
+        if state["epoch"] == 3:
+            raise KeyboardInterrupt
+        real_save(job_dir, state)
+
+    run = tmp_path / "r"
+    monkeypatch.setattr(normsweep.job.run, "save_checkpoint", stopped_in_epoch_3)
+    assert run_cli_here(["epochs=4", f"hydra.run.dir={run}"], tmp_path).returncode == 130
+    monkeypatch.setattr(normsweep.job.run, "save_checkpoint", real_save)
+    for name in cut:  # a copy cut short, a file system that lost its end
+        (run / name).write_bytes((run / name).read_bytes()[:300_000])
+
+    resumed = run_cli_here(["epochs=4", f"hydra.run.dir={run}"], tmp_path)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "Traceback" not in output, output
+    if len(cut) == 1:
+        assert f"checkpoint.pt in {run} cannot be read (" in output
+        assert "set aside as checkpoint.pt.unreadable; resuming from the checkpoint before it (epoch 1)" in output
+        assert _summary(run)["resumed_from_epoch"] == 1
+    else:
+        assert "set aside as checkpoint.pt.unreadable and checkpoint.prev.pt.unreadable; training this job again " in (
+            output
+        )
+        assert _summary(run)["resumed_from_epoch"] == 0
+    assert not (run / "checkpoint.prev.pt").exists()  # a finished job keeps its last checkpoint only
+    reference = run_cli_here(["epochs=4", f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
+    assert reference.returncode == 0
+    expected = pd.read_csv(tmp_path / "ref" / "metrics.csv")[VALUES]
+    pd.testing.assert_frame_equal(pd.read_csv(run / "metrics.csv")[VALUES], expected)
+    assert _summary(run)["test_acc"] == _summary(tmp_path / "ref")["test_acc"]

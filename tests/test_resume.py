@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from normsweep.config.errors import ConfigError
 from normsweep.config.schema import new_dir
 from normsweep.job.checkpoint import load_checkpoint, save_checkpoint
-from normsweep.sweep.files import CHECKPOINT_FILE, write_summary
+from normsweep.sweep.files import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, write_summary
 from normsweep.sweep.resume import ResumeConflict, check_resumable, task_config
 from normsweep.sweep.settings import config_differences, lacking_added_keys, saved_behaviour, with_values
 
@@ -132,16 +131,51 @@ def test_checkpoint_round_trip_is_atomic_and_safe_to_load(tmp_path: Path) -> Non
     state = {"epoch": 2, "model": {"w": torch.arange(4.0)}, "rng": {"torch": torch.get_rng_state()}, "history": []}
     save_checkpoint(tmp_path, state)
     save_checkpoint(tmp_path, {**state, "epoch": 3})
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]  # no temporary file left behind
+    # No temporary file left behind; the one before is kept beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE])
+    assert torch.load(tmp_path / PREVIOUS_CHECKPOINT_FILE, weights_only=True)["epoch"] == 2
     loaded = load_checkpoint(tmp_path)
     assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
     assert load_checkpoint(tmp_path / "elsewhere") is None
 
 
-def test_a_damaged_checkpoint_is_explained(tmp_path: Path) -> None:
-    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="checkpoint.pt cannot be read .*delete it to train this job again"):
-        load_checkpoint(tmp_path)
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path: Path, caplog) -> None:
+    for epoch in (1, 2):
+        save_checkpoint(tmp_path, {"epoch": epoch, "w": torch.arange(4.0)})
+    _cut(tmp_path / CHECKPOINT_FILE)
+    assert load_checkpoint(tmp_path)["epoch"] == 1
+    assert (
+        f"checkpoint.pt in {tmp_path} cannot be read (" in caplog.text
+        and "set aside as checkpoint.pt.unreadable; resuming from the checkpoint before it (epoch 1)" in caplog.text
+    )
+    # The one before is the checkpoint now: the next save keeps it as the one before.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE, "checkpoint.pt.unreadable"]
+    assert load_checkpoint(tmp_path)["epoch"] == 1
+
+
+def test_a_kill_between_the_two_renames_resumes_from_the_one_before(tmp_path: Path, caplog) -> None:
+    save_checkpoint(tmp_path, {"epoch": 1})
+    (tmp_path / CHECKPOINT_FILE).rename(tmp_path / PREVIOUS_CHECKPOINT_FILE)  # the new one not yet in place
+    assert load_checkpoint(tmp_path)["epoch"] == 1 and not caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+
+
+def test_no_readable_checkpoint_trains_again_from_epoch_1(tmp_path: Path, caplog) -> None:
+    for epoch in (1, 2):
+        save_checkpoint(tmp_path, {"epoch": epoch})
+    _cut(tmp_path / CHECKPOINT_FILE)
+    (tmp_path / PREVIOUS_CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    assert load_checkpoint(tmp_path) is None
+    assert (
+        "checkpoint.pt and checkpoint.prev.pt in" in caplog.text
+        and "set aside as checkpoint.pt.unreadable and checkpoint.prev.pt.unreadable; training this job again from "
+        "epoch 1"
+        in caplog.text
+    )
 
 
 def test_new_dir_never_hands_out_a_folder_twice(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, open_dict
 
 from hydra_plugins.normsweep_launcher.config import AUTO
 from normsweep.config.errors import ConfigError
+from normsweep.job.signals import stopped_by
 from normsweep.sweep import scheduler
 
 if TYPE_CHECKING:
@@ -325,7 +326,7 @@ def launch(
     jobs = _submit(launcher, job_overrides, initial_job_idx, submit)
     try:
         _Wait(launcher, jobs, accounting).run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         left = [job for job in jobs if job.result is None]
         arrays = sorted({job.job_id.split("_")[0] for job in left})
         assert launcher.config is not None
@@ -340,7 +341,7 @@ def launch(
             sweep_dir,
             sweep_dir,
         )
-        sys.exit(130)
+        sys.exit(stopped_by(err)[1])
     return [job.result for job in jobs]  # every job has one once the wait is over
 
 

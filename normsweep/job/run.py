@@ -6,6 +6,7 @@ checkpoint, and a folder holding another job is refused before anything in it ch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -20,7 +21,7 @@ import torch
 
 from normsweep.config.schema import Config
 from normsweep.job.build import Job, build, describe_compute
-from normsweep.job.checkpoint import load_checkpoint, save_checkpoint
+from normsweep.job.checkpoint import drop_previous, load_checkpoint, save_checkpoint
 from normsweep.job.diagnostics import Diagnostics
 from normsweep.job.optim import no_decay
 from normsweep.job.placement import available_cpus
@@ -29,7 +30,9 @@ from normsweep.job.train import EpochMetrics, describe_hardware, evaluate, resol
 from normsweep.sweep.files import (
     DIAGNOSTICS_FILE,
     FINISHED,
+    METRICS_FILE,
     Status,
+    disk_full,
     read_diagnostics,
     write_diagnostics,
     write_metrics,
@@ -61,6 +64,7 @@ def run_job(
     history = _train(job, progress)
     summary = _summarize(job, progress, history, started)
     write_summary(job_dir, summary)
+    drop_previous(job_dir)
     log.info(
         "test_acc %.2f%% test_loss %.4f (final model, %d test images)",
         summary["test_acc"],
@@ -197,7 +201,8 @@ def _restore(job_dir: Path, job: Job, provenance: dict[str, Any]) -> _Progress:
     rows: list[dict[str, Any]] = list(state["history"]) if state else []
     if state:
         log.info("resuming from the checkpoint of epoch %d/%d in %s", resumed_from, job.run.epochs, job_dir)
-        write_metrics(job_dir, rows)  # drops any row written after that checkpoint
+    if state or (job_dir / METRICS_FILE).is_file():  # drops any row written after that checkpoint (all: no checkpoint)
+        write_metrics(job_dir, rows)
     diagnostics_rows = read_diagnostics(job_dir, resumed_from)  # the same for diagnostics.csv
     if diagnostics_rows or (job_dir / DIAGNOSTICS_FILE).is_file():
         write_diagnostics(job_dir, diagnostics_rows)
@@ -209,11 +214,14 @@ def _restore(job_dir: Path, job: Job, provenance: dict[str, Any]) -> _Progress:
 
 
 def _train(job: Job, progress: _Progress) -> list[EpochMetrics]:
-    """The job's epochs after its checkpoint, each one's files written as it ends; interrupted, it is incomplete."""
+    """The job's epochs after its checkpoint, each one's files written as it ends; interrupted, or stopped by a full
+    disk, it is incomplete (on a disk still full, its summary stays `running`: incomplete once its process ends)."""
     try:
         return job.train(progress.record, progress.state, progress.diagnose if progress.probe else None)
-    except KeyboardInterrupt:
-        progress.mark(Status.INCOMPLETE, len(progress.rows))
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt) or disk_full(err):
+            with contextlib.suppress(OSError):
+                progress.mark(Status.INCOMPLETE, len(progress.rows))
         raise
 
 

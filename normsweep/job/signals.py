@@ -1,9 +1,11 @@
-"""Ctrl-C and SIGTERM for a job: a SLURM job's SIGTERM stops it as Ctrl-C does, and the workers a sweep starts
-hold Ctrl-C back until their job runs, so that it always ends them with the message saying how to resume."""
+"""Ctrl-C and SIGTERM for a job: SIGTERM (`kill`, a SLURM job's end) stops it as Ctrl-C does, and the workers a
+sweep starts hold Ctrl-C back until their job runs, so that it always ends them with the message saying how to
+resume."""
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import sys
@@ -13,31 +15,52 @@ from multiprocessing import resource_tracker
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM in a SLURM job: taken as Ctrl-C is, so the job stops at once and its folder is marked `incomplete`."""
+    """SIGTERM: taken as Ctrl-C is, so the job stops at once and its folder is marked `incomplete`."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut short the summary
+    for worker in multiprocessing.active_children():  # joblib's workers: each stops its own job the same way
+        with contextlib.suppress(OSError):
+            os.kill(worker.pid, signal.SIGTERM)
+    raise Terminated
 
 
 @contextlib.contextmanager
 def stop_on_sigterm() -> Iterator[None]:
-    """Inside a SLURM job, SIGTERM (scancel, a requeue, the time limit, a preemption) stops the job now.
+    """SIGTERM stops what runs inside (a sweep, between its jobs too, or one job) now, as Ctrl-C does: the job is
+    marked `incomplete` and the line saying how to resume is printed, where the default would end the process with
+    its summary.json still `running`. Nested, the outer one holds.
 
-    SLURM sends SIGKILL KillWait seconds after SIGTERM; submitit only logs "Bypassing signal SIGTERM", so the job would
-    train on, and a job that finished inside that window would be counted done after its cancel. Submitit's own
-    pre-emption signal (SIGUSR2 before the time limit: checkpoint and requeue) stays with submitit.
+    Inside a SLURM job (scancel, a requeue, the time limit, a preemption), SLURM sends SIGKILL KillWait seconds after
+    SIGTERM; submitit only logs "Bypassing signal SIGTERM", so the job would train on, and a job that finished inside
+    that window would be counted done after its cancel. Submitit's own pre-emption signal (SIGUSR2 before the time
+    limit: checkpoint and requeue) stays with submitit, and so does SIGTERM when it is that signal.
     """
     preempt = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
-    if not os.environ.get("SLURM_JOB_ID") or preempt == "TERM" or threading.current_thread() != threading.main_thread():
+    if (
+        preempt == "TERM"
+        or threading.current_thread() != threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) in (_stop, signal.SIG_IGN)
+    ):
         yield
         return
-
-    def stop(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut short the summary
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_by(err: KeyboardInterrupt) -> tuple[str, int]:
+    """How a stop is said, and the exit status it ends the process with (128 + the signal, as the shell has it)."""
+    if not isinstance(err, Terminated):
+        return "interrupted", 130
+    return (
+        "stopped by SIGTERM (SLURM ended or requeued the job)"
+        if os.environ.get("SLURM_JOB_ID")
+        else "stopped by SIGTERM"
+    ), 143
 
 
 def hold_ctrl_c(hold: bool) -> None:

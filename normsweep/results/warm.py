@@ -73,6 +73,7 @@ def main() -> int:
     # stdin then closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from normsweep.results.write import end_of_sweep
+    from normsweep.sweep.files import DiskFull, disk_full, full_disk_line
 
     warm_up()
     request = sys.stdin.readline()
@@ -88,9 +89,13 @@ def main() -> int:
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    except Exception:  # a bug stays loud: its traceback goes back with the rest
-        traceback.print_exc()
-        code = 1
+    except Exception as err:
+        if disk_full(err):  # the sweep's own line for it, as the launcher says it (cli.stop_on_full_disk)
+            print(full_disk_line(err, sweep_dir, sweep=True), file=sys.stderr)
+            code = DiskFull.status
+        else:  # a bug stays loud: its traceback goes back with the rest
+            traceback.print_exc()
+            code = 1
     for stream in (sys.stdout, sys.stderr):
         if stream.pending:  # a last line without its newline
             stream.write("\n")

@@ -3,6 +3,7 @@ about jobs in trouble."""
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import shlex
@@ -25,7 +26,7 @@ from normsweep.results.tables import (
     format_table,
     problems,
 )
-from normsweep.sweep.files import ATTENTION, Status, atomic_write, job_dirs
+from normsweep.sweep.files import ATTENTION, Status, atomic_write, disk_full, job_dirs
 
 LOG = "normsweep.log"  # each job's log, as Hydra names it (hydra.job.name + .log)
 
@@ -64,15 +65,28 @@ def _draw(figures: list[Callable[[], None]], side_by_side: bool) -> None:
         for draw in figures:
             draw()
         return
-    other = multiprocessing.get_context("fork").Process(target=figures[-1], daemon=True)
+    other = multiprocessing.get_context("fork").Process(target=_draw_apart, args=(figures[-1],), daemon=True)
     other.start()
     try:
         for draw in figures[:-1]:
             draw()
     finally:
         other.join()
+    path = figures[-1].args[-1]
+    if other.exitcode in (errno.ENOSPC, errno.EDQUOT):  # a full disk, said here as the other writes say it
+        raise OSError(other.exitcode, os.strerror(other.exitcode), str(path))
     if other.exitcode:
-        raise RuntimeError(f"drawing {figures[-1].args[-1]} failed (exit status {other.exitcode})")
+        raise RuntimeError(f"drawing {path} failed (exit status {other.exitcode})")
+
+
+def _draw_apart(draw: Callable[[], None]) -> None:
+    """A figure drawn in the forked process: a full disk ends it with the error's number as its exit status."""
+    try:
+        draw()
+    except OSError as err:
+        if not disk_full(err):
+            raise
+        os._exit(err.errno)
 
 
 def report(sweep_dir: Path, compare: str | None = "norm", side_by_side: bool = False) -> Report:

@@ -89,11 +89,12 @@ class ResumeCheck(Callback):
     """The same check for a single run, before Hydra writes into an existing `hydra.run.dir`.
 
     It also notes, for this process, the folders a single run makes (so that a run refused before training can
-    take them away again) and the folder of a sweep (so that an interrupted sweep can say how to resume it).
+    take them away again) and the folder of a run or a sweep (so that one stopped can say how to resume it).
     """
 
     # The run's folder, then the parents that may have been made for it, absolute; () when the folder was there.
     made: tuple[Path, ...] = ()
+    run_dir: str | None = None
     sweep_dir: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -101,6 +102,7 @@ class ResumeCheck(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_folder_name(str(config.hydra.run.dir), "hydra.run.dir")
+        ResumeCheck.run_dir = str(config.hydra.run.dir)
         # A default folder is claimed (made) by resolving it; a named one is made later by Hydra, if missing.
         claimed = "normsweep.new_dir" in str(OmegaConf.to_container(config.hydra.run, resolve=False)["dir"])
         job_dir = Path(str(config.hydra.run.dir))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import enum
+import errno
 import io
 import json
 import math
@@ -68,20 +69,54 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it into place."""
+def atomic_write(path: Path, data: str | bytes, previous: Path | None = None) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it into place. With `previous`, the
+    file in place is first renamed to that name: a rename, not a second write, and at every instant one of the two
+    names holds a whole file. An error names `path` (a full disk, a write refused)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        err.filename = err.filename or str(path)
+        raise
     try:
         os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.is_file():
+            os.replace(path, previous)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not err.filename:  # a failed write says which file it was
+            err.filename = str(path)
         raise
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether an error is a write that found its disk full, or the user's disk quota used up."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(BaseException):
+    """A job's write found the disk full (the OSError is its argument): the sweep stops, since every job after it
+    would fail the same way. A BaseException, as KeyboardInterrupt is: Hydra's launchers record an Exception as the
+    job's failure and go on to the next job."""
+
+    status = 75  # the exit status: sysexits.h's EX_TEMPFAIL, a failure that the same command, run later, gets past
+
+
+def full_disk_line(err: OSError, folder: str | Path, sweep: bool) -> str:
+    """What a full disk says: where, that nothing finished is lost, and how to resume once there is space."""
+    what = os.strerror(err.errno) if err.errno else str(err)
+    where = f"writing {err.filename}" if err.filename else f"in {folder}"
+    option = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    return (
+        f"{what} ({where}): the {'sweep' if sweep else 'run'} stopped, and every finished epoch is kept. Once there "
+        f"is space, run the same command with {option}={folder} to resume"
+    )
 
 
 def _cell(value: Any) -> str:
@@ -178,6 +213,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the one before: resumed from when checkpoint.pt cannot be read
 
 
 def record_failure(
