@@ -40,6 +40,7 @@ from normsweep.job.signals import (
     stopped_by,
 )
 from normsweep.sweep.callbacks import ResumeCheck
+from normsweep.sweep.compose import SWEPT_KEYS_ENV, override_key
 from normsweep.sweep.files import DiskFull, disk_full, full_disk_line, record_failure
 from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
 
@@ -68,6 +69,16 @@ class JobTag(logging.Filter):
     def detach(self) -> None:
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self)
+
+
+def _telling_apart(overrides: list[str]) -> list[str]:
+    """A job's overrides of the keys its sweep varies (what its launcher said, sweep/compose.py): what tells its log
+    lines from the other jobs'. All of them when not said (a job launched otherwise)."""
+    swept = os.environ.get(SWEPT_KEYS_ENV)
+    if swept is None:
+        return overrides
+    keys = set(swept.split(",")) - {""}
+    return [o for o in overrides if override_key(o) in keys]
 
 
 def discard_unused_run_dir(job_dir: Path, log_name: str) -> bool:
@@ -134,7 +145,7 @@ def app(cfg: DictConfig) -> float | None:
     keep_saved_behaviour(job_dir, cfg, overrides)  # a folder saved before a key was added resumes the old way
     config = task_config(cfg)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    tag = JobTag(hydra_cfg.job.num, overrides) if in_sweep else None
+    tag = JobTag(hydra_cfg.job.num, _telling_apart(overrides)) if in_sweep else None
     if tag:
         tag.attach()
     try:

@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import NORMS, make_mnist, run_cli, run_cli_here
 
+from normsweep.config.checks import options
 from normsweep.sweep.files import METRIC_COLUMNS
 
 
@@ -189,3 +190,10 @@ def test_torchvision_data_set_end_to_end(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dataset"] == "mnist" and summary["epochs_completed"] == 1
     assert "96 train / 24 val / 40 test images, 1x28x28, 10 classes" in proc.stdout
+
+
+def test_help_lists_every_preset_in_conf_experiment(tmp_path: Path) -> None:
+    proc = run_cli_here(["--help"], tmp_path)
+    presets = re.search(r"# presets: (.+)", proc.stdout)
+    assert proc.returncode == 0 and presets is not None, proc.stdout
+    assert presets.group(1).strip().split(", ") == options("experiment")  # a preset added is a preset shown

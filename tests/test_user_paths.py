@@ -64,7 +64,14 @@ def test_a_one_job_sweep_counts_1_job_and_its_lines_name_the_job(tmp_path: Path)
     proc = run_cli(["-m", "norm=gn", *TINY, "hydra.sweep.dir=s"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "results.csv  (1 job)" in proc.stdout  # not "(1 jobs)"
-    assert "[job 0 norm=gn model=mlp batch_size=256 epochs=1] Epoch 1/1 train_loss" in proc.stdout
+    assert "[job 0] Epoch 1/1 train_loss" in proc.stdout  # one job: nothing to tell it from
+
+
+def test_a_jobs_lines_are_tagged_with_what_tells_it_from_the_other_jobs(tmp_path: Path) -> None:
+    proc = run_cli_here(["-m", "norm=bn,gn", "seed=0,1", *TINY, "hydra.sweep.dir=s"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for num, (norm, seed) in enumerate([("bn", 0), ("bn", 1), ("gn", 0), ("gn", 1)]):
+        assert f"[job {num} norm={norm} seed={seed}] Epoch 1/1 train_loss" in proc.stdout  # not model=mlp ...
 
 
 def test_ctrl_c_under_joblib_ends_with_how_to_resume_and_no_traceback(tmp_path: Path) -> None:

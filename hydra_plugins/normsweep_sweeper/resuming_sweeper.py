@@ -90,7 +90,7 @@ class ResumingSweeper(BasicSweeper):
         # Imported here: Hydra imports every plugin module at start-up, for any app; torch loads only for ours.
         from normsweep.config.checks import check_job
         from normsweep.config.errors import ConfigError
-        from normsweep.sweep.compose import JobConfigs
+        from normsweep.sweep.compose import SWEPT_KEYS_ENV, JobConfigs, swept_keys
         from normsweep.sweep.resume import SweepFolders, mistakes_of, refuse, task_config
 
         assert self.hydra_context is not None and self.config is not None
@@ -122,8 +122,10 @@ class ResumingSweeper(BasicSweeper):
                     )
                     placed[-1].append([*overrides, f"hydra.sweep.subdir={_quoted(name)}"])
                     self._hand_over(job_cfg, name, placed[-1][-1])
+            jobs = [list(o) for batch in batches for o in batch]
             if mistakes:
-                raise ConfigError(mistakes_of(mistakes, [o for batch in batches for o in batch]))
+                raise ConfigError(mistakes_of(mistakes, jobs))
+            os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(jobs))  # for the jobs' log tags
         except ConfigError as err:
             self._put_back()
             refuse(err)

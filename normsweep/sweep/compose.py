@@ -15,6 +15,27 @@ from omegaconf import DictConfig, OmegaConf
 
 from normsweep.config import hydra_compat
 
+# The keys whose values differ between the jobs of the sweep being launched, comma-separated: a job's log lines are
+# tagged with those only (the launched processes inherit the environment).
+SWEPT_KEYS_ENV = "NORMSWEEP_SWEPT_KEYS"
+
+
+def override_key(override: str) -> str:
+    """`norm` of `norm=bn`, `model.width` of `+model.width=8`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def swept_keys(jobs: list[list[str]]) -> list[str]:
+    """The keys of the jobs' overrides that are not the same in every job, in the order first given."""
+    given: dict[str, set[str]] = {}
+    jobs_with: dict[str, int] = {}
+    for job in jobs:
+        for override in job:
+            given.setdefault(override_key(override), set()).add(override)
+        for key in {override_key(o) for o in job}:
+            jobs_with[key] = jobs_with.get(key, 0) + 1
+    return [key for key, seen in given.items() if len(seen) > 1 or jobs_with[key] < len(jobs)]
+
 
 class JobConfigs:
     def __init__(self, loader: Any, master: DictConfig) -> None:
