@@ -250,6 +250,7 @@ def _summarize(job: Job, progress: _Progress, history: list[EpochMetrics], start
         "final_train_acc": last.train_acc,
         "test_acc": test_acc,
         "test_loss": test_loss,
+        "train_images": len(job.data.train),  # dataset.train_size, or the training split less the validation
         "test_images": len(job.data.test),  # one image is 100 / test_images points: the resolution of test_acc
         "params": job.params,
         "sec_per_epoch": sum(m.epoch_seconds for m in history) / len(history),

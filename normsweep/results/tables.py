@@ -66,6 +66,7 @@ RUN_FIELDS = {
     "val_loss": "final_val_loss",
     "test_loss": "test_loss",
     "test_images": "test_images",
+    "train_images": "train_images",
     "train_loss": "final_train_loss",
     "train_acc": "final_train_acc",
     "sec_per_epoch": "sec_per_epoch",
