@@ -25,7 +25,7 @@ from normsweep.job.diagnostics import Diagnostics
 from normsweep.job.optim import no_decay
 from normsweep.job.placement import available_cpus
 from normsweep.job.threads import CpuSample, ThreadChoice, busy_since, choose_threads, cpu_sample, describe, step_macs
-from normsweep.job.train import EpochMetrics, describe_hardware, evaluate, resolve_device
+from normsweep.job.train import EpochMetrics, describe_hardware, predict, resolve_device
 from normsweep.sweep.files import (
     DIAGNOSTICS_FILE,
     FINISHED,
@@ -33,6 +33,7 @@ from normsweep.sweep.files import (
     read_diagnostics,
     write_diagnostics,
     write_metrics,
+    write_predictions,
     write_summary,
 )
 from normsweep.sweep.liveness import load_summary, process_start, slurm_job
@@ -60,7 +61,7 @@ def run_job(
     progress = _restore(job_dir, job, _provenance(job, device, choice, overrides, config))
     history = _train(job, progress)
     summary = _summarize(job, progress, history, started)
-    write_summary(job_dir, summary)
+    write_summary(job_dir, summary)  # last: a folder whose summary says finished holds every file of the job
     log.info(
         "test_acc %.2f%% test_loss %.4f (final model, %d test images)",
         summary["test_acc"],
@@ -218,7 +219,8 @@ def _train(job: Job, progress: _Progress) -> list[EpochMetrics]:
 
 
 def _summarize(job: Job, progress: _Progress, history: list[EpochMetrics], started: float) -> dict[str, Any]:
-    """The finished job's summary.json: how it ended, its numbers (on the test split: the final model's), its time."""
+    """The finished job's summary.json: how it ended, its numbers (on the test split: the final model's, whose
+    predictions it writes to predictions.npz), its time."""
     run, last, diverge_loss = job.run, history[-1], job.diverge_loss
     diverged = last.diverged(diverge_loss)
     if diverged and not last.finite:
@@ -235,7 +237,10 @@ def _summarize(job: Job, progress: _Progress, history: list[EpochMetrics], start
             last.epoch,
             diverge_loss,
         )
-    test_loss, test_acc = evaluate(job.model, job.data.test, job.data, job.compute)
+    test = job.data.test
+    test_loss, predicted = predict(job.model, test, job.data, job.compute)
+    test_acc = 100.0 * (predicted == test.labels).sum().item() / len(test)
+    write_predictions(progress.job_dir, predicted.cpu().numpy(), test.labels.cpu().numpy())
     best = max(history, key=lambda m: m.val_acc)
     return {
         "status": Status.DIVERGED if diverged else Status.COMPLETED,

@@ -177,19 +177,25 @@ def prepare(model: nn.Module, compute: Compute) -> nn.Module:
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: Split, data: Data, compute: Compute = Compute()) -> tuple[float, float]:
     """Mean loss and accuracy (percent) of `model` on an un-augmented split."""
+    loss, predicted = predict(model, split, data, compute)
+    return loss, 100.0 * (predicted == split.labels).sum().item() / len(split)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: Split, data: Data, compute: Compute = Compute()) -> tuple[float, torch.Tensor]:
+    """Mean loss of `model` on an un-augmented split, and its predicted class for each image (on the device)."""
     was_training = model.training
     model.eval()
     device = split.labels.device
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    predicted = torch.empty_like(split.labels)
     for s in batch_slices(len(split), EVAL_BATCH):
         with compute.autocast(device):
             logits = model(normalize(split.images[s], data, compute.memory_format))
         loss_sum += nn.functional.cross_entropy(logits.float(), split.labels[s], reduction="sum")
-        correct += (logits.argmax(1) == split.labels[s]).sum()
+        predicted[s] = logits.argmax(1)
     model.train(was_training)
-    n = len(split)
-    return loss_sum.item() / n, 100.0 * correct.item() / n
+    return loss_sum.item() / len(split), predicted
 
 
 def train_epoch(

@@ -14,7 +14,10 @@ import yaml
 from normsweep import __version__
 from normsweep.results.tables import (
     COMPARE_METRICS,
+    MCNEMAR,
+    PAIRED_T,
     SIGNIFICANCE,
+    WELCH,
     Report,
     best_columns,
     best_file,
@@ -233,15 +236,24 @@ def results_text(report: Report) -> str:
             "the mean (Student's t)."
         )
     parts.append("`gap_to_best` is the best row's test accuracy minus this row's, in points.")
-    if several:
+    tests = set(report.results["test"].dropna())
+    if tests:
+        named = {
+            PAIRED_T: "a paired t-test over the seeds (`paired-t`)",
+            WELCH: "Welch's t-test over the seeds (`welch`, when the seeds differ)",
+            MCNEMAR: "McNemar's exact test on the test images both rows' runs were scored on (`mcnemar`, one run on "
+            "a side: it says whether these two trained models differ, not whether their settings do; only seeds say "
+            "that)",
+        }
         parts.append(
-            "`p_vs_best` is the two-sided p of that gap over seeds (a paired t-test when the seeds match, else "
-            "Welch's; `-` for the best row itself and where the gap is the same in every seed)."
+            "`p_vs_best` is the two-sided p of that gap by the `test` named beside it: "
+            + "; ".join(text for test, text in named.items() if test in tests)
+            + ". `-` for the best row itself and where the gap is the same in every seed."
         )
-    alternative = f" or p ≥ {SIGNIFICANCE:g}" if several else ""
     parts.append(
-        f"`within_noise`: the row cannot be told from the best (a gap under one test image{alternative}); one "
-        "test image, in points, is results.csv's `resolution`."
+        f"`within_noise`: `yes` when the row cannot be told from the best (a gap under one test image, or p ≥ "
+        f"{SIGNIFICANCE:g}), `no` when it can, `unknown` when no test applies (one run on a side and no saved "
+        "predictions); one test image, in points, is results.csv's `resolution`."
     )
     return " ".join(parts)
 
