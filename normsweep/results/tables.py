@@ -72,6 +72,8 @@ RUN_FIELDS = {
     "test_loss": "test_loss",
     "test_images": "test_images",
     "train_images": "train_images",
+    "classes": "classes",
+    "chance_acc": "chance_acc",
     "train_loss": "final_train_loss",
     "train_acc": "final_train_acc",
     "sec_per_epoch": "sec_per_epoch",
@@ -647,6 +649,7 @@ def format_table(report: Report) -> str:
     if report.fixed:
         lines.append("same in every run: " + settings_text(report.fixed))
     lines += noise_sentences(report)
+    lines += stalled_sentences(report)
     return "\n".join(lines)
 
 
@@ -656,15 +659,76 @@ def format_best(best: pd.DataFrame, axis: str, metric: str = DEFAULT_METRIC) -> 
     return title + "\n" + cells(best, best_columns(best)).to_string(index=False)
 
 
+def job_settings(row: pd.Series, keys: list[str], seed: bool = True) -> str:
+    """A job's settings as typed: `norm=bn batch_size=2 seed=0` (without the seed when not `seed`)."""
+    return " ".join(setting(k, row[k]) for k in [*keys, *(["seed"] if seed else [])] if pd.notna(row[k]))
+
+
+def stalled_sentences(report: Report) -> list[str]:
+    """`2 runs stalled at chance: ...`, naming them (up to TIES_NAMED), when any job ended with status stalled."""
+    stalled = report.runs[report.runs["status"] == Status.STALLED]
+    if not len(stalled):
+        return []
+    seeds = report.runs["seed"].nunique() > 1
+    names = [job_settings(row, report.varying, seeds) or "all runs" for _, row in stalled.iterrows()]
+    if len(names) > TIES_NAMED:
+        names = [*names[: TIES_NAMED - 1], f"{len(names) - TIES_NAMED + 1} more"]
+    runs = f"{len(stalled)} run{'s' if len(stalled) > 1 else ''}"
+    return [
+        f"{runs} stalled at chance ({_listed(names)}): trained every epoch and learned nothing, the training loss "
+        "still that of a uniform guess (ln(classes)) and the validation accuracy that of naming one class; their "
+        "numbers count in the table as the result of their setting (report.md shows what reached their norm layers)."
+    ]
+
+
+def stalled_runs(report: Report, sweep_dir: Path) -> pd.DataFrame | None:
+    """The stalled jobs beside the best row's, per norm layer at their last epoch: training loss against ln(classes),
+    validation accuracy against chance, the gradient reaching each norm layer and the std of its input (from each
+    job's diagnostics.csv). None when no job stalled."""
+    runs = report.runs
+    stalled = runs[runs["status"] == Status.STALLED]
+    if not len(stalled):
+        return None
+    best = report.results.iloc[0]
+    reference = runs[matching(runs, best, report.keys) & runs["status"].isin([Status.COMPLETED, Status.DIVERGED])]
+    shown = [("stalled", run) for _, run in stalled.iterrows()] + [
+        ("best", run) for _, run in reference.head(1).iterrows()
+    ]
+    rows = []
+    for label, run in shown:
+        figures = {
+            "run": f"{job_settings(run, report.varying, runs['seed'].nunique() > 1) or 'all runs'} ({label})",
+            "train_loss": run["train_loss"],
+            "ln(classes)": math.log(run["classes"]) if pd.notna(run["classes"]) else float("nan"),
+            "val_acc": run["val_acc"],
+            "chance_acc": run["chance_acc"],
+        }
+        layers = _last_epoch_layers(Path(sweep_dir) / str(run["job"]))
+        if layers is None:  # run with diagnostics=false
+            layers = pd.DataFrame({"grad_norm": [float("nan")], "in_std": [float("nan")]}, index=["-"])
+        for layer, values in layers.iterrows():
+            rows.append({**figures, "layer": layer, "grad_norm": values["grad_norm"], "in_std": values["in_std"]})
+    return pd.DataFrame(rows)
+
+
+def _last_epoch_layers(job_dir: Path) -> pd.DataFrame | None:
+    """A job's grad_norm and in_std per norm layer (in depth order) at its last epoch; None without diagnostics."""
+    try:
+        frame = pd.read_csv(job_dir / DIAGNOSTICS_FILE)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not set(DIAGNOSTICS_COLUMNS) <= set(frame.columns) or not len(frame):
+        return None
+    last = frame[(frame["epoch"] == frame["epoch"].max()) & (frame["depth"] > 0)]
+    table = last.pivot_table(index=["depth", "layer"], columns="metric", values="value", aggfunc="first")
+    return table.set_axis([f"{d} {name}" for d, name in table.index])
+
+
 def problems(report: Report) -> list[str]:
     """One line per job that failed, stopped early or cannot be read: status, folder, settings, error."""
     lines = []
     for _, row in report.runs[report.runs["status"].isin(ATTENTION)].iterrows():
-        settings = " ".join(
-            f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}"
-            for k in [*report.keys, "seed"]
-            if pd.notna(row[k])
-        )
+        settings = job_settings(row, report.keys)
         if pd.notna(row["error"]) and str(row["error"]).strip():
             detail = str(row["error"]).strip().splitlines()[0]
         elif row["status"] == Status.INCOMPLETE:

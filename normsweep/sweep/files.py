@@ -55,6 +55,9 @@ class Status(str, enum.Enum):
     INCOMPLETE = "incomplete"  # stopped before the end (killed, interrupted, preempted): resuming continues it
     COMPLETED = "completed"  # trained every epoch
     DIVERGED = "diverged"  # stopped early on a non-finite loss: a result, not an error
+    # Trained every epoch but learned nothing: ended at chance accuracy with the loss of a uniform guess (dead
+    # ReLUs, a norm that gets no gradient). A result of the setting, like diverged: kept, not trained again.
+    STALLED = "stalled"
     FAILED = "failed"  # raised an error (message in `error`)
     CORRUPT = "corrupt"  # summary.json cannot be read
 
@@ -62,7 +65,8 @@ class Status(str, enum.Enum):
         return self.value
 
 
-FINISHED = (Status.COMPLETED, Status.DIVERGED)  # the statuses whose results count and are kept on resume
+# the statuses whose results count and are kept on resume
+FINISHED = (Status.COMPLETED, Status.DIVERGED, Status.STALLED)
 UNFINISHED = (Status.RUNNING, Status.INCOMPLETE, Status.FAILED)
 ATTENTION = (Status.FAILED, Status.INCOMPLETE, Status.CORRUPT)  # statuses that get a line of their own under the table
 
