@@ -36,6 +36,7 @@ def epoch(train_loss: float, val_acc: float) -> EpochMetrics:
         (2.2706, 15.89, False),  # ... norm=bn batch_size=8: a slow start, its val_loss already 2.12
         (2.2983, 66.94, False),  # ... norm=bn batch_size=32: the loss averaged over a first epoch still near ln(10)
         (4.2871, 58.91, False),  # norm=bn optimizer.lr=0.01 (Adam): a rough first epoch
+        (2.2874, 30.43, False),  # norm=none optimizer=sgd optimizer.lr=0.0001: slow, the loss near ln(10)
     ],
 )
 def test_a_run_is_stalled_only_at_both_the_loss_of_a_guess_and_chance_accuracy(
