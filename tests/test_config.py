@@ -144,6 +144,7 @@ def test_an_unknown_top_level_key_is_refused_with_the_closest_one(compose_cfg) -
         ("dataset.shape=[3,32]", "dataset.shape=\\[3, 32\\]: give \\[channels,height,width\\]"),
         ("dataset.classes=1", "dataset.classes=1: a classifier needs at least 2 classes"),
         ("dataset.size=5", "dataset.size=5"),
+        ("dataset.train_size=0", "dataset.train_size=0: train on at least 2 images"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(compose_cfg, override: str, message: str) -> None:

@@ -93,6 +93,25 @@ def test_val_fraction_that_empties_a_split_is_refused() -> None:
         load(DatasetConfig(name="digits"), val_fraction=0.0001, seed=0)
 
 
+def test_train_size_trains_on_a_seeded_subset_and_leaves_validation_and_test_alone() -> None:
+    whole = load(DatasetConfig(name="digits"), val_fraction=0.2, seed=0)
+    cfg = DatasetConfig(name="digits", train_size=300)
+    part, again, other = load(cfg, 0.2, seed=0), load(cfg, 0.2, seed=0), load(cfg, 0.2, seed=1)
+    assert len(part.train) == 300 and len(whole.train) > 1000
+    assert torch.equal(part.val.images, whole.val.images) and torch.equal(part.test.images, whole.test.images)
+    assert torch.equal(part.train.images, again.train.images)  # the same command, the same images
+    assert not torch.equal(part.train.labels, other.train.labels)  # drawn with the seed
+    # Drawn from the training images, so every class is there, in about its share.
+    assert set(part.train.labels.tolist()) == set(range(10))
+
+
+def test_a_train_size_larger_than_the_training_split_is_refused_with_the_most_it_can_be() -> None:
+    with pytest.raises(ConfigError) as err:
+        load(DatasetConfig(name="digits", train_size=5000), val_fraction=0.2, seed=0)
+    assert str(err.value).startswith("dataset.train_size=5000: digits has 1150 training images once val_fraction=0.2")
+    assert "choose dataset.train_size=1150 or fewer" in str(err.value)
+
+
 def test_crop_is_a_shifted_window_of_the_padded_image() -> None:
     images = torch.arange(2 * 3 * 6 * 6, dtype=torch.int64).reshape(2, 3, 6, 6).to(torch.uint8)
     out = augment(images, padding=2, hflip=False, generator=torch.Generator().manual_seed(0))
@@ -263,3 +282,18 @@ def test_a_failed_download_says_so_and_leaves_no_empty_folders(
         assert [p.name for p in root.iterdir()] == ["notes.txt"]
     else:
         assert list(tmp_path.iterdir()) == []
+
+
+def test_a_jobs_train_size_is_recorded_and_shown_in_the_table(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from normsweep.config.checks import compose_run
+    from normsweep.job.run import run_job
+    from normsweep.results.tables import format_table
+    from normsweep.results.write import aggregate
+
+    small = ["dataset=synthetic", "dataset.shape=[1,8,8]", "dataset.size=400", "epochs=1", "dataset.train_size=100"]
+    run = replace(compose_run(small), threads=1, diagnostics=False)
+    summary = run_job(run, tmp_path / "0", small, {"dataset": {"name": "synthetic", "train_size": 100}})
+    assert summary["train_images"] == 100
+    assert "dataset.train_size=100" in format_table(aggregate(tmp_path))

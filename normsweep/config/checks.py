@@ -146,6 +146,11 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Config:
         f"dataset.test_fraction={dataset.test_fraction}: must be strictly between 0 and 1",
     )
     _check(
+        dataset.train_size is None or dataset.train_size >= 2,
+        f"dataset.train_size={dataset.train_size}: train on at least 2 images (e.g. dataset.train_size=6000), or "
+        "leave it out (null) to train on the whole training split",
+    )
+    _check(
         run.precision in PRECISIONS,
         f"precision={run.precision}: choose fp32, or bf16 (mixed precision on CUDA and on CPUs with native bf16)",
     )

@@ -49,7 +49,7 @@ hydra_compat.register_resolver("normsweep.new_dir", new_dir, use_cache=True)
 
 
 # The keys normsweep itself reads from a user data set's YAML; every other key goes to its `_target_` callable.
-USER_DATASET_KEYS = ("name", "crop_padding", "hflip", "test_fraction", "split_seed")
+USER_DATASET_KEYS = ("name", "crop_padding", "hflip", "test_fraction", "split_seed", "train_size")
 
 
 @dataclass
@@ -63,6 +63,8 @@ class DatasetConfig(Record):
     hflip: bool = False
     test_fraction: float = 0.2  # digits and synthetic: they have no official test split
     split_seed: int = 0
+    # Train on this many images of the training split (after the validation hold-out), drawn with `seed`; null = all.
+    train_size: Optional[int] = None  # noqa: UP045 (OmegaConf reads the annotation at runtime: no `X | None`)
 
 
 @dataclass

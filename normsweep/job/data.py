@@ -290,7 +290,7 @@ def _source(cfg: DatasetConfig) -> tuple[Split, Split, int]:
     root = str(Path(cfg.root).expanduser().resolve())
     # Every key that decides which images are loaded (a user data set's target and arguments included); the
     # augmentation keys only act on training batches.
-    key = repr(replace(cfg, root=root, download=False, crop_padding=0, hflip=False))
+    key = repr(replace(cfg, root=root, download=False, crop_padding=0, hflip=False, train_size=None))
     if key not in _LAST:
         loaded = _user_data(cfg) if isinstance(cfg, UserDataset) else LOADERS[cfg.name](cfg)
         _LAST.clear()
@@ -299,7 +299,9 @@ def _source(cfg: DatasetConfig) -> tuple[Split, Split, int]:
 
 
 def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
-    """Load a data set and hold out a seeded `val_fraction` of its training split for validation."""
+    """Load a data set and hold out a seeded `val_fraction` of its training split for validation; with
+    `cfg.train_size`, train on that many of the images left (drawn with `seed`: the same images for the same seed;
+    the validation and test splits do not change)."""
     if cfg.name not in LOADERS and not isinstance(cfg, UserDataset):
         raise ConfigError(
             f"dataset={cfg.name}: unknown data set; choose one of {', '.join(LOADERS)}, or give its YAML a _target_ "
@@ -314,6 +316,14 @@ def load(cfg: DatasetConfig, val_fraction: float, seed: int) -> Data:
         )
     order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:n_val], order[n_val:]
+    if cfg.train_size is not None:
+        if cfg.train_size > len(train_idx):
+            raise ConfigError(
+                f"dataset.train_size={cfg.train_size}: {cfg.name} has {len(train_idx)} training images once "
+                f"val_fraction={val_fraction} holds out {n_val} of its {len(full_train)} for validation; choose "
+                f"dataset.train_size={len(train_idx)} or fewer, or leave it out to train on all of them"
+            )
+        train_idx = train_idx[: cfg.train_size]  # a prefix of a seeded permutation: a seeded subset
     train = Split(full_train.images[train_idx], full_train.labels[train_idx])
     val = Split(full_train.images[val_idx], full_train.labels[val_idx])
     return Data(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import platform
 import socket
@@ -26,7 +27,7 @@ from normsweep.job.diagnostics import Diagnostics
 from normsweep.job.optim import no_decay
 from normsweep.job.placement import available_cpus
 from normsweep.job.threads import CpuSample, ThreadChoice, busy_since, choose_threads, cpu_sample, describe, step_macs
-from normsweep.job.train import EpochMetrics, describe_hardware, evaluate, resolve_device
+from normsweep.job.train import EpochMetrics, describe_hardware, predict, resolve_device
 from normsweep.sweep.files import (
     DIAGNOSTICS_FILE,
     FINISHED,
@@ -36,6 +37,7 @@ from normsweep.sweep.files import (
     read_diagnostics,
     write_diagnostics,
     write_metrics,
+    write_predictions,
     write_summary,
 )
 from normsweep.sweep.liveness import load_summary, process_start, slurm_job
@@ -63,7 +65,7 @@ def run_job(
     progress = _restore(job_dir, job, _provenance(job, device, choice, overrides, config))
     history = _train(job, progress)
     summary = _summarize(job, progress, history, started)
-    write_summary(job_dir, summary)
+    write_summary(job_dir, summary)  # last: a folder whose summary says finished holds every file of the job
     drop_previous(job_dir)
     log.info(
         "test_acc %.2f%% test_loss %.4f (final model, %d test images)",
@@ -226,30 +228,20 @@ def _train(job: Job, progress: _Progress) -> list[EpochMetrics]:
 
 
 def _summarize(job: Job, progress: _Progress, history: list[EpochMetrics], started: float) -> dict[str, Any]:
-    """The finished job's summary.json: how it ended, its numbers (on the test split: the final model's), its time."""
-    run, last, diverge_loss = job.run, history[-1], job.diverge_loss
-    diverged = last.diverged(diverge_loss)
-    if diverged and not last.finite:
-        log.warning(
-            "diverged: the loss is not finite in epoch %d (train_loss %s, val_loss %s); stopped there",
-            last.epoch,
-            last.train_loss,
-            last.val_loss,
-        )
-    elif diverged:
-        log.warning(
-            "diverged: train_loss %.4g in epoch %d exceeds diverge_loss=%.4g; stopped there",
-            last.train_loss,
-            last.epoch,
-            diverge_loss,
-        )
-    test_loss, test_acc = evaluate(job.model, job.data.test, job.data, job.compute)
+    """The finished job's summary.json: how it ended, its numbers (on the test split: the final model's, whose
+    predictions it writes to predictions.npz), its time."""
+    run, last = job.run, history[-1]
+    status, chance_acc = _ending(job, last)
+    test = job.data.test
+    test_loss, predicted = predict(job.model, test, job.data, job.compute)
+    test_acc = 100.0 * (predicted == test.labels).sum().item() / len(test)
+    write_predictions(progress.job_dir, predicted.cpu().numpy(), test.labels.cpu().numpy())
     best = max(history, key=lambda m: m.val_acc)
     return {
-        "status": Status.DIVERGED if diverged else Status.COMPLETED,
+        "status": status,
         "epochs_completed": len(history),
         "epochs": run.epochs,
-        "diverged_epoch": last.epoch if diverged else None,
+        "diverged_epoch": last.epoch if status == Status.DIVERGED else None,
         "final_val_acc": last.val_acc,
         "final_val_loss": last.val_loss,
         "best_val_acc": best.val_acc,
@@ -258,14 +250,53 @@ def _summarize(job: Job, progress: _Progress, history: list[EpochMetrics], start
         "final_train_acc": last.train_acc,
         "test_acc": test_acc,
         "test_loss": test_loss,
+        "train_images": len(job.data.train),  # dataset.train_size, or the training split less the validation
         "test_images": len(job.data.test),  # one image is 100 / test_images points: the resolution of test_acc
+        "classes": job.data.num_classes,
+        "chance_acc": chance_acc,  # validation accuracy of always naming the largest class: where `stalled` is judged
         "params": job.params,
         "sec_per_epoch": sum(m.epoch_seconds for m in history) / len(history),
         "wall_seconds": time.perf_counter() - started,
         "resumed_from_epoch": progress.resumed_from,
-        "diverge_loss": diverge_loss,  # the training loss above which this job counts as diverged (null: none)
+        "diverge_loss": job.diverge_loss,  # the training loss above which this job counts as diverged (null: none)
         # Whether norm and bias parameters were decayed, and how many scalars weight decay left alone.
         "decay_norm_and_bias": run.optimizer.decay_norm_and_bias,
         "no_decay_params": 0 if run.optimizer.decay_norm_and_bias else sum(p.numel() for p in no_decay(job.model)),
         **progress.provenance,
     }
+
+
+def _ending(job: Job, last: EpochMetrics) -> tuple[Status, float]:
+    """How the finished training ended (completed, diverged or stalled: the log says why), and the validation
+    accuracy of a model that learned nothing: always naming the split's largest class scores its share."""
+    chance_acc = 100.0 * torch.bincount(job.data.val.labels).max().item() / len(job.data.val)
+    if last.diverged(job.diverge_loss):
+        if not last.finite:
+            log.warning(
+                "diverged: the loss is not finite in epoch %d (train_loss %s, val_loss %s); stopped there",
+                last.epoch,
+                last.train_loss,
+                last.val_loss,
+            )
+        else:
+            log.warning(
+                "diverged: train_loss %.4g in epoch %d exceeds diverge_loss=%.4g; stopped there",
+                last.train_loss,
+                last.epoch,
+                job.diverge_loss,
+            )
+        return Status.DIVERGED, chance_acc
+    classes = job.data.num_classes
+    if last.at_chance(classes, chance_acc):
+        log.warning(
+            "stalled: train_loss %.4f is still about ln(%d) = %.4f, the loss of a uniform guess, and val_acc %.2f%% is "
+            "at chance (%.2f%%, the largest class): the model learned nothing; diagnostics.csv's grad_norm shows "
+            "whether any gradient reaches the norm layers",
+            last.train_loss,
+            classes,
+            math.log(classes),
+            last.val_acc,
+            chance_acc,
+        )
+        return Status.STALLED, chance_acc
+    return Status.COMPLETED, chance_acc

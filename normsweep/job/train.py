@@ -24,6 +24,10 @@ EVAL_BATCH = 1024
 # diverge_loss=auto: a run has diverged once an epoch's mean training loss exceeds DIVERGE_FACTOR × ln(classes), the
 # loss of a uniform guess times 10: a mean probability of classes^-10 on the true class, far worse than any guess.
 DIVERGE_FACTOR = 10
+# A finished run is stalled (learned nothing) when its last epoch's training loss is within 10% of ln(classes), the
+# loss of a uniform guess, and its validation accuracy at most 1.2 × the largest class's share: EpochMetrics.at_chance.
+STALL_LOSS_MARGIN = 0.1
+STALL_ACC_FACTOR = 1.2
 
 
 @dataclass
@@ -45,6 +49,17 @@ class EpochMetrics:
     def diverged(self, diverge_loss: float | None = None) -> bool:
         """Whether the run diverged in this epoch: a loss not finite, or a training loss above `diverge_loss`."""
         return not self.finite or (diverge_loss is not None and self.train_loss > diverge_loss)
+
+    def at_chance(self, classes: int, chance_acc: float) -> bool:
+        """Whether the model has learned nothing by this epoch: its training loss still that of a uniform guess
+        (within STALL_LOSS_MARGIN of ln(classes)) and its validation accuracy that of always naming one class (at
+        most STALL_ACC_FACTOR × `chance_acc`, the share of the validation split's largest class, in percent). Why
+        these bounds: docs/results.md, "A job is stalled"."""
+        uniform = math.log(classes)
+        return (
+            abs(self.train_loss - uniform) <= STALL_LOSS_MARGIN * uniform
+            and self.val_acc <= STALL_ACC_FACTOR * chance_acc
+        )
 
 
 def diverge_limit(setting: float | str | None, classes: int) -> float | None:
@@ -177,19 +192,25 @@ def prepare(model: nn.Module, compute: Compute) -> nn.Module:
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: Split, data: Data, compute: Compute = Compute()) -> tuple[float, float]:
     """Mean loss and accuracy (percent) of `model` on an un-augmented split."""
+    loss, predicted = predict(model, split, data, compute)
+    return loss, 100.0 * (predicted == split.labels).sum().item() / len(split)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: Split, data: Data, compute: Compute = Compute()) -> tuple[float, torch.Tensor]:
+    """Mean loss of `model` on an un-augmented split, and its predicted class for each image (on the device)."""
     was_training = model.training
     model.eval()
     device = split.labels.device
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    predicted = torch.empty_like(split.labels)
     for s in batch_slices(len(split), EVAL_BATCH):
         with compute.autocast(device):
             logits = model(normalize(split.images[s], data, compute.memory_format))
         loss_sum += nn.functional.cross_entropy(logits.float(), split.labels[s], reduction="sum")
-        correct += (logits.argmax(1) == split.labels[s]).sum()
+        predicted[s] = logits.argmax(1)
     model.train(was_training)
-    n = len(split)
-    return loss_sum.item() / n, 100.0 * correct.item() / n
+    return loss_sum.item() / len(split), predicted
 
 
 def train_epoch(

@@ -407,14 +407,23 @@ def plot_diagnostics(report: Report, table: pd.DataFrame, path: Path) -> None:
     shown_blocks = _spread(blocks, MAX_DIAGNOSTIC_BLOCKS)
     first, last = int(table["epoch"].min()), int(table["epoch"].max())
     epochs = {"first": first, "last": last}
+    # One epoch: its first is its last, drawn once (two panels a row, not the same picture twice).
+    panels = [panel for panel in DIAGNOSTIC_PANELS if first < last or panel[1] != "first"]
+    columns = len(panels) // 2
     fig, axes = plt.subplots(
-        2 * len(shown_blocks), 3, figsize=(15, 7.2 * len(shown_blocks) + 0.8), layout="constrained", squeeze=False
+        2 * len(shown_blocks),
+        columns,
+        figsize=(5 * columns, 7.2 * len(shown_blocks) + 0.8),
+        layout="constrained",
+        squeeze=False,
     )
     for b, (_, block) in enumerate(shown_blocks.iterrows()):
         shown = configs[matching(configs, block, code.panels)] if code.panels else configs
         where = f" ({_short_label(block, code.panels)})" if code.panels else ""
-        for i, (metric, when, title) in enumerate(DIAGNOSTIC_PANELS):
-            ax = axes[2 * b + i // 3, i % 3]
+        drawn: dict[str, list[Any]] = {}
+        for i, (metric, when, title) in enumerate(panels):
+            ax = axes[2 * b + i // columns, i % columns]
+            drawn.setdefault(metric, []).append(ax)
             for _, config in shown.iterrows():
                 rows = table[matching(table, config, report.keys) & (table["metric"] == metric)]
                 rows = rows[rows["epoch"] == epochs[when]] if when else rows
@@ -431,12 +440,12 @@ def plot_diagnostics(report: Report, table: pd.DataFrame, path: Path) -> None:
             else:
                 ax.axhline(0, color="#333333", lw=0.8)
                 ax.set(xlabel="epoch", ylabel="loss difference")
-        for row, metric in ((2 * b, "in_std"), (2 * b + 1, "grad_norm")):
-            _share_log_y(axes[row, 0], axes[row, 1], table[table["metric"] == metric]["value"])
-        axes[2 * b, 0].set_ylabel("std of the layer's input")
-        axes[2 * b + 1, 0].set_ylabel("‖∂loss/∂input‖")
-        axes[2 * b + 1, 2].set_ylabel("‖Δw‖ / ‖w‖ over the epoch")
-        _log_if_wide(axes[2 * b + 1, 2])
+        for metric in ("in_std", "grad_norm"):
+            _share_y(drawn[metric], table[table["metric"] == metric]["value"])
+        drawn["in_std"][0].set_ylabel("std of the layer's input")
+        drawn["grad_norm"][0].set_ylabel("‖∂loss/∂input‖ (0: no gradient)")
+        drawn["update_ratio"][0].set_ylabel("‖Δw‖ / ‖w‖ over the epoch")
+        _log_if_wide(drawn["update_ratio"][0])
     if code.legend:
         handles = [Line2D([], [], color=c, ls=s, lw=2.2, label=label) for label, c, s in code.legend]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 9), frameon=False)
@@ -466,19 +475,25 @@ def _depth_axis(ax: Any, table: pd.DataFrame) -> None:
     ax.set_xlabel("depth (norm layer, in forward order)")
 
 
-def _share_log_y(left: Any, right: Any, values: pd.Series) -> None:
-    """The first and last epoch on one y-range, so they compare; log-scaled when the values span over 10x."""
-    values = values[np.isfinite(values) & (values > 0)]
-    if not len(values):
+def _share_y(axes: list[Any], values: pd.Series) -> None:
+    """The first and last epoch on one y-range, so they compare; log-scaled when the values span over 10x. A 0 (a
+    layer no gradient reaches: a stalled run) stays in sight: at the foot of a linear axis, or of a symlog one
+    (linear below the smallest value above 0)."""
+    values = values[np.isfinite(values)]
+    positive = values[values > 0]
+    if not len(positive):
         return
-    lo, hi = values.min(), values.max()
-    for ax in (left, right):
-        if hi / lo > 10:
+    lo, hi, zero = positive.min(), positive.max(), bool((values <= 0).any())
+    for ax in axes:
+        if hi / lo > 10 and zero:
+            ax.set_yscale("symlog", linthresh=lo)
+            ax.set_ylim(-lo / 3, hi * 1.3)
+        elif hi / lo > 10:
             ax.set_yscale("log")
             ax.set_ylim(lo / 1.3, hi * 1.3)
         else:
             pad = max(0.08 * (hi - lo), 0.02 * hi)
-            ax.set_ylim(max(lo - pad, 0), hi + pad)
+            ax.set_ylim(-pad if zero else max(lo - pad, 0), hi + pad)
 
 
 def _log_if_wide(ax: Any) -> None:

@@ -14,7 +14,10 @@ import yaml
 from normsweep import __version__
 from normsweep.results.tables import (
     COMPARE_METRICS,
+    MCNEMAR,
+    PAIRED_T,
     SIGNIFICANCE,
+    WELCH,
     Report,
     best_columns,
     best_file,
@@ -28,6 +31,7 @@ from normsweep.results.tables import (
     resolution_notes,
     setting,
     settings_text,
+    stalled_runs,
     swept_numbers,
     table_columns,
 )
@@ -173,9 +177,9 @@ def diagnostics_tables(report: Report, table: pd.DataFrame) -> tuple[pd.DataFram
                     "configuration": name,
                     "layer": f"{depth} {names[depth]}",
                     **{
-                        f"{metric} {label}": _number(values.get((epoch, depth, metric)))
+                        f"{metric} {label}".strip(): _number(values.get((epoch, depth, metric)))
                         for metric in ("in_std", "grad_norm")
-                        for label, epoch in (("first", first), ("last", last))
+                        for label, epoch in ((("first", first), ("last", last)) if first < last else (("", last),))
                     },
                     "update_ratio last": _number(values.get((last, depth, "update_ratio"))),
                 }
@@ -207,7 +211,9 @@ def diagnostics_section(report: Report, sweep_dir: Path) -> list[str]:
         "gradient reaching it, over depth the gradient flow; `update_ratio`: how far the preceding conv/linear "
         "weight moved in the epoch, relative to its size (the effective learning rate).",
         "",
-        f"Per norm layer (depth, name), at epoch {first} (first) and {last} (last):",
+        f"Per norm layer (depth, name), at epoch {first} (first) and {last} (last):"
+        if first < last
+        else f"Per norm layer (depth, name), at epoch {last}, the only one:",
         "",
         markdown(layers),
         "",
@@ -215,6 +221,30 @@ def diagnostics_section(report: Report, sweep_dir: Path) -> list[str]:
         "minus in eval mode (running statistics); far from 0, the model evaluates differently from how it trained:",
         "",
         markdown(gaps),
+        "",
+    ]
+
+
+def stalled_section(report: Report, sweep_dir: Path) -> list[str]:
+    """report.md's runs that learned nothing, with what their diagnostics show; nothing when none stalled."""
+    table = stalled_runs(report, sweep_dir)
+    if table is None:
+        return []
+    losses = {c: ["-" if pd.isna(v) else f"{v:.4f}" for v in table[c]] for c in ("train_loss", "ln(classes)")}
+    others = {c: [_number(v) for v in table[c]] for c in ("val_acc", "chance_acc", "grad_norm", "in_std")}
+    shown = table.assign(**losses, **others)
+    return [
+        "## Stalled runs",
+        "",
+        "These runs trained every epoch and learned nothing (status `stalled`): their last epoch's training loss is "
+        "within 10% of ln(classes), the loss of a uniform guess, and their validation accuracy at most 1.2 × "
+        "`chance_acc`, the share of the validation split's largest class (what always naming one class scores). "
+        "They count in the table as the result of their setting, and are not trained again on resume. Below, at "
+        "their last epoch, the gradient reaching each norm layer (`grad_norm`, on the probe batch: 0 means no "
+        "gradient flows back to it, as when every ReLU after it is dead) and the std of the layer's input "
+        '(`in_std`), beside the best row\'s run for comparison (docs/results.md, "A job is stalled"):',
+        "",
+        markdown(shown),
         "",
     ]
 
@@ -233,15 +263,24 @@ def results_text(report: Report) -> str:
             "the mean (Student's t)."
         )
     parts.append("`gap_to_best` is the best row's test accuracy minus this row's, in points.")
-    if several:
+    tests = set(report.results["test"].dropna())
+    if tests:
+        named = {
+            PAIRED_T: "a paired t-test over the seeds (`paired-t`)",
+            WELCH: "Welch's t-test over the seeds (`welch`, when the seeds differ)",
+            MCNEMAR: "McNemar's exact test on the test images both rows' runs were scored on (`mcnemar`, one run on "
+            "a side: it says whether these two trained models differ, not whether their settings do; only seeds say "
+            "that)",
+        }
         parts.append(
-            "`p_vs_best` is the two-sided p of that gap over seeds (a paired t-test when the seeds match, else "
-            "Welch's; `-` for the best row itself and where the gap is the same in every seed)."
+            "`p_vs_best` is the two-sided p of that gap by the `test` named beside it: "
+            + "; ".join(text for test, text in named.items() if test in tests)
+            + ". `-` for the best row itself and where the gap is the same in every seed."
         )
-    alternative = f" or p ≥ {SIGNIFICANCE:g}" if several else ""
     parts.append(
-        f"`within_noise`: the row cannot be told from the best (a gap under one test image{alternative}); one "
-        "test image, in points, is results.csv's `resolution`."
+        f"`within_noise`: `yes` when the row cannot be told from the best (a gap under one test image, or p ≥ "
+        f"{SIGNIFICANCE:g}), `no` when it can, `unknown` when no test applies (one run on a side and no saved "
+        "predictions); one test image, in points, is results.csv's `resolution`."
     )
     return " ".join(parts)
 
@@ -286,6 +325,7 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
     trouble = problems(report)
     if trouble:
         out += ["## Jobs that need attention", "", *(f"- {line}" for line in trouble), ""]
+    out += stalled_section(report, sweep_dir)
     figures = epoch_table(report)
     if figures is not None:
         spread = " ± std over seeds" if report.runs["seed"].nunique() > 1 else ""

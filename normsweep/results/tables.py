@@ -26,6 +26,7 @@ from normsweep.sweep.files import (
     Status,
     job_dirs,
     parse_overrides,
+    read_correct,
 )
 from normsweep.sweep.liveness import load_summaries
 from normsweep.sweep.settings import copies_by_settings
@@ -36,6 +37,9 @@ NOT_SETTINGS = ("seed", "compare", "compare_metric")
 DEFAULT_METRIC = "val_acc"
 SIGNIFICANCE = 0.05  # p_vs_best at or above it: the row cannot be told apart from the best
 TIES_NAMED = 8  # the tie sentence names this many rows at most
+# The test behind each row's p_vs_best (results.csv's `test`): over seeds when both rows have two runs or more, else
+# McNemar's on the test images both rows' runs were scored on.
+PAIRED_T, WELCH, MCNEMAR = "paired-t", "welch", "mcnemar"
 MAX_TEST_IMAGES = 100_000  # the largest test set whose size is inferred from its accuracies
 RESULT_COLUMNS = [
     "runs",
@@ -47,6 +51,7 @@ RESULT_COLUMNS = [
     "test_acc_ci95",
     "gap_to_best",
     "p_vs_best",
+    "test",
     "within_noise",
     "resolution",
     "val_loss_mean",
@@ -66,6 +71,9 @@ RUN_FIELDS = {
     "val_loss": "final_val_loss",
     "test_loss": "test_loss",
     "test_images": "test_images",
+    "train_images": "train_images",
+    "classes": "classes",
+    "chance_acc": "chance_acc",
     "train_loss": "final_train_loss",
     "train_acc": "final_train_acc",
     "sec_per_epoch": "sec_per_epoch",
@@ -119,6 +127,8 @@ class Report:
     compare: str | None = None  # the compared axis of `best`
     best: pd.DataFrame | None = None  # best_by(compare): None when nothing besides the axis was swept
     metric: str = DEFAULT_METRIC  # compare_metric: rows sort by its mean, and the best row tops it
+    # job → whether its final model got each test image right (predictions.npz); absent for jobs saved without it
+    correct: dict[str, Any] = field(default_factory=dict)
 
 
 def compare_metric(config: dict[str, Any], metric: str | None = None) -> str:
@@ -178,7 +188,7 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
     """Read every job folder of a sweep into tidy tables, one row per job. `metric` (val_acc, test_acc or
     best_val_acc) overrides the sweep's compare_metric."""
     sweep_dir = Path(sweep_dir)
-    rows, curves, keys, choices, config = [], [], [], [], {}
+    rows, curves, keys, choices, config, correct = [], [], [], [], {}, {}
     for job_dir, (overrides, summary, metrics), duplicates in _distinct_jobs(sweep_dir):
         choices.append({group: summary.get(group) for group in GROUPS})
         keys += [k for k in overrides if k not in NOT_SETTINGS and k not in keys]
@@ -194,6 +204,8 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
         # Curves, like the results, come from finished jobs only: a partial run would drag the late epochs.
         if metrics is not None and summary["status"] in FINISHED:
             curves.append(metrics.assign(job=row["job"]))
+        if summary["status"] in FINISHED and (right := read_correct(job_dir)) is not None:
+            correct[row["job"]] = right
     runs = pd.DataFrame(rows, columns=list(dict.fromkeys(["job", *keys, "seed", *RUN_FIELDS, "duplicates"])))
     for key in [*keys, "seed"]:
         runs[key] = _numeric(runs[key])
@@ -211,7 +223,7 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
         train_loss_std=("train_loss", "std"),
     )
     chosen = compare_metric(config, metric)
-    results = summarize(runs, keys, chosen) if len(runs) else pd.DataFrame(columns=[*keys, *RESULT_COLUMNS])
+    results = summarize(runs, keys, chosen, correct) if len(runs) else pd.DataFrame(columns=[*keys, *RESULT_COLUMNS])
     return Report(
         runs=runs,
         results=results,
@@ -221,6 +233,7 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
         curves=curves.reset_index(),
         config=config,
         metric=chosen,
+        correct=correct,
     )
 
 
@@ -231,9 +244,13 @@ def _status(statuses: pd.Series) -> str:
     return ", ".join(f"{n} {status}" for status, n in counts.items())
 
 
-def summarize(runs: pd.DataFrame, keys: list[str], metric: str = DEFAULT_METRIC) -> pd.DataFrame:
+def summarize(
+    runs: pd.DataFrame, keys: list[str], metric: str = DEFAULT_METRIC, correct: dict[str, Any] | None = None
+) -> pd.DataFrame:
     """One row per configuration (the jobs that differ only by seed), best mean `metric` first, each compared with
-    the best row (of its data set, when data sets were swept): gap_to_best, p_vs_best, within_noise, resolution."""
+    the best row (of its data set, when data sets were swept): gap_to_best, p_vs_best, test, within_noise,
+    resolution. `correct`: each job's right and wrong test images (Report.correct), for McNemar's test."""
+    correct = correct or {}
     frame = runs.assign(_all="all")
     by = keys or ["_all"]
     grouped = frame.groupby(by, dropna=False, sort=False)
@@ -254,6 +271,9 @@ def summarize(runs: pd.DataFrame, keys: list[str], metric: str = DEFAULT_METRIC)
     results.insert(results.columns.get_loc("test_acc_std") + 1, "test_acc_ci95", ci95(results))
     # Each configuration's test accuracies by seed, in the groups' order (the results' order before sorting).
     results["_scores"] = [group.dropna(subset="test_acc").set_index("seed")["test_acc"] for _, group in grouped]
+    results["_correct"] = [
+        {seed: correct[job] for seed, job in zip(group["seed"], group["job"]) if job in correct} for _, group in grouped
+    ]
     results = results.drop(columns="_tests").reset_index().drop(columns="_all", errors="ignore")
     results = results.sort_values(f"{metric}_mean", ascending=False, na_position="last", kind="stable")
     context = [k for k in keys if is_data_key(k) and runs[k].nunique(dropna=False) > 1]
@@ -264,7 +284,7 @@ def summarize(runs: pd.DataFrame, keys: list[str], metric: str = DEFAULT_METRIC)
     judged = versus_best(results, runs, context, metric)
     for offset, column in enumerate(judged.columns):
         results.insert(at + offset, column, judged[column])
-    return results.drop(columns="_scores")
+    return results.drop(columns=["_scores", "_correct"])
 
 
 def is_data_key(key: str) -> bool:
@@ -273,13 +293,18 @@ def is_data_key(key: str) -> bool:
 
 
 def versus_best(results: pd.DataFrame, runs: pd.DataFrame, context: list[str], metric: str) -> pd.DataFrame:
-    """gap_to_best, p_vs_best, within_noise and resolution of each row of `results` (sorted, best first, with each
-    row's test accuracies by seed in `_scores`), against the row with the best mean `metric` of its data set."""
+    """gap_to_best, p_vs_best, test, within_noise and resolution of each row of `results` (sorted, best first, with
+    each row's test accuracies by seed in `_scores` and its runs' right and wrong test images in `_correct`),
+    against the row with the best mean `metric` of its data set.
+
+    within_noise is `yes` for a gap under one test image or p ≥ SIGNIFICANCE, `no` below it (or for a gap that is
+    the same in every seed), `unknown` where no test applies: one run on a side and no predictions to compare."""
     judged = pd.DataFrame(
         {
             "gap_to_best": float("nan"),
             "p_vs_best": float("nan"),
-            "within_noise": pd.array([pd.NA] * len(results), dtype="boolean"),
+            "test": pd.array([pd.NA] * len(results), dtype="string"),
+            "within_noise": pd.array([pd.NA] * len(results), dtype="string"),
             "resolution": float("nan"),
         },
         index=results.index,
@@ -295,14 +320,52 @@ def versus_best(results: pd.DataFrame, runs: pd.DataFrame, context: list[str], m
         if not len(tried):
             continue
         best = tried.iloc[0]
-        for index, row in tried.iterrows():
+        judged.loc[best.name, ["gap_to_best", "within_noise"]] = [0.0, "yes"]
+        for index, row in tried.iloc[1:].iterrows():
             gap = best["test_acc_mean"] - row["test_acc_mean"]
-            p = p_value(row["_scores"], best["_scores"])
-            # One run on a side: no test can tell the two apart, so the row is not called different.
-            untestable = min(len(row["_scores"]), len(best["_scores"])) < 2
-            within = abs(gap) < under or untestable or (not math.isnan(p) and p >= SIGNIFICANCE)
-            judged.loc[index, ["gap_to_best", "p_vs_best", "within_noise"]] = [gap, p, within]
+            test, p = compare_rows(row, best)
+            if abs(gap) < under or (not math.isnan(p) and p >= SIGNIFICANCE):
+                within = "yes"
+            elif not math.isnan(p) or test in (PAIRED_T, WELCH):  # a t-test's NaN: the same gap in every seed
+                within = "no"
+            else:
+                within = "unknown"
+            judged.loc[index, ["gap_to_best", "p_vs_best", "test", "within_noise"]] = [gap, p, test, within]
     return judged
+
+
+def compare_rows(row: pd.Series, best: pd.Series) -> tuple[str | None, float]:
+    """The test that compares a row with the best one, and its two-sided p: over the seeds when both have two runs
+    or more (paired-t when their seeds match, else welch); else McNemar's on the same test images, one run of each
+    (of the same seed when they share one); (None, NaN) when neither applies."""
+    scores, best_scores = row["_scores"], best["_scores"]
+    if min(len(scores), len(best_scores)) >= 2:
+        return (PAIRED_T if paired(scores, best_scores) else WELCH), p_value(scores, best_scores)
+    ours, theirs = row["_correct"], best["_correct"]
+    shared = sorted(set(ours) & set(theirs))
+    seeds = (shared[0], shared[0]) if shared else (min(ours, default=None), min(theirs, default=None))
+    if seeds[0] is None or seeds[1] is None or len(ours[seeds[0]]) != len(theirs[seeds[1]]):
+        return None, float("nan")
+    return MCNEMAR, mcnemar(ours[seeds[0]], theirs[seeds[1]])
+
+
+def mcnemar(right_a: Any, right_b: Any) -> float:
+    """Two-sided p of McNemar's exact test: do two models, scored on the same images (`right_a`, `right_b`: bool
+    arrays, True where the model got the image right), differ in accuracy? Only the images one got right and the
+    other wrong count: b (only a right) and c (only b right); under no difference each is a fair coin's toss, so
+    p = min(1, 2 · P(Binomial(b + c, 1/2) ≤ min(b, c)))."""
+    from scipy.special import bdtr  # the binomial CDF; scipy.stats would add 0.4 s of imports to every sweep
+
+    only_a = int((right_a & ~right_b).sum())
+    only_b = int((~right_a & right_b).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    return float(min(1.0, 2 * bdtr(min(only_a, only_b), only_a + only_b, 0.5)))
+
+
+def paired(scores: pd.Series, best: pd.Series) -> bool:
+    """Whether two rows' accuracies by seed pair up: both ran the same seeds, each once."""
+    return scores.index.is_unique and best.index.is_unique and set(scores.index) == set(best.index)
 
 
 def p_value(scores: pd.Series, best: pd.Series) -> float:
@@ -313,8 +376,7 @@ def p_value(scores: pd.Series, best: pd.Series) -> float:
 
     if len(scores) < 2 or len(best) < 2:
         return float("nan")
-    paired = scores.index.is_unique and best.index.is_unique and set(scores.index) == set(best.index)
-    if paired:
+    if paired(scores, best):
         diffs = scores - best.reindex(scores.index)
         spread = diffs.std()
         if spread < 1e-9:  # the same difference in every seed: no variance to test against
@@ -463,13 +525,16 @@ def cells(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 def table_columns(report: Report) -> list[str]:
     """The columns shown for results.csv: swept keys, the compared metric with the test accuracy beside it, the
     comparison with the best row, then time, size and status (losses, best-epoch accuracy unless compared, and the
-    resolution stay in the CSV; the resolution gets a note). Spreads, intervals and p only with several runs."""
+    resolution stay in the CSV; the resolution gets a note). Spreads and intervals only with several runs, p and
+    the test only when a row was tested."""
     compared = [f"{report.metric}_mean", f"{report.metric}_std"]
-    test = ["test_acc_mean", "test_acc_std", "test_acc_ci95", "gap_to_best", "p_vs_best", "within_noise"]
+    test = ["test_acc_mean", "test_acc_std", "test_acc_ci95", "gap_to_best", "p_vs_best", "test", "within_noise"]
     rest = ["val_acc_mean", "val_acc_std", "sec_per_epoch_mean", "params", "status"]
     shown = [*report.varying, "runs", *dict.fromkeys(c for c in [*compared, *test, *rest] if c in RESULT_COLUMNS)]
     if report.results["runs"].max() <= 1:
-        shown = [c for c in shown if not c.endswith(("_std", "_ci95")) and c != "p_vs_best"]
+        shown = [c for c in shown if not c.endswith(("_std", "_ci95"))]
+    if report.results["test"].isna().all():  # no row was tested (one row, or old folders of one run each)
+        shown = [c for c in shown if c not in ("p_vs_best", "test")]
     return shown
 
 
@@ -492,9 +557,10 @@ def _listed(names: list[str]) -> str:
 
 
 def noise_sentences(report: Report) -> list[str]:
-    """Which rows are tied with the best (one sentence per data set when data sets were swept), e.g. `bn and gn
-    are within noise of the best (ln by val_acc_mean): a test-accuracy gap under one test image (0.28 points) or
-    p ≥ 0.05 over 3 seeds.` Nothing when fewer than two rows have a result."""
+    """Which rows are tied with the best, and by which test (one sentence per data set when data sets were swept),
+    e.g. `bn and gn are within noise of the best (ln by val_acc_mean): a test-accuracy gap under one test image
+    (0.28 points) or p ≥ 0.05 in a paired t-test over 3 seeds.`; then the rows no test could judge. Nothing when
+    fewer than two rows have a result."""
     context = [k for k in report.varying if is_data_key(k)]
     named = [k for k in report.varying if k not in context]
     results = report.results
@@ -505,35 +571,60 @@ def noise_sentences(report: Report) -> list[str]:
         if len(judged) < 2:
             continue
         others = judged.iloc[1:]
-        tied = others[others["within_noise"].astype(bool)]
-        runs = sorted({int(n) for n in judged["runs"]})
-        resolution = judged["resolution"].iloc[0]
-        rules = [
-            f"a test-accuracy gap under one test image ({resolution:.2f} points)"
-            if pd.notna(resolution)
-            else "the same test accuracy"
-        ]
-        if runs[-1] >= 2:
-            seeds = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
-            rules.append(f"p ≥ {SIGNIFICANCE:g} over {seeds} seeds")
-        if runs[0] < 2:
-            rules.append("one run, which no test can tell apart: add seeds (seed=0,1,2)")
-        rule = " or ".join(rules)
         where = f"{label_of(judged.iloc[0], context)}: " if context else ""
         best = row_names(judged.head(1), named)[0] if named else "all runs"
         the_best = f"the best ({best} by {report.metric}_mean)"
+        rule = " or ".join(_rules(others, judged["resolution"].iloc[0]))
+        tied = others[others["within_noise"] == "yes"]
         if len(tied):
             names = row_names(tied, named)
-            verb = "is" if len(names) == 1 else "are"
             if len(names) > TIES_NAMED:
                 names = [*names[: TIES_NAMED - 1], f"{len(names) - TIES_NAMED + 1} more rows (within_noise)"]
+            tested = tied[tied["test"].isin([PAIRED_T, WELCH])]
             caution = (
-                "; two seeds tell only large, steady gaps apart: more seeds sharpen the test" if runs[0] == 2 else ""
+                "; two seeds tell only large, steady gaps apart: more seeds sharpen the test"
+                if len(tested) and tested["runs"].min() == 2
+                else ""
             )
-            sentences.append(f"{where}{_listed(names)} {verb} within noise of {the_best}: {rule}{caution}.")
+            sentences.append(f"{where}{_listed(names)} {_are(names)} within noise of {the_best}: {rule}{caution}.")
         else:
-            sentences.append(f"{where}no other row is within noise of {the_best} ({rule}).")
+            sentences.append(f"{where}no other row is within noise of {the_best}: none has {rule}.")
+        unknown = others[others["within_noise"] == "unknown"]
+        if len(unknown):
+            names = row_names(unknown, named)
+            sentences.append(
+                f"{where}{_listed(names)} cannot be told from the best or not (within_noise unknown): one run on a "
+                "side and no predictions.npz to compare (jobs saved before normsweep kept their test predictions); "
+                "run them again, or add seeds (seed=0,1,2)."
+            )
     return sentences
+
+
+def _are(names: list[str]) -> str:
+    return "is" if len(names) == 1 else "are"
+
+
+def _rules(others: pd.DataFrame, resolution: float) -> list[str]:
+    """What makes a row within noise, for the tests these rows were judged by."""
+    rules = [
+        f"a test-accuracy gap under one test image ({resolution:.2f} points)"
+        if pd.notna(resolution)
+        else "the same test accuracy"
+    ]
+    over_seeds = others[others["test"].isin([PAIRED_T, WELCH])]
+    if len(over_seeds):
+        tests = {PAIRED_T: "a paired t-test", WELCH: "Welch's t-test"}
+        used = " or ".join(tests[t] for t in tests if t in set(over_seeds["test"]))
+        runs = sorted({int(n) for n in over_seeds["runs"]})
+        seeds = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
+        rules.append(f"p ≥ {SIGNIFICANCE:g} in {used} over {seeds} seeds")
+    if (others["test"] == MCNEMAR).any():
+        images = f" {round(100 / resolution)}" if pd.notna(resolution) else ""
+        rules.append(
+            f"p ≥ {SIGNIFICANCE:g} in McNemar's exact test on the same{images} test images (one run on a side: it "
+            "tells these trained models apart, not the settings; add seeds for that: seed=0,1,2)"
+        )
+    return rules
 
 
 def resolution_notes(report: Report) -> list[str]:
@@ -558,6 +649,7 @@ def format_table(report: Report) -> str:
     if report.fixed:
         lines.append("same in every run: " + settings_text(report.fixed))
     lines += noise_sentences(report)
+    lines += stalled_sentences(report)
     return "\n".join(lines)
 
 
@@ -567,15 +659,76 @@ def format_best(best: pd.DataFrame, axis: str, metric: str = DEFAULT_METRIC) -> 
     return title + "\n" + cells(best, best_columns(best)).to_string(index=False)
 
 
+def job_settings(row: pd.Series, keys: list[str], seed: bool = True) -> str:
+    """A job's settings as typed: `norm=bn batch_size=2 seed=0` (without the seed when not `seed`)."""
+    return " ".join(setting(k, row[k]) for k in [*keys, *(["seed"] if seed else [])] if pd.notna(row[k]))
+
+
+def stalled_sentences(report: Report) -> list[str]:
+    """`2 runs stalled at chance: ...`, naming them (up to TIES_NAMED), when any job ended with status stalled."""
+    stalled = report.runs[report.runs["status"] == Status.STALLED]
+    if not len(stalled):
+        return []
+    seeds = report.runs["seed"].nunique() > 1
+    names = [job_settings(row, report.varying, seeds) or "all runs" for _, row in stalled.iterrows()]
+    if len(names) > TIES_NAMED:
+        names = [*names[: TIES_NAMED - 1], f"{len(names) - TIES_NAMED + 1} more"]
+    runs = f"{len(stalled)} run{'s' if len(stalled) > 1 else ''}"
+    return [
+        f"{runs} stalled at chance ({_listed(names)}): trained every epoch and learned nothing, the training loss "
+        "still that of a uniform guess (ln(classes)) and the validation accuracy that of naming one class; their "
+        "numbers count in the table as the result of their setting (report.md shows what reached their norm layers)."
+    ]
+
+
+def stalled_runs(report: Report, sweep_dir: Path) -> pd.DataFrame | None:
+    """The stalled jobs beside the best row's, per norm layer at their last epoch: training loss against ln(classes),
+    validation accuracy against chance, the gradient reaching each norm layer and the std of its input (from each
+    job's diagnostics.csv). None when no job stalled."""
+    runs = report.runs
+    stalled = runs[runs["status"] == Status.STALLED]
+    if not len(stalled):
+        return None
+    best = report.results.iloc[0]
+    reference = runs[matching(runs, best, report.keys) & runs["status"].isin([Status.COMPLETED, Status.DIVERGED])]
+    shown = [("stalled", run) for _, run in stalled.iterrows()] + [
+        ("best", run) for _, run in reference.head(1).iterrows()
+    ]
+    rows = []
+    for label, run in shown:
+        figures = {
+            "run": f"{job_settings(run, report.varying, runs['seed'].nunique() > 1) or 'all runs'} ({label})",
+            "train_loss": run["train_loss"],
+            "ln(classes)": math.log(run["classes"]) if pd.notna(run["classes"]) else float("nan"),
+            "val_acc": run["val_acc"],
+            "chance_acc": run["chance_acc"],
+        }
+        layers = _last_epoch_layers(Path(sweep_dir) / str(run["job"]))
+        if layers is None:  # run with diagnostics=false
+            layers = pd.DataFrame({"grad_norm": [float("nan")], "in_std": [float("nan")]}, index=["-"])
+        for layer, values in layers.iterrows():
+            rows.append({**figures, "layer": layer, "grad_norm": values["grad_norm"], "in_std": values["in_std"]})
+    return pd.DataFrame(rows)
+
+
+def _last_epoch_layers(job_dir: Path) -> pd.DataFrame | None:
+    """A job's grad_norm and in_std per norm layer (in depth order) at its last epoch; None without diagnostics."""
+    try:
+        frame = pd.read_csv(job_dir / DIAGNOSTICS_FILE)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not set(DIAGNOSTICS_COLUMNS) <= set(frame.columns) or not len(frame):
+        return None
+    last = frame[(frame["epoch"] == frame["epoch"].max()) & (frame["depth"] > 0)]
+    table = last.pivot_table(index=["depth", "layer"], columns="metric", values="value", aggfunc="first")
+    return table.set_axis([f"{d} {name}" for d, name in table.index])
+
+
 def problems(report: Report) -> list[str]:
     """One line per job that failed, stopped early or cannot be read: status, folder, settings, error."""
     lines = []
     for _, row in report.runs[report.runs["status"].isin(ATTENTION)].iterrows():
-        settings = " ".join(
-            f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}"
-            for k in [*report.keys, "seed"]
-            if pd.notna(row[k])
-        )
+        settings = job_settings(row, report.keys)
         if pd.notna(row["error"]) and str(row["error"]).strip():
             detail = str(row["error"]).strip().splitlines()[0]
         elif row["status"] == Status.INCOMPLETE:

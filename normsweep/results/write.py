@@ -114,9 +114,9 @@ def report(sweep_dir: Path, compare: str | None = "norm", side_by_side: bool = F
 
 def end_of_sweep(sweep_dir: Path, compare: str, side_by_side: bool = False) -> None:
     """What a multirun does once every job has ended (normsweep.sweep.callbacks.AggregateCallback): aggregate, then exit
-    with status 1 if any job failed or stopped before its last epoch (a diverged job is a result, not a failure),
-    after the command that resumes them. A sweep that ended before its first job (its launcher or sweeper failed,
-    and said why) has nothing to compare: no tables are written, and it exits with status 1."""
+    with status 1 if any job failed or stopped before its last epoch (a diverged or stalled job is a result, not a
+    failure), after the command that resumes them. A sweep that ended before its first job (its launcher or sweeper
+    failed, and said why) has nothing to compare: no tables are written, and it exits with status 1."""
     if not job_dirs(sweep_dir):
         print(f"no job ran in {sweep_dir}: nothing to aggregate", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -12,6 +12,7 @@ import enum
 import errno
 import io
 import json
+import logging
 import math
 import os
 import socket
@@ -22,10 +23,15 @@ from typing import Any
 
 from normsweep.config.errors import ConfigError
 
+log = logging.getLogger("normsweep")
+
 METRICS_FILE = "metrics.csv"
 DIAGNOSTICS_FILE = "diagnostics.csv"
 DIAGNOSTICS_COLUMNS = ["epoch", "layer", "depth", "metric", "value"]
 SUMMARY_FILE = "summary.json"
+# The final model's prediction for each test image, in the test split's order, and the image's label: one byte each
+# (two with over 256 classes), compressed. What McNemar's test compares when a row has one run (results/tables.py).
+PREDICTIONS_FILE = "predictions.npz"
 OVERRIDES_FILE = ".hydra/overrides.yaml"
 METRIC_COLUMNS = [
     "epoch",
@@ -50,6 +56,9 @@ class Status(str, enum.Enum):
     INCOMPLETE = "incomplete"  # stopped before the end (killed, interrupted, preempted): resuming continues it
     COMPLETED = "completed"  # trained every epoch
     DIVERGED = "diverged"  # stopped early on a non-finite loss: a result, not an error
+    # Trained every epoch but learned nothing: ended at chance accuracy with the loss of a uniform guess (dead
+    # ReLUs, a norm that gets no gradient). A result of the setting, like diverged: kept, not trained again.
+    STALLED = "stalled"
     FAILED = "failed"  # raised an error (message in `error`)
     CORRUPT = "corrupt"  # summary.json cannot be read
 
@@ -57,7 +66,8 @@ class Status(str, enum.Enum):
         return self.value
 
 
-FINISHED = (Status.COMPLETED, Status.DIVERGED)  # the statuses whose results count and are kept on resume
+# the statuses whose results count and are kept on resume
+FINISHED = (Status.COMPLETED, Status.DIVERGED, Status.STALLED)
 UNFINISHED = (Status.RUNNING, Status.INCOMPLETE, Status.FAILED)
 ATTENTION = (Status.FAILED, Status.INCOMPLETE, Status.CORRUPT)  # statuses that get a line of their own under the table
 
@@ -155,6 +165,35 @@ def read_diagnostics(job_dir: Path, up_to_epoch: int) -> list[dict[str, Any]]:
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
     return [row for row in rows if str(row.get("epoch")).isdigit() and int(row["epoch"]) <= up_to_epoch]
+
+
+def write_predictions(job_dir: Path, predicted: Any, labels: Any) -> None:
+    """predictions.npz: `predicted` (the class the final model gives each test image) and `labels` (its label),
+    numpy arrays of equal length, stored in the smallest unsigned type that holds the classes."""
+    import numpy as np  # here, not at the top: a refusal or --help imports this module and needs no numpy
+
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    dtype = np.min_scalar_type(max(int(predicted.max(initial=0)), int(labels.max(initial=0))))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, predicted=predicted.astype(dtype), labels=labels.astype(dtype))
+    atomic_write(Path(job_dir) / PREDICTIONS_FILE, buffer.getvalue())
+
+
+def read_correct(job_dir: Path) -> Any:
+    """Whether the job's final model got each test image right (a numpy bool array, in the test split's order), from
+    predictions.npz; None when the file is missing (a job saved before normsweep kept it) or cannot be read."""
+    import numpy as np
+
+    path = Path(job_dir) / PREDICTIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as saved:
+            predicted, labels = saved["predicted"], saved["labels"]
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        log.warning("%s cannot be read (%s); its job is compared without it", path, err)
+        return None
+    return predicted == labels if predicted.shape == labels.shape else None
 
 
 def _json_safe(value: Any) -> Any:

@@ -29,6 +29,7 @@ ADDED_KEYS = {
     # Since the built-in data sets have a schema (0.2): keys that only some of them read, at its defaults.
     "dataset.test_fraction": 0.2,
     "dataset.split_seed": 0,
+    "dataset.train_size": None,  # the whole training split
     # The fair recipe, whose defaults differ from what jobs computed before it: no loss threshold, every parameter
     # decayed, no warm-up, the schedule moved once per epoch.
     "diverge_loss": None,
