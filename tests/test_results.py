@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from normsweep.aggregate import main as aggregate_main
-from normsweep.results.tables import RESULT_COLUMNS, format_table, lines_against, problems
-from normsweep.results.write import aggregate
+from normsweep.results.tables import RESULT_COLUMNS, format_best, format_table, lines_against, problems
+from normsweep.results.write import aggregate, report
 from normsweep.sweep.files import atomic_write, parse_overrides, write_summary
 from normsweep.sweep.liveness import process_start
 
@@ -512,3 +512,37 @@ def test_figures_drawn_side_by_side_are_both_written_and_a_failure_there_is_not_
             [partial(_write_png, tmp_path / "curves.png"), partial(_fail_to_draw, tmp_path / "diagnostics.png")], True
         )
     assert "ValueError: cannot draw diagnostics.png" in capfd.readouterr().err  # its traceback, said by it
+
+
+def test_a_best_at_the_edge_of_its_grid_is_flagged_with_the_value_beyond(tmp_path: Path) -> None:
+    # bn is best at the largest lr tried, gn inside the grid: only bn is flagged, in best_by_norm.csv and in words.
+    scores = {("bn", 1e-4): 80.0, ("bn", 3e-4): 85.0, ("bn", 1e-3): 90.0}
+    scores |= {("gn", 1e-4): 80.0, ("gn", 3e-4): 92.0, ("gn", 1e-3): 70.0}
+    for num, ((norm, lr), val) in enumerate(scores.items()):
+        make_job(tmp_path, num, [f"norm={norm}", f"optimizer.lr={lr}"], val, seed=0)
+    report = aggregate(tmp_path)
+    best = pd.read_csv(tmp_path / "best_by_norm.csv", keep_default_na=False)
+    assert dict(zip(best["norm"], best["at_edge"])) == {"bn": "optimizer.lr largest", "gn": ""}
+    text = format_best(report.best, "norm", report=report)
+    assert (
+        "the best optimizer.lr of bn is the largest tried (0.001): the best may lie beyond it; extend the grid "
+        "(e.g. add optimizer.lr=0.0033)"
+    ) in text
+    assert "of gn" not in text
+
+
+def test_two_values_tried_flag_no_edge(tmp_path: Path) -> None:
+    for num, (lr, val) in enumerate([(1e-4, 80.0), (1e-3, 90.0)]):
+        make_job(tmp_path, num, ["norm=bn", f"optimizer.lr={lr}"], val, seed=0)
+    assert "extend the grid" not in format_table(aggregate(tmp_path))  # every best of two is at an edge
+
+
+@pytest.mark.parametrize("compare", ["norm", "optimizer.lr"])
+def test_one_swept_number_whose_best_is_its_smallest_is_flagged(tmp_path: Path, capsys, compare: str) -> None:
+    # Under the best-by table (each norm at its best lr), or under the table when the lr is itself compared.
+    for num, (lr, val) in enumerate([(1e-4, 95.0), (1e-3, 90.0), (1e-2, 85.0)]):
+        make_job(tmp_path, num, ["norm=bn", f"optimizer.lr={lr}"], val, seed=0)
+    report(tmp_path, compare)
+    whose = " of bn" if compare == "norm" else ""
+    said = f"the best optimizer.lr{whose} is the smallest tried (0.0001): the best may lie beyond it; extend the grid"
+    assert capsys.readouterr().out.count(said) == 1

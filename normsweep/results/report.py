@@ -21,8 +21,11 @@ from normsweep.results.tables import (
     Report,
     best_columns,
     best_file,
+    best_row_edges,
     cells,
     diagnostics,
+    edge_sentences,
+    grid_edges,
     label_of,
     lines_against,
     matching,
@@ -34,6 +37,7 @@ from normsweep.results.tables import (
     stalled_runs,
     swept_numbers,
     table_columns,
+    tuned_columns,
 )
 from normsweep.sweep.files import atomic_write
 
@@ -311,7 +315,7 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
     for line in [*resolution_notes(report), *(f"**{tie}**" for tie in noise_sentences(report))]:
         out += [line, ""]
     if best is not None and compare:
-        tuned = [c for c in best.columns if c not in (compare, "runs", "settings_tried", "status") and "_acc" not in c]
+        tuned = tuned_columns(best, compare)
         out += [
             f"## Best by {compare}",
             "",
@@ -321,7 +325,10 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
             "",
             markdown(cells(best, best_columns(best))),
             "",
+            *(f"**{edge}**\n" for edge in edge_sentences(best, compare, grid_edges(report, tuned))),
         ]
+    else:
+        out += [f"**{edge}**\n" for edge in best_row_edges(report)]
     trouble = problems(report)
     if trouble:
         out += ["## Jobs that need attention", "", *(f"- {line}" for line in trouble), ""]

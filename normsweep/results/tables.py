@@ -464,6 +464,10 @@ def best_by(report: Report, axis: str = "norm") -> pd.DataFrame | None:
         row["status"] = best["status"] if len(tried) else "; ".join(group["status"].unique())
         rows.append(row)
     table = pd.DataFrame(rows)
+    edges = grid_edges(report, tuned)
+    table["at_edge"] = [
+        ", ".join(f"{key} {side}" for key, side, _ in edges_of(row, edges)) for _, row in table.iterrows()
+    ]
     order = [*context, compared] if context else [compared]
     ascending = [True] * len(context) + [False]
     return table.sort_values(order, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
@@ -540,6 +544,8 @@ def table_columns(report: Report) -> list[str]:
 
 def best_columns(best: pd.DataFrame) -> list[str]:
     columns = list(best.columns)
+    if "at_edge" in best and not best["at_edge"].astype(bool).any():
+        columns.remove("at_edge")  # no best at an edge of its grid: nothing to flag
     if best["runs"].max() <= 1:
         columns = [c for c in columns if not c.endswith(("_std", "_ci95"))]
     return columns
@@ -650,13 +656,87 @@ def format_table(report: Report) -> str:
         lines.append("same in every run: " + settings_text(report.fixed))
     lines += noise_sentences(report)
     lines += stalled_sentences(report)
+    if report.best is None:  # with a best-by table, its own lines say it (format_best)
+        lines += best_row_edges(report)
     return "\n".join(lines)
 
 
-def format_best(best: pd.DataFrame, axis: str, metric: str = DEFAULT_METRIC) -> str:
-    tuned = [c for c in best.columns if c not in (axis, "runs", "settings_tried", "status") and "_acc" not in c]
-    title = f"best by {axis} (each at its best {', '.join(tuned)} by mean {COMPARE_METRICS[metric]}):"
-    return title + "\n" + cells(best, best_columns(best)).to_string(index=False)
+def best_row_edges(report: Report) -> list[str]:
+    """The edge sentences of the best row of results.csv, for a sweep without a best-by table."""
+    return edge_sentences(report.results.head(1), None, grid_edges(report, report.varying))
+
+
+def tuned_columns(best: pd.DataFrame, axis: str) -> list[str]:
+    """The keys a best-by table picked the best setting of (optimizer.lr, ...)."""
+    own = (axis, "runs", "settings_tried", "status", "at_edge")
+    return [c for c in best.columns if c not in own and "_acc" not in c]
+
+
+def format_best(best: pd.DataFrame, axis: str, metric: str = DEFAULT_METRIC, report: Report | None = None) -> str:
+    """The best-by table as printed, and, given the sweep's `report`, a line per swept number whose best lies at
+    the edge of the values tried."""
+    tuned = tuned_columns(best, axis)
+    lines = [
+        f"best by {axis} (each at its best {', '.join(tuned)} by mean {COMPARE_METRICS[metric]}):",
+        cells(best, best_columns(best)).to_string(index=False),
+    ]
+    if report is not None:
+        lines += edge_sentences(best, axis, grid_edges(report, tuned))
+    return "\n".join(lines)
+
+
+EDGE_VALUES = 3  # with two values tried, every best is at an edge: nothing worth saying
+
+
+def grid_edges(report: Report, keys: list[str]) -> dict[str, list[float]]:
+    """The values tried of each swept number among `keys` that has at least EDGE_VALUES of them, sorted."""
+    numbers = set(swept_numbers(report))
+    tried = report.results[report.results["runs"] > 0]
+    edges = {}
+    for key in keys:
+        values = sorted(tried[key].dropna().unique()) if key in numbers else []
+        if len(values) >= EDGE_VALUES:
+            edges[key] = [float(v) for v in values]
+    return edges
+
+
+def edges_of(row: pd.Series, edges: dict[str, list[float]]) -> list[tuple[str, str, float]]:
+    """(key, "largest" or "smallest", the value just beyond) for each key whose value in `row` is at an edge of the
+    values tried; a smallest value of 0 or less is no edge (a weight decay of 0 cannot go lower)."""
+    found = []
+    for key, values in edges.items():
+        value = row.get(key)
+        if value is None or pd.isna(value):
+            continue
+        if float(value) == values[-1]:
+            found.append((key, "largest", _beyond(values[-2], values[-1])))
+        elif float(value) == values[0] and values[0] > 0:
+            found.append((key, "smallest", _beyond(values[1], values[0])))
+    return found
+
+
+def _beyond(inner: float, edge: float) -> float:
+    """The next value past `edge`, on the grid's own spacing: the same ratio where the grid grows by factors of 1.5
+    or more (learning rates, batch sizes), else the same step."""
+    if inner > 0 and edge > 0 and max(edge / inner, inner / edge) >= 1.5:
+        return edge * (edge / inner)
+    return edge + (edge - inner)
+
+
+def edge_sentences(rows: pd.DataFrame, axis: str | None, edges: dict[str, list[float]]) -> list[str]:
+    """`the best optimizer.lr of bn and gn is the largest tried (0.003): ...; extend the grid (e.g. add 0.01)`."""
+    named: dict[tuple[str, str, float, float], list[str]] = {}
+    for _, row in rows.iterrows():
+        for key, side, beyond in edges_of(row, edges):
+            named.setdefault((key, side, float(row[key]), beyond), []).append(str(row[axis]) if axis else "")
+    lines = []
+    for (key, side, value, beyond), names in named.items():
+        whose = f" of {_listed(names)}" if axis else ""
+        lines.append(
+            f"the best {key}{whose} is the {side} tried ({value:g}): the best may lie beyond it; extend the grid "
+            f"(e.g. add {key}={beyond:.2g})"
+        )
+    return lines
 
 
 def job_settings(row: pd.Series, keys: list[str], seed: bool = True) -> str:

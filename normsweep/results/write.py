@@ -99,7 +99,7 @@ def report(sweep_dir: Path, compare: str | None = "norm", side_by_side: bool = F
     where = Path(sweep_dir).resolve()
     print(format_table(result), flush=True)
     if best is not None and compare:
-        print("\n" + format_best(best, compare, result.metric), flush=True)
+        print("\n" + format_best(best, compare, result.metric, result), flush=True)
     files = ["results.csv", best_file(compare) if best is not None and compare else None, "curves.png"]
     files.append(DIAGNOSTICS_FIGURE)
     shown = ", ".join(f for f in files if f and (where / f).is_file())
