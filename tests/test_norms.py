@@ -158,6 +158,21 @@ def test_the_factory_puts_a_relu_after_a_norm_unless_it_brings_its_own(name: str
     assert NORMS["frn"].own_activation and not NORMS["bn"].own_activation  # FRN's TLU is its activation
 
 
+@pytest.mark.parametrize("name", sorted(NORMS))
+@pytest.mark.parametrize("act", [nn.GELU, lambda: nn.SiLU(), nn.Tanh()])
+def test_the_factory_takes_the_models_activation_and_never_adds_a_second(name: str, act) -> None:
+    factory = norm_factory(record(name, groups=4), "test")
+    layers = list(factory.act(8, layer="conv1", act=act))
+    expected = (act if isinstance(act, nn.Module) else act()).__class__
+    assert type(layers[0]) is type(factory(8))
+    assert [type(m) for m in layers[1:]] == ([] if NORMS[name].own_activation else [expected])
+
+
+def test_an_activation_that_makes_no_module_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r"model=test: norm.act\(\.\.\., act=.*\) at layer conv1 made a str"):
+        norm_factory(record("bn"), "test").act(8, layer="conv1", act=lambda: "gelu")
+
+
 @pytest.mark.parametrize("name", [name for name, norm in NORMS.items() if not norm.fc_features])
 def test_spatial_norms_on_fc_features_are_a_clear_error(name: str) -> None:
     factory = norm_factory(NORMS[name](), "mlp")

@@ -191,10 +191,31 @@ class NormFactory:
         self.made.add(module)
         return module
 
-    def act(self, num_features: int, *, layer: str | None = None, dim: int = 2) -> nn.Module:
-        """The norm layer followed by a ReLU, as one module (iterate it to splice both into a Sequential)."""
+    def act(
+        self,
+        num_features: int,
+        *,
+        layer: str | None = None,
+        dim: int = 2,
+        act: type[nn.Module] | Callable[[], nn.Module] | nn.Module | None = None,
+    ) -> nn.Module:
+        """The norm layer followed by the model's activation, as one module (iterate it to splice both into a
+        Sequential): `act` is a module class or a function that makes one (`nn.GELU`, `lambda: nn.SiLU()`), or a
+        module; a ReLU when not given. A norm that is its own activation (its record's own_activation: frn's TLU)
+        is never followed by a second one."""
         module = self(num_features, layer=layer, dim=dim)
-        return nn.Sequential(module) if self.record.own_activation else nn.Sequential(module, nn.ReLU(inplace=True))
+        if self.record.own_activation:
+            return nn.Sequential(module)
+        if act is None:
+            return nn.Sequential(module, nn.ReLU(inplace=True))
+        activation = act if isinstance(act, nn.Module) else act()
+        if not isinstance(activation, nn.Module):
+            where = f"layer {layer}" if layer else "a layer"
+            raise ConfigError(
+                f"model={self.model_name}: norm.act(..., act={act!r}) at {where} made a {type(activation).__name__}, "
+                "not a module; pass a module class such as nn.GELU"
+            )
+        return nn.Sequential(module, activation)
 
     def slots(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Every norm layer this factory made for `model`, named as in it (`features.1`), in the model's order: the

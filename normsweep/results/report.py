@@ -222,7 +222,9 @@ def diagnostics_section(report: Report, sweep_dir: Path) -> list[str]:
         markdown(layers),
         "",
         "`train_eval_gap`: the probe loss in train mode (batch statistics, in batches of the training batch size) "
-        "minus in eval mode (running statistics); far from 0, the model evaluates differently from how it trained:",
+        "minus in eval mode (running statistics, Dropout off); far from 0, the model evaluates differently from how "
+        "it trained: BatchNorm's running statistics, or a model's Dropout (which raises the train-mode loss "
+        "whatever the norm):",
         "",
         markdown(gaps),
         "",
