@@ -546,3 +546,32 @@ def test_one_swept_number_whose_best_is_its_smallest_is_flagged(tmp_path: Path, 
     whose = " of bn" if compare == "norm" else ""
     said = f"the best optimizer.lr{whose} is the smallest tried (0.0001): the best may lie beyond it; extend the grid"
     assert capsys.readouterr().out.count(said) == 1
+
+
+def test_rows_trained_under_different_recipes_are_flagged_with_the_keys_that_differ(tmp_path: Path) -> None:
+    # An old folder extended today: its bn jobs kept the recipe they started with (saved before the fair recipe's
+    # keys existed), the gn job added now trained with today's defaults.
+    def config(norm: str, **optimizer: object) -> dict:
+        return {"norm": {"name": norm}, "optimizer": {"name": "adam", "lr": 0.001, **optimizer}, "epochs": 3}
+
+    today = {"decay_norm_and_bias": False, "schedule_step": "step", "warmup_epochs": 0}
+    jobs = [("bn", 0, config("bn")), ("bn", 1, config("bn")), ("gn", 0, config("gn", **today))]
+    for num, (norm, seed, saved) in enumerate(jobs):
+        job = make_job(tmp_path, num, [f"norm={norm}", f"seed={seed}"], 90.0 + num, seed)
+        summary = json.loads((job / "summary.json").read_text())
+        (job / "summary.json").write_text(json.dumps({**summary, "config": saved}))
+    report = aggregate(tmp_path)
+    assert report.mixed == ["optimizer.decay_norm_and_bias", "optimizer.schedule_step"]  # not norm.*: swept
+    recipes = dict(zip(report.results["norm"], report.results["recipe"]))
+    assert recipes == {
+        "bn": "optimizer.decay_norm_and_bias=true optimizer.schedule_step=epoch",
+        "gn": "optimizer.decay_norm_and_bias=false optimizer.schedule_step=step",
+    }
+    text = format_table(report)
+    assert "rows trained under different recipes: optimizer.decay_norm_and_bias, optimizer.schedule_step" in text
+    assert pd.read_csv(tmp_path / "results.csv")["recipe"].notna().all()
+
+
+def test_a_sweep_trained_alike_has_no_recipe_column(five_norm_sweep) -> None:
+    sweep, proc = five_norm_sweep
+    assert "recipe" not in pd.read_csv(sweep / "results.csv") and "different recipes" not in proc.stdout

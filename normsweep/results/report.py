@@ -12,6 +12,7 @@ import pandas as pd
 import yaml
 
 from normsweep import __version__
+from normsweep.results.recipes import recipe_sentences
 from normsweep.results.tables import (
     COMPARE_METRICS,
     MCNEMAR,
@@ -314,7 +315,8 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
         markdown(cells(report.results, table_columns(report))),
         "",
     ]
-    for line in [*resolution_notes(report), *(f"**{tie}**" for tie in noise_sentences(report))]:
+    said = [*noise_sentences(report), *recipe_sentences(report.mixed)]
+    for line in [*resolution_notes(report), *(f"**{sentence}**" for sentence in said)]:
         out += [line, ""]
     if best is not None and compare:
         tuned = tuned_columns(best, compare)

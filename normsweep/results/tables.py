@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from normsweep.config.schema import COMPARE_METRICS
+from normsweep.results.recipes import mixed_keys, recipe_column, recipe_sentences
 from normsweep.sweep.files import (
     ATTENTION,
     DIAGNOSTICS_COLUMNS,
@@ -29,7 +30,7 @@ from normsweep.sweep.files import (
     read_correct,
 )
 from normsweep.sweep.liveness import load_summaries
-from normsweep.sweep.settings import copies_by_settings
+from normsweep.sweep.settings import copies_by_settings, recipe
 
 log = logging.getLogger("normsweep")
 # Overrides that do not define a configuration: seeds are averaged over, the others only steer the aggregation.
@@ -129,6 +130,7 @@ class Report:
     metric: str = DEFAULT_METRIC  # compare_metric: rows sort by its mean, and the best row tops it
     # job → whether its final model got each test image right (predictions.npz); absent for jobs saved without it
     correct: dict[str, Any] = field(default_factory=dict)
+    mixed: list[str] = field(default_factory=list)  # keys the jobs were trained with differently, unswept (recipes.py)
 
 
 def compare_metric(config: dict[str, Any], metric: str | None = None) -> str:
@@ -188,13 +190,15 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
     """Read every job folder of a sweep into tidy tables, one row per job. `metric` (val_acc, test_acc or
     best_val_acc) overrides the sweep's compare_metric."""
     sweep_dir = Path(sweep_dir)
-    rows, curves, keys, choices, config, correct = [], [], [], [], {}, {}
+    rows, curves, keys, choices, config, correct, recipes = [], [], [], [], {}, {}, {}
     for job_dir, (overrides, summary, metrics), duplicates in _distinct_jobs(sweep_dir):
         choices.append({group: summary.get(group) for group in GROUPS})
         keys += [k for k in overrides if k not in NOT_SETTINGS and k not in keys]
         if not config and isinstance(summary.get("config"), dict):
             config = summary["config"]
         row = {"job": str(job_dir.relative_to(sweep_dir)), **overrides}
+        if isinstance(summary.get("config"), dict):
+            recipes[row["job"]] = recipe(summary["config"])
         row["seed"] = summary.get("seed", overrides.get("seed"))
         for column, recorded in RUN_FIELDS.items():  # a key the command set (device=cuda) shows what the job recorded
             if summary.get(recorded) is not None or column not in row:
@@ -224,6 +228,9 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
     )
     chosen = compare_metric(config, metric)
     results = summarize(runs, keys, chosen, correct) if len(runs) else pd.DataFrame(columns=[*keys, *RESULT_COLUMNS])
+    mixed = mixed_keys(runs, keys, recipes)
+    if mixed:
+        results["recipe"] = recipe_column(runs, results, keys, recipes, mixed)
     return Report(
         runs=runs,
         results=results,
@@ -234,6 +241,7 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
         config=config,
         metric=chosen,
         correct=correct,
+        mixed=mixed,
     )
 
 
@@ -539,7 +547,7 @@ def table_columns(report: Report) -> list[str]:
         shown = [c for c in shown if not c.endswith(("_std", "_ci95"))]
     if report.results["test"].isna().all():  # no row was tested (one row, or old folders of one run each)
         shown = [c for c in shown if c not in ("p_vs_best", "test")]
-    return shown
+    return [*shown, "recipe"] if "recipe" in report.results else shown
 
 
 def best_columns(best: pd.DataFrame) -> list[str]:
@@ -656,6 +664,7 @@ def format_table(report: Report) -> str:
         lines.append("same in every run: " + settings_text(report.fixed))
     lines += noise_sentences(report)
     lines += stalled_sentences(report)
+    lines += recipe_sentences(report.mixed)
     if report.best is None:  # with a best-by table, its own lines say it (format_best)
         lines += best_row_edges(report)
     return "\n".join(lines)

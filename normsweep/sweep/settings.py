@@ -71,6 +71,14 @@ def settings(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """What a job computed with, flat: its config with every added key at the value it ran with (the old value
+    where the config was saved without the key), without the where-keys. Two jobs with different recipes were not
+    trained alike, whatever their overrides say."""
+    flat = {k: _moved(v) for k, v in _flatten(_upgraded(config)).items()}
+    return {key: value for key, value in {**ADDED_KEYS, **flat}.items() if key not in WHERE_KEYS}
+
+
 def _moved(value: Any) -> Any:
     """A `_target_` path of a module that has moved (MOVED_MODULES), by its path now; any other value as it is."""
     if isinstance(value, str):
