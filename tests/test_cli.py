@@ -162,6 +162,14 @@ def _without_log_prefix(line: str) -> str:
             ],
         ),
         (
+            ["model=mlp,simple_cnn", "norm=bn,in"],
+            [
+                "model=mlp norm=in: layer fc1 has fc features (N, C), and norm=in normalizes feature maps (N, C, H, W) "
+                "only (its statistics need spatial positions); use a convolutional model (model=simple_cnn, deep_cnn, "
+                "resnet20 or resnet18) or another norm (1 of 4 jobs: model=mlp norm=in)"
+            ],
+        ),
+        (
             ["norm=bn,gn", "model._target_=nosuchpackage.Net"],
             [
                 "model=simple_cnn: cannot import _target_=nosuchpackage.Net (No module named 'nosuchpackage'); the "

@@ -10,7 +10,7 @@ from conftest import make_cifar, make_mnist, make_svhn
 
 from normsweep.config.errors import ConfigError
 from normsweep.config.schema import DatasetConfig, SyntheticConfig, UserDataset
-from normsweep.job.data import augment, channel_stats, load, normalize
+from normsweep.job.data import augment, channel_stats, known_shape, load, normalize
 
 
 def test_digits_has_a_fixed_test_split_and_a_seeded_val_split() -> None:
@@ -45,25 +45,35 @@ def test_channel_statistics_are_per_channel() -> None:
     assert float(stats["std"][2]) == pytest.approx(float((images[:, 2].double() / 255).std()), rel=1e-5)
 
 
+def test_digits_and_synthetic_images_have_the_shape_a_sweep_checks_its_models_with() -> None:
+    for cfg in (DatasetConfig(name="digits"), SyntheticConfig(name="synthetic", shape=[3, 12, 10], classes=4)):
+        data = load(cfg, val_fraction=0.2, seed=0)
+        assert known_shape(cfg) == (data.shape, data.num_classes)
+
+
 def test_mnist_from_idx_files(tmp_path: Path) -> None:
     make_mnist(tmp_path)
-    data = load(DatasetConfig(name="mnist", root=str(tmp_path)), val_fraction=0.25, seed=0)
-    assert data.shape == (1, 28, 28)
+    cfg = DatasetConfig(name="mnist", root=str(tmp_path))
+    data = load(cfg, val_fraction=0.25, seed=0)
+    assert data.shape == (1, 28, 28) and known_shape(cfg) == (data.shape, data.num_classes)
     assert (len(data.train), len(data.val), len(data.test)) == (90, 30, 40)
     assert data.crop_padding == 0 and data.hflip is False
 
 
 def test_fashion_mnist_from_idx_files(tmp_path: Path) -> None:
     make_mnist(tmp_path, folder="FashionMNIST", n_train=50, n_test=20)
-    data = load(DatasetConfig(name="fashion_mnist", root=str(tmp_path)), val_fraction=0.2, seed=0)
-    assert data.shape == (1, 28, 28) and len(data.test) == 20
+    cfg = DatasetConfig(name="fashion_mnist", root=str(tmp_path))
+    data = load(cfg, val_fraction=0.2, seed=0)
+    assert data.shape == (1, 28, 28) and len(data.test) == 20 and known_shape(cfg) == (data.shape, data.num_classes)
 
 
 @pytest.mark.parametrize("name, hundred", [("cifar10", False), ("cifar100", True)])
 def test_cifar_from_python_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, hundred: bool) -> None:
     make_cifar(tmp_path, monkeypatch, hundred=hundred)
-    data = load(DatasetConfig(name=name, root=str(tmp_path)), val_fraction=0.2, seed=0)
+    cfg = DatasetConfig(name=name, root=str(tmp_path))
+    data = load(cfg, val_fraction=0.2, seed=0)
     assert data.shape == (3, 32, 32) and data.num_classes == (100 if hundred else 10)
+    assert known_shape(cfg) == (data.shape, data.num_classes)  # what a sweep builds its models for before launch
     assert len(data.train) + len(data.val) == (1 if hundred else 5) * 30 and len(data.test) == 30
     # Channels come out in (N, C, H, W) order: the stored rows are R plane, G plane, B plane.
     import pickle
@@ -75,8 +85,9 @@ def test_cifar_from_python_pickles(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_svhn_from_mat_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_svhn(tmp_path, monkeypatch)
-    data = load(DatasetConfig(name="svhn", root=str(tmp_path)), val_fraction=0.2, seed=0)
-    assert data.shape == (3, 32, 32) and len(data.test) == 60
+    cfg = DatasetConfig(name="svhn", root=str(tmp_path))
+    data = load(cfg, val_fraction=0.2, seed=0)
+    assert data.shape == (3, 32, 32) and len(data.test) == 60 and known_shape(cfg) == (data.shape, data.num_classes)
     assert int(data.train.labels.max()) <= 9 and int(data.train.labels.min()) >= 0
 
 

@@ -99,7 +99,7 @@ class ResumingSweeper(BasicSweeper):
         configs = JobConfigs(self.hydra_context.config_loader, self.config)
         placed: list[list[list[str]]] = []
         mistakes: dict[str, list[list[str]]] = {}  # what a job's config is refused for -> the jobs' overrides
-        imported: dict[str, Any] = {}  # the classes the jobs' configs name, imported once
+        done: dict[str, Any] = {}  # the checks made for one job that others share (imports, model builds)
         num = 0
         try:
             for batch in batches:
@@ -111,7 +111,7 @@ class ResumingSweeper(BasicSweeper):
                     num += 1
                     task = list(job_cfg.hydra.overrides.task)
                     try:  # the checks a single run makes, for every job before any starts: one line per mistake
-                        check_job(job_cfg, dict(job_cfg.hydra.runtime.choices), imported)
+                        check_job(job_cfg, dict(job_cfg.hydra.runtime.choices), done)
                     except ConfigError as err:
                         mistakes.setdefault(str(err), []).append(task)
                         continue

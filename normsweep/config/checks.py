@@ -226,25 +226,32 @@ def named_targets(run: Config) -> list[tuple[str, str, str]]:
     return [(str(path), where, key) for path, where, key in named if path and not str(path).startswith(own)]
 
 
-def check_job(cfg: DictConfig, choices: dict[str, Any], imported: dict[str, Any]) -> Config:
+def check_job(cfg: DictConfig, choices: dict[str, Any], done: dict[str, Any]) -> Config:
     """What a single run checks before training, for one job of a sweep before any job starts: the values (validate),
-    that the classes its config names can be imported (each path once: `imported` holds those done), and, when
-    its overrides set a model's or a user data set's keys, that the class takes them."""
+    that the classes its config names can be imported, that a model or a user data set takes the keys its
+    overrides set, and that its model can be built with its norm for its data set's images (job/build.check_model).
+    `done` holds what other jobs checked already (the classes imported, the models built), so that each is done
+    once per sweep."""
     from normsweep.config.targets import check_arguments, import_target
+    from normsweep.job.build import check_model  # torch: a job in this process would import it anyway
 
     own = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what a job gets (a third of a deepcopy)
     run = validate(own, choices)
     for path, where, key in named_targets(run):
-        if path not in imported:
-            imported[path] = import_target(path, where, key)
+        if path not in done:
+            done[path] = import_target(path, where, key)
     touched = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] for o in cfg.hydra.overrides.task if "." in o}
     if "model" in touched:  # a typo on the command line; the model's own YAML is checked when the job builds it
         path = run.model["_target_"]
-        if path not in imported:
-            imported[path] = import_target(path, f"model={run.model['name']}")
+        if path not in done:
+            done[path] = import_target(path, f"model={run.model['name']}")
         keys = [k for k in run.model if k not in ("_target_", "name")]
-        check_arguments(imported[path], keys, f"model={run.model['name']}", "model", MODEL_ARGUMENTS)
+        check_arguments(done[path], keys, f"model={run.model['name']}", "model", MODEL_ARGUMENTS)
     if "dataset" in touched and isinstance(run.dataset, UserDataset):
-        make = imported[run.dataset._target_]
+        make = done[run.dataset._target_]
         check_arguments(make, run.dataset.arguments(), f"dataset={run.dataset.name}", "dataset")
+    built = repr(("model", run.model, run.norm, run.dataset))
+    if built not in done:
+        check_model(run)
+        done[built] = True
     return run

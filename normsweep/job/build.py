@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from normsweep.config.schema import Config
-from normsweep.job.data import Data, load
+from normsweep.job.data import Data, known_shape, load
 from normsweep.job.diagnostics import Diagnostics
 from normsweep.job.layers import NormFactory, norm_factory
 from normsweep.job.models import build_model
@@ -81,6 +81,18 @@ def build(run: Config, device: torch.device, data: Data | None = None) -> Job:
     factory = norm_factory(run.norm, name)
     model = build_model(name, run.model, c, (h, w), data.num_classes, factory)
     return Job(run, data, model, factory, resolve_compute(run.precision, run.channels_last, run.compile, model, device))
+
+
+def check_model(run: Config) -> None:
+    """Build the run's model for its data set's images without loading them (data.known_shape), on the CPU: what the
+    model and the norm must agree on (a norm that needs feature maps on an fc layer, groups that do not divide a
+    layer's channels, ...) raises the ConfigError its job would. A user's data set is checked when its job loads it."""
+    known = known_shape(run.dataset)
+    if known is None:
+        return
+    (c, h, w), classes = known
+    name = run.model["name"]
+    build_model(name, run.model, c, (h, w), classes, norm_factory(run.norm, name))
 
 
 def describe_compute(compute: Compute) -> str:

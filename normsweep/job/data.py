@@ -281,6 +281,26 @@ LOADERS: dict[str, Callable[[DatasetConfig], tuple[Split, Split, int]]] = {
 }
 
 
+# name → (channels, height, width) and classes of a built-in data set's images, as its loader gives them: what a
+# sweep's models are built for before any job loads the data (tests/test_data.py checks them against the loaders).
+SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((1, 8, 8), 10),
+    "mnist": ((1, 28, 28), 10),
+    "fashion_mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "svhn": ((3, 32, 32), 10),
+}
+
+
+def known_shape(cfg: DatasetConfig) -> tuple[tuple[int, int, int], int] | None:
+    """The shape and class count of the data set's images without loading it; None for a user's data set."""
+    if isinstance(cfg, SyntheticConfig):
+        c, h, w = cfg.shape
+        return (c, h, w), cfg.classes
+    return None if isinstance(cfg, UserDataset) else SHAPES.get(cfg.name)
+
+
 # The data set a process loaded last, reused by its next job if that asks for the same one: a sequential sweep,
 # or a joblib worker, loads it once. Only read from (splits are new tensors), so one job never changes another's.
 _LAST: dict[str, tuple[Split, Split, int]] = {}
