@@ -53,20 +53,22 @@ def _wait_for_rows(path: Path, rows: int, proc: subprocess.Popen, timeout: float
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    proc = run_cli_here(["-m", "model=mlp", "norm=bn,in,ln", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path)
+    # What only the data can tell fails its job, not the launch (the config checks pass): the others run.
+    args = ["-m", "model=mlp", "dataset.train_size=100,5000,200", "epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"]
+    proc = run_cli_here(args, tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output
     assert "Traceback" not in output
-    assert "failed: job 1 (model=mlp norm=in epochs=1 seed=0): model=mlp norm=in: layer fc1 has fc features" in output
-    assert "1 of 3 jobs failed" in output
+    said = "failed: job 1 (model=mlp dataset.train_size=5000 epochs=1 seed=0): dataset.train_size=5000: digits has"
+    assert said in output and "1 of 3 jobs failed" in output
     failed = _summary(tmp_path / "s" / "1")
-    assert failed["status"] == "failed" and failed["error"].startswith("model=mlp norm=in")
+    assert failed["status"] == "failed" and failed["error"].startswith("dataset.train_size=5000")
     assert _summary(tmp_path / "s" / "2")["status"] == "completed"  # the job after the failure ran
-    results = pd.read_csv(tmp_path / "s" / "results.csv").set_index("norm")
-    assert results.loc["in", "status"] == "failed" and results.loc["in", "runs"] == 0
-    assert (results.loc[["bn", "ln"], "status"] == "completed").all()
-    runs = pd.read_csv(tmp_path / "s" / "runs.csv").set_index("norm")
-    assert runs.loc["in", "error"].startswith("model=mlp norm=in")
+    results = pd.read_csv(tmp_path / "s" / "results.csv").set_index("dataset.train_size")
+    assert results.loc[5000, "status"] == "failed" and results.loc[5000, "runs"] == 0
+    assert (results.loc[[100, 200], "status"] == "completed").all()
+    runs = pd.read_csv(tmp_path / "s" / "runs.csv").set_index("dataset.train_size")
+    assert runs.loc[5000, "error"].startswith("dataset.train_size=5000")
 
 
 def test_a_damaged_data_set_fails_its_job_only(tmp_path: Path) -> None:

@@ -46,7 +46,8 @@ def test_a_run_is_stalled_only_at_both_the_loss_of_a_guess_and_chance_accuracy(
 
 
 def test_a_job_that_learned_nothing_ends_stalled_and_is_kept_on_resume(tmp_path: Path, caplog) -> None:
-    run = replace(compose_run([*SMALL, "optimizer.lr=1e-9"]), threads=1, diagnostics=False)  # the weights barely move
+    # The weights barely move, over more than STALL_MIN_STEPS steps (~190 images at batch 2).
+    run = replace(compose_run([*SMALL, "optimizer.lr=1e-9", "batch_size=2"]), threads=1, diagnostics=False)
     summary = run_job(run, tmp_path, [], {})
     assert summary["status"] == "stalled" and summary["classes"] == 4
     assert summary["final_val_acc"] <= 1.2 * summary["chance_acc"]
@@ -54,6 +55,12 @@ def test_a_job_that_learned_nothing_ends_stalled_and_is_kept_on_resume(tmp_path:
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["status"] == "stalled"
     assert run_job(run, tmp_path, [], {})["wall_seconds"] == summary["wall_seconds"]  # kept, not trained again
+
+
+def test_a_run_too_short_to_have_started_is_not_called_stalled(tmp_path: Path) -> None:
+    run = replace(compose_run([*SMALL, "optimizer.lr=1e-9"]), threads=1, diagnostics=False)  # 3 steps at batch 64
+    summary = run_job(run, tmp_path, [], {})
+    assert summary["final_val_acc"] <= 1.2 * summary["chance_acc"] and summary["status"] == "completed"
 
 
 def test_a_job_that_learns_is_completed(tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def test_ctrl_c_under_joblib_ends_with_how_to_resume_and_no_traceback(tmp_path: 
         "To resume, run the same command with hydra.sweep.dir=s"
     )
     job_lines = [line for line in lines if "[normsweep]" in line]
-    tag = r"\[job (0 norm=bn|1 norm=gn) model=mlp batch_size=16 epochs=100\] "
+    tag = r"\[job (0 norm=bn|1 norm=gn)\] "  # what tells the jobs apart
     assert job_lines and all(re.search(r"\]\[normsweep\]\[\w+\] - " + tag, line) for line in job_lines), text
 
 

@@ -27,7 +27,7 @@ from normsweep.job.diagnostics import Diagnostics
 from normsweep.job.optim import no_decay
 from normsweep.job.placement import available_cpus
 from normsweep.job.threads import CpuSample, ThreadChoice, busy_since, choose_threads, cpu_sample, describe, step_macs
-from normsweep.job.train import EpochMetrics, describe_hardware, predict, resolve_device
+from normsweep.job.train import STALL_MIN_STEPS, EpochMetrics, describe_hardware, predict, resolve_device
 from normsweep.sweep.files import (
     DIAGNOSTICS_FILE,
     FINISHED,
@@ -287,7 +287,8 @@ def _ending(job: Job, last: EpochMetrics) -> tuple[Status, float]:
             )
         return Status.DIVERGED, chance_acc
     classes = job.data.num_classes
-    if last.at_chance(classes, chance_acc):
+    steps = last.epoch * math.ceil(len(job.data.train) / job.run.batch_size)
+    if steps >= STALL_MIN_STEPS and last.at_chance(classes, chance_acc):
         log.warning(
             "stalled: train_loss %.4f is still about ln(%d) = %.4f, the loss of a uniform guess, and val_acc %.2f%% is "
             "at chance (%.2f%%, the largest class): the model learned nothing; diagnostics.csv's grad_norm shows "

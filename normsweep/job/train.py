@@ -28,6 +28,9 @@ DIVERGE_FACTOR = 10
 # loss of a uniform guess, and its validation accuracy at most 1.2 × the largest class's share: EpochMetrics.at_chance.
 STALL_LOSS_MARGIN = 0.1
 STALL_ACC_FACTOR = 1.2
+# ...after at least this many optimizer steps: a run shorter than that may not have begun to learn (three steps of
+# a 240-image toy set at batch 64 end at chance too, healthy).
+STALL_MIN_STEPS = 50
 
 
 @dataclass
