@@ -180,11 +180,18 @@ def plot_curves(report: Report, path: Path) -> None:
             "(report.md lists them all)"
         )
     if title:
-        fig.suptitle("\n".join(title), fontsize="medium")
+        _suptitle(fig, title)
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
     atomic_write(path, image.getvalue())
+
+
+def _suptitle(fig: Any, lines: list[str]) -> None:
+    """The figure's title, each line wrapped to the figure's width (a long "same in every run" list was cut off at
+    both edges): about 12 characters of the medium font per inch."""
+    width = max(40, int(fig.get_figwidth() * 12))
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in lines), fontsize="medium")
 
 
 def _one_row(plt: Any, numbers: int) -> tuple[Any, list[Any], list[Any], list[Any]]:
@@ -460,7 +467,7 @@ def plot_diagnostics(report: Report, table: pd.DataFrame, path: Path) -> None:
             f"the rows of {len(shown_blocks)} of the {len(blocks)} settings of {', '.join(code.panels)}, evenly spread "
             "(report.md lists them all)"
         )
-    fig.suptitle("\n".join(title), fontsize="medium")
+    _suptitle(fig, title)
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=90)
     plt.close(fig)

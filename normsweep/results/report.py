@@ -248,7 +248,8 @@ def stalled_section(report: Report, sweep_dir: Path) -> list[str]:
         "`chance_acc`, the share of the validation split's largest class (what always naming one class scores). "
         "They count in the table as the result of their setting, and are not trained again on resume. Below, at "
         "their last epoch, the gradient reaching each norm layer (`grad_norm`, on the probe batch: 0 means no "
-        "gradient flows back to it, as when every ReLU after it is dead) and the std of the layer's input "
+        "gradient flows back to it, as when the units of a layer above it are all dead) and the std of the layer's "
+        "input "
         '(`in_std`), beside the best row\'s run for comparison (docs/results.md, "A job is stalled"):',
         "",
         markdown(shown),
