@@ -575,3 +575,26 @@ def test_rows_trained_under_different_recipes_are_flagged_with_the_keys_that_dif
 def test_a_sweep_trained_alike_has_no_recipe_column(five_norm_sweep) -> None:
     sweep, proc = five_norm_sweep
     assert "recipe" not in pd.read_csv(sweep / "results.csv") and "different recipes" not in proc.stdout
+
+
+def test_a_warm_process_left_by_a_refused_sweep_is_not_used_by_the_next(tmp_path: Path, monkeypatch) -> None:
+    # Hydra 1.3 skips the end callback of a sweep refused before launch: its warm process, started in another
+    # folder, must not aggregate the next sweep of the same process.
+    from omegaconf import OmegaConf
+
+    from normsweep.sweep.callbacks import AggregateCallback
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delitem(sys.modules, "matplotlib.pyplot", raising=False)  # so that a warm process starts
+    AggregateCallback().on_multirun_start(OmegaConf.create({}))
+    stale = AggregateCallback.warm
+    assert stale is not None
+    here = tmp_path / "here"
+    make_job(here / "s", 0, ["norm=bn"], 90.0, 0)
+    monkeypatch.chdir(here)
+    AggregateCallback().on_multirun_start(OmegaConf.create({}))
+    assert stale.wait(timeout=30) is not None  # ended, not handed the next sweep
+    AggregateCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "s"}}}))
+    assert (here / "s" / "results.csv").is_file()

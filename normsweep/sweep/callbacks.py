@@ -31,6 +31,11 @@ class AggregateCallback(Callback):
     warm: subprocess.Popen[str] | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # One left by an earlier sweep of this process that ended before its end callback (Hydra 1.3 skips it when
+        # the launch is refused): started elsewhere, for another sweep.
+        stale, AggregateCallback.warm = AggregateCallback.warm, None
+        if stale is not None:
+            stale.kill()
         if "pandas" in sys.modules and "matplotlib.pyplot" in sys.modules:
             return  # nothing left to import: aggregated here (a test's process, a second sweep in one process)
         with contextlib.suppress(OSError):
