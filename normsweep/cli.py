@@ -40,8 +40,8 @@ from normsweep.job.signals import (
     stopped_by,
 )
 from normsweep.sweep.callbacks import ResumeCheck
-from normsweep.sweep.compose import SWEPT_KEYS_ENV, override_key
-from normsweep.sweep.files import DiskFull, disk_full, full_disk_line, record_failure
+from normsweep.sweep.compose import SWEPT_KEYS_ENV
+from normsweep.sweep.files import DiskFull, disk_full, full_disk_line, override_key, record_failure
 from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
 
 log = logging.getLogger("normsweep")
@@ -111,7 +111,7 @@ def _only_hydra_files(folder: Path) -> bool:
 def report_single_run(job_dir: Path, hydra_cfg: DictConfig, cfg: DictConfig) -> None:
     """The last lines of a single run: what the config sweeps only with -m (a preset's sweeper params), and where
     the run's files are."""
-    given = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+    given = {override_key(o) for o in hydra_cfg.overrides.task}
     unswept = {k: v for k, v in (hydra_cfg.sweeper.get("params") or {}).items() if k not in given}
     if unswept:
         choices = hydra_cfg.runtime.choices

@@ -81,10 +81,10 @@ def unknown_model_key(path: str, choice: str | None) -> str:
         target = OmegaConf.load(Path(config_dir()) / "model" / f"{choice}.yaml")["_target_"]
         check_arguments(import_target(target, f"model={choice}"), [key], f"model={choice}", "model", MODEL_ARGUMENTS)
     except ConfigError as err:
-        return str(err)
+        return str(err)  # not an argument of the class: the closest one
     except Exception:  # a model's YAML elsewhere (a user's config folder): what can be said without it
-        return f"{path}: model={choice}'s YAML has no such key; {add}"
-    return f"{path}: model={choice}'s YAML has no such key; {add}"
+        pass
+    return f"{path}: {f'model={choice}' if choice else 'the model'}'s YAML has no such key; {add}"
 
 
 def _check_added_keys(cfg: DictConfig, group: str) -> None:
@@ -92,9 +92,9 @@ def _check_added_keys(cfg: DictConfig, group: str) -> None:
     OmegaConf would drop it silently. A user's option passes its other keys to its `_target_` instead."""
     node = cfg.get(group)
     schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
-    if schema is None or not dataclasses.is_dataclass(schema) or "kwargs" in {f.name for f in fields(schema)}:
+    known = {f.name for f in fields(schema)} if schema is not None and dataclasses.is_dataclass(schema) else set()
+    if not known or "kwargs" in known:
         return
-    known = {f.name for f in fields(schema)}
     for key in node:
         if key not in known:
             reason = f"Key '{key}' not in '{schema.__name__}'"
@@ -234,13 +234,14 @@ def check_job(cfg: DictConfig, choices: dict[str, Any], done: dict[str, Any]) ->
     once per sweep."""
     from normsweep.config.targets import check_arguments, import_target
     from normsweep.job.build import check_model  # torch: a job in this process would import it anyway
+    from normsweep.sweep.files import override_key
 
     own = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what a job gets (a third of a deepcopy)
     run = validate(own, choices)
     for path, where, key in named_targets(run):
         if path not in done:
             done[path] = import_target(path, where, key)
-    touched = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] for o in cfg.hydra.overrides.task if "." in o}
+    touched = {override_key(o).split(".", 1)[0] for o in cfg.hydra.overrides.task if "." in override_key(o)}
     if "model" in touched:  # a typo on the command line; the model's own YAML is checked when the job builds it
         path = run.model["_target_"]
         if path not in done:

@@ -14,15 +14,11 @@ from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from omegaconf import DictConfig, OmegaConf
 
 from normsweep.config import hydra_compat
+from normsweep.sweep.files import override_key
 
 # The keys whose values differ between the jobs of the sweep being launched, comma-separated: a job's log lines are
 # tagged with those only (the launched processes inherit the environment).
 SWEPT_KEYS_ENV = "NORMSWEEP_SWEPT_KEYS"
-
-
-def override_key(override: str) -> str:
-    """`norm` of `norm=bn`, `model.width` of `+model.width=8`."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def swept_keys(jobs: list[list[str]]) -> list[str]:
@@ -38,6 +34,9 @@ def swept_keys(jobs: list[list[str]]) -> list[str]:
 
 
 class JobConfigs:
+    """A sweep's job configs as Hydra's loader composes them, each distinct set of non-plain overrides composed once
+    (see the module's docstring)."""
+
     def __init__(self, loader: Any, master: DictConfig) -> None:
         self.loader, self.master = loader, master
         self.parser = OverridesParser.create()

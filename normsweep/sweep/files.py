@@ -230,15 +230,14 @@ def read_summary(job_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def override_key(line: str) -> str:
+    """The key a Hydra override string sets or deletes: `norm` of `norm=bn`, `model.width` of `+model.width=8`."""
+    return line.split("=", 1)[0].lstrip("+~")
+
+
 def parse_overrides(lines: list[str]) -> dict[str, str]:
     """Hydra override strings (`norm=bn`, `+x=1`, `optimizer.lr=0.01`) → {key: value}; deletions are skipped."""
-    parsed = {}
-    for line in lines:
-        if line.startswith("~") or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        parsed[key.lstrip("+")] = value
-    return parsed
+    return {override_key(line): line.split("=", 1)[1] for line in lines if not line.startswith("~") and "=" in line}
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
