@@ -27,21 +27,14 @@ def mixed_keys(runs: pd.DataFrame, keys: list[str], recipes: dict[str, dict[str,
     return mixed
 
 
-def recipe_column(
-    runs: pd.DataFrame, results: pd.DataFrame, keys: list[str], recipes: dict[str, dict[str, Any]], mixed: list[str]
-) -> list[str]:
-    """Each row's values of the `mixed` keys, `key=value` (`key=a|b` where the row's own runs differ)."""
+def recipe_column(jobs_by_row: list[list[str]], recipes: dict[str, dict[str, Any]], mixed: list[str]) -> list[str]:
+    """Each row's values of the `mixed` keys, from the recipes of its jobs: `key=value`, or `key=a|b` where the
+    row's own runs differ."""
     column = []
-    for _, row in results.iterrows():
-        mask = pd.Series(True, index=runs.index)
-        for key in keys:
-            mask &= (runs[key] == row[key]) | (runs[key].isna() & pd.isna(row[key]))
-        jobs = [job for job in runs.loc[mask, "job"] if job in recipes]
-        said = []
-        for key in mixed:
-            values = list(dict.fromkeys(_shown(recipes[job].get(key)) for job in jobs))
-            said.append(f"{key}={'|'.join(values)}")
-        column.append(" ".join(said))
+    for jobs in jobs_by_row:
+        known = [recipes[job] for job in jobs if job in recipes]
+        values = {key: "|".join(dict.fromkeys(_shown(r.get(key)) for r in known)) for key in mixed}
+        column.append(" ".join(f"{key}={shown}" for key, shown in values.items()))
     return column
 
 

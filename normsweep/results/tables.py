@@ -230,7 +230,8 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
     results = summarize(runs, keys, chosen, correct) if len(runs) else pd.DataFrame(columns=[*keys, *RESULT_COLUMNS])
     mixed = mixed_keys(runs, keys, recipes)
     if mixed:
-        results["recipe"] = recipe_column(runs, results, keys, recipes, mixed)
+        jobs_by_row = [list(runs.loc[matching(runs, row, keys), "job"]) for _, row in results.iterrows()]
+        results["recipe"] = recipe_column(jobs_by_row, recipes, mixed)
     return Report(
         runs=runs,
         results=results,
