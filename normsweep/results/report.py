@@ -20,13 +20,12 @@ from normsweep.results.tables import (
     SIGNIFICANCE,
     WELCH,
     Report,
+    best_by_edges,
     best_columns,
     best_file,
     best_row_edges,
     cells,
     diagnostics,
-    edge_sentences,
-    grid_edges,
     label_of,
     lines_against,
     matching,
@@ -330,7 +329,7 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
             "",
             markdown(cells(best, best_columns(best))),
             "",
-            *(f"**{edge}**\n" for edge in edge_sentences(best, compare, grid_edges(report, tuned))),
+            *(f"**{edge}**\n" for edge in best_by_edges(report, best, compare)),
         ]
     else:
         out += [f"**{edge}**\n" for edge in best_row_edges(report)]

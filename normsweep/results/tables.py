@@ -676,6 +676,12 @@ def best_row_edges(report: Report) -> list[str]:
     return edge_sentences(report.results.head(1), None, grid_edges(report, report.varying))
 
 
+def best_by_edges(report: Report, best: pd.DataFrame, axis: str) -> list[str]:
+    """The edge sentences of a best-by table: one per swept number whose best, for some value of `axis`, lies at
+    the edge of the values tried."""
+    return edge_sentences(best, axis, grid_edges(report, tuned_columns(best, axis)))
+
+
 def tuned_columns(best: pd.DataFrame, axis: str) -> list[str]:
     """The keys a best-by table picked the best setting of (optimizer.lr, ...)."""
     own = (axis, "runs", "settings_tried", "status", "at_edge")
@@ -691,7 +697,7 @@ def format_best(best: pd.DataFrame, axis: str, metric: str = DEFAULT_METRIC, rep
         cells(best, best_columns(best)).to_string(index=False),
     ]
     if report is not None:
-        lines += edge_sentences(best, axis, grid_edges(report, tuned))
+        lines += best_by_edges(report, best, axis)
     return "\n".join(lines)
 
 
