@@ -44,6 +44,10 @@ METRIC_COLUMNS = [
     "images_per_second",
 ]
 GROUPS = ("model", "norm", "optimizer", "dataset")  # the config groups, as named in summary.json
+# summary.json's record of a tuning sweep's job (hydra/sweeper=tune): {"study": "norm=bn", "phase": "search" or
+# "confirm", "number": the Optuna trial number (search) or null, "searched": the keys the study searches}. Absent
+# in a grid's jobs.
+TRIAL_KEY = "trial"
 
 
 class Status(str, enum.Enum):
@@ -59,6 +63,10 @@ class Status(str, enum.Enum):
     # Trained every epoch but learned nothing: ended at chance accuracy with the loss of a uniform guess (dead
     # ReLUs, a norm that gets no gradient). A result of the setting, like diverged: kept, not trained again.
     STALLED = "stalled"
+    # Stopped early by a tuning sweep's pruner (hydra/sweeper=tune): its validation accuracy could not catch up with
+    # the study's better trials. A result of the search, kept and not trained again; its numbers are those of the
+    # epoch it stopped at.
+    PRUNED = "pruned"
     FAILED = "failed"  # raised an error (message in `error`)
     CORRUPT = "corrupt"  # summary.json cannot be read
 
@@ -67,7 +75,7 @@ class Status(str, enum.Enum):
 
 
 # the statuses whose results count and are kept on resume
-FINISHED = (Status.COMPLETED, Status.DIVERGED, Status.STALLED)
+FINISHED = (Status.COMPLETED, Status.DIVERGED, Status.STALLED, Status.PRUNED)
 UNFINISHED = (Status.RUNNING, Status.INCOMPLETE, Status.FAILED)
 ATTENTION = (Status.FAILED, Status.INCOMPLETE, Status.CORRUPT)  # statuses that get a line of their own under the table
 
