@@ -43,6 +43,7 @@ from normsweep.sweep.callbacks import ResumeCheck
 from normsweep.sweep.compose import SWEPT_KEYS_ENV
 from normsweep.sweep.files import DiskFull, disk_full, full_disk_line, override_key, record_failure
 from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
+from normsweep.sweep.studies import JobTrial
 
 log = logging.getLogger("normsweep")
 register_configs()
@@ -158,7 +159,8 @@ def app(cfg: DictConfig) -> float | None:
             from normsweep.job.run import run_job  # torch: only once a job runs
 
             run, cpus = place(checked, job_num, in_sweep)
-            summary = run_job(run, job_dir, overrides, config, cpus)
+            trial = JobTrial.from_env(os.environ) if in_sweep else None  # a tuning sweep's trial (sweep/studies.py)
+            summary = run_job(run, job_dir, overrides, config, cpus, trial)
     except KeyboardInterrupt as err:
         what, status = stopped_by(err)
         if multiprocessing.parent_process() is not None:  # a joblib worker: its launcher says how to resume

@@ -62,6 +62,8 @@ class ResumingSweeper(BasicSweeper):
         super().__init__(max_batch_size=max_batch_size, params=params)
         self._multirun_yaml: tuple[Path, bytes] | None = None
         self._composed: _Composed | None = None
+        self._configs: Any = None  # normsweep.sweep.compose.JobConfigs, made on first use
+        self._done: dict[str, Any] = {}  # the checks made for one job that others share (imports, model builds)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self._composed = _Composed(hydra_context.config_loader)
@@ -86,45 +88,36 @@ class ResumingSweeper(BasicSweeper):
             self.overrides = self._with_folders(self.overrides)
         return super().get_job_batch()
 
-    def _with_folders(self, batches: Sequence[Sequence[Sequence[str]]]) -> list[list[list[str]]]:
+    def _with_folders(
+        self, batches: Sequence[Sequence[Sequence[str]]], env: Sequence[dict[str, str]] = ()
+    ) -> list[list[list[str]]]:
+        """Every job checked, then given its folder (a `hydra.sweep.subdir=` override, last); a refusal is one line
+        per mistake and exit status 2, with the sweep folder as it was. `env`: per job (in order), environment
+        variables the job runs with (hydra.job.env_set), which do not change its config or its folder."""
         # Imported here: Hydra imports every plugin module at start-up, for any app; torch loads only for ours.
-        from normsweep.config.checks import check_job
         from normsweep.config.errors import ConfigError
-        from normsweep.sweep.compose import SWEPT_KEYS_ENV, JobConfigs, swept_keys
-        from normsweep.sweep.resume import SweepFolders, mistakes_of, refuse, task_config
+        from normsweep.sweep.compose import SWEPT_KEYS_ENV, swept_keys
+        from normsweep.sweep.resume import SweepFolders, refuse, task_config
 
-        assert self.hydra_context is not None and self.config is not None
+        assert self.config is not None
         folders = SweepFolders(Path(str(self.config.hydra.sweep.dir)))
         numbered = OmegaConf.to_container(self.config.hydra.sweep)["subdir"] == NUMBERED
-        configs = JobConfigs(self.hydra_context.config_loader, self.config)
+        jobs = [list(o) for batch in batches for o in batch]
         placed: list[list[list[str]]] = []
-        mistakes: dict[str, list[list[str]]] = {}  # what a job's config is refused for -> the jobs' overrides
-        done: dict[str, Any] = {}  # the checks made for one job that others share (imports, model builds)
-        num = 0
         try:
+            configs = iter(self._checked(jobs))
+            extra = iter(env or [{}] * len(jobs))
             for batch in batches:
                 placed.append([])
                 for overrides in batch:
-                    job_cfg = configs.compose(list(overrides))
-                    with open_dict(job_cfg):
-                        job_cfg.hydra.job.num, job_cfg.hydra.job.id = num, str(num)  # as Hydra's launchers: id is a str
-                    num += 1
+                    job_cfg, variables = next(configs), next(extra)
                     task = list(job_cfg.hydra.overrides.task)
-                    try:  # the checks a single run makes, for every job before any starts: one line per mistake
-                        check_job(job_cfg, dict(job_cfg.hydra.runtime.choices), done)
-                    except ConfigError as err:
-                        mistakes.setdefault(str(err), []).append(task)
-                        continue
-                    if mistakes:
-                        continue  # the launch is refused: no folder is claimed
                     name = folders.claim(
                         task_config(job_cfg), task, None if numbered else str(job_cfg.hydra.sweep.subdir)
                     )
-                    placed[-1].append([*overrides, f"hydra.sweep.subdir={_quoted(name)}"])
-                    self._hand_over(job_cfg, name, placed[-1][-1])
-            jobs = [list(o) for batch in batches for o in batch]
-            if mistakes:
-                raise ConfigError(mistakes_of(mistakes, jobs))
+                    given = [f"hydra.job.env_set.{k}={_quoted(v)}" for k, v in variables.items()]
+                    placed[-1].append([*overrides, *given, f"hydra.sweep.subdir={_quoted(name)}"])
+                    self._hand_over(job_cfg, name, placed[-1][-1], variables, len(given) + 1)
             os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(jobs))  # for the jobs' log tags
         except ConfigError as err:
             self._put_back()
@@ -134,13 +127,43 @@ class ResumingSweeper(BasicSweeper):
             raise
         return placed
 
-    def _hand_over(self, job_cfg: DictConfig, name: str, overrides: list[str]) -> None:
-        """Keep the job's config for the launcher, as composing `overrides` (the subdir override last) makes it."""
+    def _checked(self, jobs: list[list[str]]) -> list[DictConfig]:
+        """Each job's config, composed and given the checks a single run makes (config/checks.py); ConfigError with
+        one line per distinct mistake, naming the jobs that make it when not all do."""
+        from normsweep.config.checks import check_job
+        from normsweep.config.errors import ConfigError
+        from normsweep.sweep.compose import JobConfigs
+        from normsweep.sweep.resume import mistakes_of
+
+        assert self.hydra_context is not None and self.config is not None
+        if self._configs is None:
+            self._configs = JobConfigs(self.hydra_context.config_loader, self.config)
+        mistakes: dict[str, list[list[str]]] = {}  # what a job's config is refused for -> the jobs' overrides
+        checked = []
+        for num, overrides in enumerate(jobs):
+            job_cfg = self._configs.compose(list(overrides))
+            with open_dict(job_cfg):
+                job_cfg.hydra.job.num, job_cfg.hydra.job.id = num, str(num)  # as Hydra's launchers: id is a str
+            try:  # the checks a single run makes, for every job before any starts: one line per mistake
+                check_job(job_cfg, dict(job_cfg.hydra.runtime.choices), self._done)
+            except ConfigError as err:
+                mistakes.setdefault(str(err), []).append(list(job_cfg.hydra.overrides.task))
+            checked.append(job_cfg)
+        if mistakes:
+            raise ConfigError(mistakes_of(mistakes, jobs))
+        return checked
+
+    def _hand_over(
+        self, job_cfg: DictConfig, name: str, overrides: list[str], env: dict[str, str], added: int = 1
+    ) -> None:
+        """Keep the job's config for the launcher, as composing `overrides` (the `added` last ones: its environment,
+        then its subdir) makes it."""
         if self._composed is None or any(c in name for c in "$\\'"):  # escapes: leave those to Hydra's parser
             return
         with open_dict(job_cfg):
             job_cfg.hydra.sweep.subdir = name
-            job_cfg.hydra.overrides.hydra.append(overrides[-1])
+            job_cfg.hydra.job.env_set.update(env)
+            job_cfg.hydra.overrides.hydra.extend(overrides[-added:])
             job_cfg.hydra.job.num, job_cfg.hydra.job.id = "???", "???"  # the launcher's to set, as after composing
         self._composed.keep(overrides, job_cfg)
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -32,6 +32,7 @@ from normsweep.sweep.files import (
     DIAGNOSTICS_FILE,
     FINISHED,
     METRICS_FILE,
+    TRIAL_KEY,
     Status,
     disk_full,
     read_diagnostics,
@@ -45,11 +46,30 @@ from normsweep.sweep.liveness import load_summary, process_start, slurm_job
 log = logging.getLogger("normsweep")
 
 
+class Trial(Protocol):
+    """A tuning sweep's trial, as a job sees it (sweep/studies.py JobTrial): what summary.json records of it, and
+    whether its study stops the job after an epoch."""
+
+    record: dict[str, Any]
+
+    def should_stop(self, epoch: int, val_acc: float) -> bool: ...
+
+
+class _Pruned(Exception):
+    """Raised after an epoch's files are written, when the job's trial is stopped there."""
+
+
 def run_job(
-    run: Config, job_dir: Path, overrides: list[str], config: dict[str, Any], cpus: int | None = None
+    run: Config,
+    job_dir: Path,
+    overrides: list[str],
+    config: dict[str, Any],
+    cpus: int | None = None,
+    trial: Trial | None = None,
 ) -> dict[str, Any]:
     """Train one configuration in `job_dir`, or finish it there; returns its summary. `cpus`: the job's share of the
     CPUs when jobs run side by side (default: every CPU it may run on); `threads=0` picks within it (threads.py).
+    `trial`: the job is a trial of a tuning sweep, which may stop it early (status pruned).
 
     `config` is the job's resolved config as the user wrote it: summary.json keeps it, and a later run in the
     same folder must bring the same one (the caller checks the folder first, with resume.check_resumable).
@@ -62,9 +82,12 @@ def run_job(
         _log_kept(job_dir, previous)
         return previous
     job, device, choice = _build(run, cpus or available_cpus(), previous)
-    progress = _restore(job_dir, job, _provenance(job, device, choice, overrides, config))
-    history = _train(job, progress)
-    summary = _summarize(job, progress, history, started)
+    provenance = _provenance(job, device, choice, overrides, config)
+    if trial is not None:
+        provenance[TRIAL_KEY] = trial.record
+    progress = _restore(job_dir, job, provenance, trial)
+    history, pruned = _train(job, progress)
+    summary = _summarize(job, progress, history, started, pruned)
     write_summary(job_dir, summary)  # last: a folder whose summary says finished holds every file of the job
     drop_previous(job_dir)
     log.info(
@@ -173,6 +196,7 @@ class _Progress:
     rows: list[dict[str, Any]]  # metrics.csv
     diagnostics_rows: list[dict[str, Any]]  # diagnostics.csv
     probe: Diagnostics | None
+    trial: Trial | None = None
 
     def mark(self, status: Status, epochs_completed: int) -> None:  # the summary of a job not (yet) finished
         summary = {"status": status, "epochs_completed": epochs_completed, "epochs": self.job.run.epochs}
@@ -191,12 +215,15 @@ class _Progress:
             f"val_loss {m.val_loss:.4f} val_acc {m.val_acc:.2f}% ({m.epoch_seconds:.2f} s, "
             f"{m.images_per_second:.0f} img/s)"
         )
+        if self.trial is not None and not m.diverged(self.job.diverge_loss) and m.epoch < self.job.run.epochs:
+            if self.trial.should_stop(m.epoch, m.val_acc):
+                raise _Pruned
 
     def diagnose(self, epoch: int) -> None:
         self.diagnostics_rows.extend(self.probe.measure(epoch))
 
 
-def _restore(job_dir: Path, job: Job, provenance: dict[str, Any]) -> _Progress:
+def _restore(job_dir: Path, job: Job, provenance: dict[str, Any], trial: Trial | None = None) -> _Progress:
     """The job's files as of its last checkpoint (or its start), and summary.json marked running."""
     state = load_checkpoint(job_dir)
     resumed_from = state["epoch"] if state else 0
@@ -210,16 +237,19 @@ def _restore(job_dir: Path, job: Job, provenance: dict[str, Any]) -> _Progress:
         write_diagnostics(job_dir, diagnostics_rows)
     # A resumed run's first update_ratio starts from its checkpoint's weights.
     probe = job.probe(start=state["model"] if state else None) if job.run.diagnostics else None
-    progress = _Progress(job_dir, job, provenance, state, resumed_from, rows, diagnostics_rows, probe)
+    progress = _Progress(job_dir, job, provenance, state, resumed_from, rows, diagnostics_rows, probe, trial)
     progress.mark(Status.RUNNING, resumed_from)
     return progress
 
 
-def _train(job: Job, progress: _Progress) -> list[EpochMetrics]:
-    """The job's epochs after its checkpoint, each one's files written as it ends; interrupted, or stopped by a full
-    disk, it is incomplete (on a disk still full, its summary stays `running`: incomplete once its process ends)."""
+def _train(job: Job, progress: _Progress) -> tuple[list[EpochMetrics], bool]:
+    """The job's epochs after its checkpoint, each one's files written as it ends, and whether its trial stopped it
+    early (pruned); interrupted, or stopped by a full disk, it is incomplete (on a disk still full, its summary stays
+    `running`: incomplete once its process ends)."""
     try:
-        return job.train(progress.record, progress.state, progress.diagnose if progress.probe else None)
+        return job.train(progress.record, progress.state, progress.diagnose if progress.probe else None), False
+    except _Pruned:
+        return [EpochMetrics(**row) for row in progress.rows], True
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt) or disk_full(err):
             with contextlib.suppress(OSError):
@@ -227,11 +257,13 @@ def _train(job: Job, progress: _Progress) -> list[EpochMetrics]:
         raise
 
 
-def _summarize(job: Job, progress: _Progress, history: list[EpochMetrics], started: float) -> dict[str, Any]:
+def _summarize(
+    job: Job, progress: _Progress, history: list[EpochMetrics], started: float, pruned: bool = False
+) -> dict[str, Any]:
     """The finished job's summary.json: how it ended, its numbers (on the test split: the final model's, whose
     predictions it writes to predictions.npz), its time."""
     run, last = job.run, history[-1]
-    status, chance_acc = _ending(job, last)
+    status, chance_acc = _ending(job, last, pruned)
     test = job.data.test
     test_loss, predicted = predict(job.model, test, job.data, job.compute)
     test_acc = 100.0 * (predicted == test.labels).sum().item() / len(test)
@@ -266,10 +298,19 @@ def _summarize(job: Job, progress: _Progress, history: list[EpochMetrics], start
     }
 
 
-def _ending(job: Job, last: EpochMetrics) -> tuple[Status, float]:
-    """How the finished training ended (completed, diverged or stalled: the log says why), and the validation
-    accuracy of a model that learned nothing: always naming the split's largest class scores its share."""
+def _ending(job: Job, last: EpochMetrics, pruned: bool = False) -> tuple[Status, float]:
+    """How the finished training ended (completed, diverged, stalled or pruned: the log says why), and the
+    validation accuracy of a model that learned nothing: always naming the split's largest class scores its share."""
     chance_acc = 100.0 * torch.bincount(job.data.val.labels).max().item() / len(job.data.val)
+    if pruned:
+        log.info(
+            "pruned after epoch %d/%d: val_acc %.2f%% cannot catch up with the study's better trials at this epoch; "
+            "stopped there (a result of the search, kept)",
+            last.epoch,
+            job.run.epochs,
+            last.val_acc,
+        )
+        return Status.PRUNED, chance_acc
     if last.diverged(job.diverge_loss):
         if not last.finite:
             log.warning(

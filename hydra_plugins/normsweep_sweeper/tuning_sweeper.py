@@ -1,0 +1,161 @@
+"""hydra/sweeper=tune: one Optuna study per combination of the grid's values (one per norm by default), each
+searching the keys given an interval or a choice, its trials launched in rounds through the configured launcher,
+pruned trials stopped by their jobs, and the sweep resumable from its folder (normsweep/sweep/studies.py). Every
+trial is an ordinary job folder: the aggregation at the end works as for a grid."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from hydra_plugins.normsweep_sweeper.resuming_sweeper import ResumingSweeper
+
+
+class TuningSweeper(ResumingSweeper):
+    def __init__(
+        self,
+        n_trials: Any = 12,
+        n_jobs: Any = 1,
+        sampler: Any = "tpe",
+        startup_trials: Any = None,
+        pruner: Any = "hyperband",
+        min_epochs: Any = 1,
+        reduction_factor: Any = 3,
+        confirm_seeds: Any = 0,
+        params: dict[str, str] | None = None,
+        max_batch_size: int | None = None,
+    ) -> None:
+        super().__init__(max_batch_size=None, params=params)
+        self.given = {
+            "n_trials": n_trials,
+            "n_jobs": n_jobs,
+            "pruner": pruner,
+            "sampler": sampler,
+            "confirm_seeds": confirm_seeds,
+            "min_epochs": min_epochs,
+            "reduction_factor": reduction_factor,
+            "startup_trials": startup_trials,
+        }
+        self.job_idx = 0
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from normsweep.config.errors import ConfigError
+        from normsweep.sweep.resume import check_folder_name, refuse
+        from normsweep.sweep.search import check_settings, plan
+        from normsweep.sweep.studies import optuna_module
+
+        assert self.config is not None and self.hydra_context is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        check_folder_name(str(sweep_dir), "hydra.sweep.dir")
+        saved = sweep_dir / "multirun.yaml"
+        self._multirun_yaml = (saved, saved.read_bytes()) if saved.is_file() else None
+        try:  # every mistake said before anything is written or trained
+            check_settings(**self.given)
+            parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+            the_plan = plan(parser.parse_overrides([*self._parse_config(), *arguments]))
+            self._refuse_test_metric()
+            optuna_module()
+        except ConfigError as err:
+            self._put_back()
+            refuse(err)
+        firsts = [[*study, *(f"{s.key}={_value(s.first())}" for s in the_plan.space)] for study in the_plan.studies]
+        try:
+            facts = [self._facts(cfg) for cfg in self._checked(firsts)]
+        except ConfigError as err:
+            self._put_back()
+            refuse(err)
+        except BaseException:
+            self._put_back()
+            raise
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, saved)
+        try:
+            return self._run(sweep_dir, the_plan, facts)
+        except ConfigError as err:  # another coordinator holds the folder
+            refuse(err)
+
+    def _refuse_test_metric(self) -> None:
+        from normsweep.config.errors import ConfigError
+
+        assert self.config is not None
+        if str(self.config.get("compare_metric")) == "test_acc":
+            raise ConfigError(
+                "compare_metric=test_acc: a search that picks settings by their test accuracy reports a test "
+                "accuracy that flatters them; tune on val_acc (the default) or best_val_acc"
+            )
+
+    @staticmethod
+    def _facts(cfg: Any) -> dict[str, Any]:
+        metric = str(cfg.get("compare_metric") or "val_acc")
+        return {"seed": int(cfg.seed), "epochs": int(cfg.epochs), "metric": metric}
+
+    def _run(self, sweep_dir: Path, the_plan: Any, facts: list[dict[str, Any]]) -> list[Any]:
+        from normsweep.sweep.studies import Settings, Studies, one_coordinator
+
+        settings = Settings(**self.given)
+        returns: list[Any] = []
+        with one_coordinator(sweep_dir):
+            studies = Studies(sweep_dir, the_plan, settings, facts)
+            _say(
+                f"tuning: {len(studies.studies)} stud{'ies' if len(studies.studies) > 1 else 'y'} "
+                f"({', '.join(studies.studies)}), {settings.n_trials} trials each, searching "
+                f"{'; '.join(s.describe() for s in the_plan.space)}; pruner {settings.pruner}, sampler "
+                f"{settings.sampler}; storage {sweep_dir / 'optuna.journal'}"
+            )
+            while jobs := studies.next_round():
+                returns.append(self._launch(sweep_dir, jobs))
+                for job, folder in zip(jobs, self._folders):
+                    line = studies.tell(job, _summary(sweep_dir / folder))
+                    if line:
+                        _say(line)
+            if settings.confirm_seeds:
+                jobs = studies.confirmations(settings.confirm_seeds)
+                if jobs:
+                    _say(
+                        f"confirming each study's best setting with {settings.confirm_seeds} fresh seed"
+                        f"{'s' if settings.confirm_seeds > 1 else ''}: {len(jobs)} jobs"
+                    )
+                    returns.append(self._launch(sweep_dir, jobs))
+        return returns
+
+    def _launch(self, sweep_dir: Path, jobs: list[Any]) -> Any:
+        """One round: the jobs checked and given their folders (a trial asked again finds its folder), launched."""
+        assert self.launcher is not None
+        placed = self._with_folders([[job.overrides for job in jobs]], [job.env() for job in jobs])[0]
+        self._folders = [_subdir(overrides[-1]) for overrides in placed]
+        self.validate_batch_is_legal(placed)
+        results = self.launcher.launch(placed, initial_job_idx=self.job_idx)
+        self.job_idx += len(placed)
+        return results
+
+
+def _value(value: Any) -> str:
+    from normsweep.sweep.search import override_value
+
+    return override_value(value)
+
+
+def _subdir(override: str) -> str:
+    """The folder name of a `hydra.sweep.subdir='…'` override, as ResumingSweeper quoted it."""
+    value = override.split("=", 1)[1]
+    if value.startswith("'") and value.endswith("'"):
+        value = value[1:-1].replace("\\'", "'").replace("\\${", "${")
+    return value
+
+
+def _summary(job_dir: Path) -> dict[str, Any]:
+    from normsweep.sweep.liveness import load_summary
+
+    with contextlib.suppress(OSError):
+        return load_summary(job_dir)
+    return {"status": "failed"}
+
+
+def _say(line: str) -> None:
+    import logging
+
+    logging.getLogger("normsweep").info(line)
