@@ -275,6 +275,11 @@ def hydra_error_line(err: Exception) -> str:
         offered = [line for line in said[1:] if not line.startswith(("Available", "Config search path", "provider"))]
         choices = f"; choose one of {', '.join(offered)}" if offered else ""
         return f"{group}={option}: no such option in conf/{group}/{choices}"
+    if re.search(r"does not support sweep type : INTERVAL_SWEEP", first):
+        return (
+            "an interval (interval(...)) is searched, not swept as a grid: add hydra/sweeper=tune to search it with "
+            "Optuna (docs/tuning.md), or give a list of values (optimizer.lr=1e-3,1e-2)"
+        )
     if isinstance(err, OverrideParseException):
         return f"cannot read the command line ({first}); see python -m normsweep --help for the override syntax"
     return f"{first}{f': {reason}' if reason and reason not in first else ''}"

@@ -406,3 +406,32 @@ def test_an_impossible_request_is_refused_before_anything_is_submitted(tmp_path:
     assert "Traceback" not in output and len(output.strip().splitlines()) == 1
     assert f"set hydra.launcher.cpus_per_task={cpus} or less" in output
     assert not sweep.exists()  # nothing written, nothing queued
+
+
+@pytest.mark.slurm
+@needs_cluster
+@pytest.mark.usefixtures("partition")
+def test_a_tuning_sweep_on_slurm_trains_each_trial_once_and_prunes_on_the_nodes(tmp_path: Path) -> None:
+    """Trials run as SLURM jobs, two of a study at once: each reports its epochs to the journal storage in the
+    sweep folder, which the coordinator reads; no lock error, no trial counted twice."""
+    import optuna
+
+    from normsweep.sweep.studies import open_storage
+
+    sweep = tmp_path / "tune"
+    tune = ["-m", "hydra/sweeper=tune", "norm=bn,gn", "optimizer.lr=tag(log, interval(1e-4, 1))"]
+    extra = ["epochs=3", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "dataset.train_size=200"]
+    proc = run_cli([*tune, *extra, *TINY, *ONE_CPU, f"hydra.sweep.dir={sweep}"], tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and "lock" not in output.lower()
+    storage = open_storage(sweep)
+    for name in ("norm=bn", "norm=gn"):
+        trials = optuna.load_study(study_name=name, storage=storage).trials
+        assert [t.number for t in trials] == [0, 1, 2, 3]
+        assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+        assert all(t.intermediate_values for t in trials)  # reported from the nodes
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    assert sorted((s["trial"]["study"], s["trial"]["number"]) for s in summaries) == [
+        (n, i) for n in ("norm=bn", "norm=gn") for i in range(4)
+    ]

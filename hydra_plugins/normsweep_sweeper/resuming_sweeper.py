@@ -115,7 +115,7 @@ class ResumingSweeper(BasicSweeper):
                     name = folders.claim(
                         task_config(job_cfg), task, None if numbered else str(job_cfg.hydra.sweep.subdir)
                     )
-                    given = [f"hydra.job.env_set.{k}={_quoted(v)}" for k, v in variables.items()]
+                    given = [f"++hydra.job.env_set.{k}={_quoted(v)}" for k, v in variables.items()]
                     placed[-1].append([*overrides, *given, f"hydra.sweep.subdir={_quoted(name)}"])
                     self._hand_over(job_cfg, name, placed[-1][-1], variables, len(given) + 1)
             os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(jobs))  # for the jobs' log tags

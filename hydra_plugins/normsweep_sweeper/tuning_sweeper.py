@@ -56,7 +56,8 @@ class TuningSweeper(ResumingSweeper):
         try:  # every mistake said before anything is written or trained
             check_settings(**self.given)
             parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-            the_plan = plan(parser.parse_overrides([*self._parse_config(), *arguments]))
+            compare = str(self.config.get("compare") or "norm")
+            the_plan = plan(parser.parse_overrides([*self._parse_config(), *arguments]), compare)
             self._refuse_test_metric()
             optuna_module()
         except ConfigError as err:

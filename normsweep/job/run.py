@@ -52,7 +52,7 @@ class Trial(Protocol):
 
     record: dict[str, Any]
 
-    def should_stop(self, epoch: int, val_acc: float) -> bool: ...
+    def should_stop(self, epoch: int, val_acc: float, final: bool) -> bool: ...
 
 
 class _Pruned(Exception):
@@ -215,8 +215,8 @@ class _Progress:
             f"val_loss {m.val_loss:.4f} val_acc {m.val_acc:.2f}% ({m.epoch_seconds:.2f} s, "
             f"{m.images_per_second:.0f} img/s)"
         )
-        if self.trial is not None and not m.diverged(self.job.diverge_loss) and m.epoch < self.job.run.epochs:
-            if self.trial.should_stop(m.epoch, m.val_acc):
+        if self.trial is not None and not m.diverged(self.job.diverge_loss):
+            if self.trial.should_stop(m.epoch, m.val_acc, final=m.epoch >= self.job.run.epochs):
                 raise _Pruned
 
     def diagnose(self, epoch: int) -> None:

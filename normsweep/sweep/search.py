@@ -56,14 +56,15 @@ class Plan:
 
     studies: list[list[str]]
     space: list[Searched]
-    grid_keys: list[str] = field(default_factory=list)  # the keys given several values: what names a study
+    named_by: list[str] = field(default_factory=list)  # the keys whose values name a study
 
     def name(self, study: list[str]) -> str:
-        """A study's name: its values of the grid's swept keys (`norm=bn`), or `all` when nothing is swept."""
-        return " ".join(o for o in study if o.split("=", 1)[0] in self.grid_keys) or "all"
+        """A study's name: its values of the grid's swept keys, or of the compared key when only one value is given
+        (`norm=bn`); `all` when neither is given."""
+        return " ".join(o for o in study if o.split("=", 1)[0] in self.named_by) or "all"
 
 
-def plan(overrides: list[Override]) -> Plan:
+def plan(overrides: list[Override], compare: str = "norm") -> Plan:
     """Split parsed overrides into searched keys and the grid; one study per combination of the grid's values. A
     plain override (`epochs=5`) is part of every study; of a key given twice (a preset's, then the command line's),
     the last counts. Raises ConfigError for a space that cannot be searched."""
@@ -91,7 +92,7 @@ def plan(overrides: list[Override]) -> Plan:
         )
     studies = [list(combo) for combo in itertools.product(*grid)]
     swept = [k for k, v in given.items() if isinstance(v, list) and len(v) > 1]
-    return Plan(studies=studies, space=space, grid_keys=swept)
+    return Plan(studies=studies, space=space, named_by=swept or [compare])
 
 
 def _interval(key: str, sweep: IntervalSweep) -> Searched:

@@ -332,8 +332,9 @@ class JobTrial:
             self._trial = optuna.Trial(study, self._trial_id)
         return self._trial
 
-    def should_stop(self, epoch: int, val_acc: float) -> bool:
-        """Report the epoch's value (once: a resumed job skips the epochs it reported before); whether to stop."""
+    def should_stop(self, epoch: int, val_acc: float, final: bool = False) -> bool:
+        """Report the epoch's value (once: a resumed job skips the epochs it reported before); whether to stop there
+        (never after the `final` epoch: the trial has completed)."""
         if self._given.get("phase") != SEARCH:
             return False
         self._best = max(self._best, val_acc)
@@ -343,7 +344,7 @@ class JobTrial:
         trial = self._open()
         if epoch not in self._storage.get_trial(self._trial_id).intermediate_values:
             trial.report(value, epoch)
-        return bool(trial.should_prune())
+        return not final and bool(trial.should_prune())
 
     def describe(self) -> str:
         return str(self._given.get("pruner", {}).get("name", "the pruner"))

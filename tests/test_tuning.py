@@ -1,0 +1,477 @@
+"""hydra/sweeper=tune: the plan read from Hydra's grammar, the studies in real Optuna journal storage (no mocks of
+Optuna), a job's trial pruned by its study, the one-coordinator lock, and whole tuning sweeps run as a user runs
+them (resumed after a kill, on joblib, refused before launch for each mistake)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import run_cli, run_cli_here
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from normsweep.config.errors import ConfigError
+from normsweep.sweep.search import Searched, check_settings, override_value, plan
+from normsweep.sweep.studies import (
+    STORAGE_FILE,
+    TRIAL_ENV,
+    JobTrial,
+    Settings,
+    Studies,
+    one_coordinator,
+    open_storage,
+    optuna_module,
+)
+
+LR = "optimizer.lr=tag(log, interval(1e-4, 1))"
+
+
+def _plan(*overrides: str):
+    return plan(OverridesParser.create().parse_overrides(list(overrides)))
+
+
+def _settings(**given) -> Settings:
+    values = dict(
+        n_trials=4,
+        n_jobs=1,
+        pruner="hyperband",
+        min_epochs=1,
+        reduction_factor=3,
+        sampler="tpe",
+        startup_trials=None,
+        confirm_seeds=0,
+    )
+    return Settings(**{**values, **given})
+
+
+def _studies(folder: Path, the_plan, **given) -> Studies:
+    facts = [{"seed": 0, "epochs": 4, "metric": "val_acc"} for _ in the_plan.studies]
+    return Studies(folder, the_plan, _settings(**given), facts)
+
+
+# --- the plan ---------------------------------------------------------------------------------------------------
+
+
+def test_intervals_and_choices_are_searched_and_lists_are_a_grid_of_studies() -> None:
+    the_plan = _plan(
+        "norm=bn,gn",
+        "seed=0,1",
+        LR,
+        "optimizer.weight_decay=interval(0, 0.1)",
+        "optimizer.warmup_epochs=choice(0, 1, 2)",
+        "model.width=int(interval(8, 64))",
+        "epochs=3",
+    )
+    assert [s.key for s in the_plan.space] == [
+        "optimizer.lr",
+        "optimizer.weight_decay",
+        "optimizer.warmup_epochs",
+        "model.width",
+    ]
+    lr, decay, warmup, width = the_plan.space
+    assert (lr.low, lr.high, lr.log) == (1e-4, 1.0, True)
+    assert (decay.low, decay.high, decay.log) == (0.0, 0.1, False)
+    assert warmup.choices == (0, 1, 2)
+    assert width.integer and (width.low, width.high) == (8, 64)
+    assert len(the_plan.studies) == 4  # one study per norm and seed: each gets the same budget
+    assert [the_plan.name(s) for s in the_plan.studies] == [
+        "norm=bn seed=0",
+        "norm=bn seed=1",
+        "norm=gn seed=0",
+        "norm=gn seed=1",
+    ]
+    assert all("epochs=3" in study for study in the_plan.studies)  # a plain value is every study's
+
+
+def test_the_last_value_given_for_a_key_counts_so_the_command_line_overrides_a_preset() -> None:
+    the_plan = _plan("norm=none,bn,ln", LR, "norm=bn", "optimizer.lr=tag(log, interval(1e-3, 1e-1))")
+    assert [the_plan.name(s) for s in the_plan.studies] == ["norm=bn"]  # named by the compared key
+    assert _plan(LR).name([]) == "all"
+    assert the_plan.space == [Searched("optimizer.lr", 1e-3, 0.1, True)]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        (["optimizer.lr=interval(1, 0.1)"], "low end must be below its high end"),
+        (["optimizer.lr=interval(0.1, 0.1)"], "low end must be below its high end"),
+        (["optimizer.lr=tag(log, interval(0, 1))"], "log-scale interval cannot reach 0"),
+        (["optimizer.lr=tag(log, interval(-1, 1))"], "log-scale interval cannot reach 0"),
+        (["norm=bn,gn", "seed=0"], "searches nothing"),
+        (["optimizer.warmup_epochs=choice(1)"], "two values or more"),
+        (["optimizer.lr=tag(fast, interval(0.1, 1))"], "unknown tag 'fast'"),
+    ],
+)
+def test_a_space_that_cannot_be_searched_is_refused_naming_the_key(overrides: list[str], said: str) -> None:
+    with pytest.raises(ConfigError, match=said) as refused:
+        _plan(*overrides)
+    assert "\n" not in str(refused.value)
+    key = overrides[0].split("=")[0]
+    assert key in str(refused.value) or "searches nothing" in said
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ({"n_trials": 0}, "hydra.sweeper.n_trials=0"),
+        ({"n_jobs": 0}, "hydra.sweeper.n_jobs=0"),
+        ({"confirm_seeds": -1}, "hydra.sweeper.confirm_seeds=-1"),
+        ({"pruner": "asha"}, "no such pruner; choose one of hyperband, successive_halving, median, none"),
+        ({"sampler": "grid"}, "no such sampler"),
+        ({"min_epochs": 0}, "hydra.sweeper.min_epochs=0"),
+    ],
+)
+def test_the_sweepers_own_keys_are_checked(given: dict, said: str) -> None:
+    values = dict(n_trials=4, n_jobs=1, pruner="hyperband", sampler="tpe", confirm_seeds=0, min_epochs=1)
+    with pytest.raises(ConfigError, match=said):
+        check_settings(**{**values, **given})
+
+
+def test_values_are_written_as_overrides_hydra_reads_back() -> None:
+    parser = OverridesParser.create()
+    for value in [0.0031622776601683794, 3, True, "cosine", "a b", "it's"]:
+        override = parser.parse_overrides([f"key={override_value(value)}"])[0]
+        assert override.value() == value
+
+
+# --- the studies, in real journal storage -------------------------------------------------------------------------
+
+
+def _end(studies: Studies, jobs, status="completed", value=90.0) -> None:
+    for job in jobs:
+        studies.tell(job, {"status": status, "final_val_acc": value})
+
+
+def test_each_study_asks_n_jobs_trials_a_round_until_it_has_n_trials(tmp_path: Path) -> None:
+    studies = _studies(tmp_path, _plan("norm=bn,gn", LR), n_trials=5, n_jobs=2)
+    rounds = []
+    while jobs := studies.next_round():
+        rounds.append(len(jobs))
+        _end(studies, jobs)
+    assert rounds == [4, 4, 2]  # two per study, the last round one each
+    storage = open_storage(tmp_path)
+    for name in ("norm=bn", "norm=gn"):
+        trials = optuna.load_study(study_name=name, storage=storage).trials
+        assert [t.state.name for t in trials] == ["COMPLETE"] * 5
+        assert all(1e-4 <= t.params["optimizer.lr"] <= 1 for t in trials)
+
+
+def test_a_trials_job_carries_its_values_and_its_trial(tmp_path: Path) -> None:
+    studies = _studies(tmp_path, _plan("norm=bn", LR, "epochs=4"))
+    job = studies.next_round()[0]
+    lr = job.params["optimizer.lr"]
+    assert job.overrides == ["norm=bn", "epochs=4", f"optimizer.lr={lr!r}"]
+    record = json.loads(job.env()[TRIAL_ENV])
+    assert record["study"] == "norm=bn" and record["number"] == 0 and record["phase"] == "search"
+    assert Path(record["storage"]) == (tmp_path / STORAGE_FILE).resolve()
+
+
+def test_the_sampler_is_seeded_so_the_same_command_proposes_the_same_values(tmp_path: Path) -> None:
+    proposed = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        studies = _studies(tmp_path / folder, _plan("norm=bn", LR), n_trials=6, startup_trials=2)
+        values = []
+        while jobs := studies.next_round():
+            values += [j.params["optimizer.lr"] for j in jobs]
+            for job in jobs:  # a result that depends on the value, so TPE's proposals depend on what it learned
+                studies.tell(
+                    job, {"status": "completed", "final_val_acc": 100 - abs(job.params["optimizer.lr"] - 0.01)}
+                )
+        proposed.append(values)
+    assert proposed[0] == proposed[1] and len(set(proposed[0])) == 6
+
+
+def test_a_resumed_sweep_reruns_the_trials_left_running_and_counts_the_ended_ones(tmp_path: Path) -> None:
+    the_plan = _plan("norm=bn", LR)
+    first = _studies(tmp_path, the_plan, n_trials=4)
+    _end(first, first.next_round())
+    _end(first, first.next_round(), status="pruned")
+    left = first.next_round()  # the coordinator is killed while this trial trains
+    again = _studies(tmp_path, the_plan, n_trials=4)
+    resumed = again.next_round()
+    assert [(j.number, j.params) for j in resumed] == [(left[0].number, left[0].params)]  # the same trial, not new
+    _end(again, resumed)
+    last = again.next_round()
+    assert [j.number for j in last] == [3]
+    _end(again, last)
+    assert again.next_round() == []
+    states = [t.state.name for t in optuna.load_study(study_name="norm=bn", storage=open_storage(tmp_path)).trials]
+    assert states == ["COMPLETE", "PRUNED", "COMPLETE", "COMPLETE"]
+
+
+def test_a_failed_trial_counts_now_and_is_asked_again_once_with_the_same_values_on_the_next_run(
+    tmp_path: Path,
+) -> None:
+    the_plan = _plan("norm=bn", LR)
+    first = _studies(tmp_path, the_plan, n_trials=2)
+    failed = first.next_round()
+    _end(first, failed, status="failed")
+    _end(first, first.next_round())
+    assert first.next_round() == []  # the failure counted: this run ends
+    again = _studies(tmp_path, the_plan, n_trials=2)
+    retry = again.next_round()
+    assert [j.params for j in retry] == [failed[0].params]
+    _end(again, retry)
+    assert again.next_round() == []
+
+
+def test_a_diverged_trial_counts_as_learning_nothing(tmp_path: Path) -> None:
+    studies = _studies(tmp_path, _plan("norm=bn", LR), n_trials=1)
+    job = studies.next_round()[0]
+    line = studies.tell(job, {"status": "diverged", "final_val_acc": float("nan")})
+    assert "diverged" in line and "1 of 1 trials done" in line
+    assert optuna.load_study(study_name="norm=bn", storage=open_storage(tmp_path)).trials[0].value == 0.0
+
+
+def test_confirmation_runs_train_each_studys_best_setting_with_fresh_seeds(tmp_path: Path) -> None:
+    studies = _studies(tmp_path, _plan("norm=bn,gn", LR, "seed=0"), n_trials=3)
+    while jobs := studies.next_round():
+        for job in jobs:
+            studies.tell(job, {"status": "completed", "final_val_acc": 50 + 10 * job.number})
+    confirm = studies.confirmations(3)
+    assert len(confirm) == 6
+    for job in confirm:
+        best = studies.best(job.study)
+        assert best.number == 2 and job.params == best.params and job.phase == "confirm"
+        assert json.loads(job.env()[TRIAL_ENV])["phase"] == "confirm"
+    assert [o for o in confirm[0].overrides if o.startswith("seed=")] == ["seed=1"]
+    assert [j.overrides[-1] for j in confirm[:3]] == ["seed=1", "seed=2", "seed=3"]
+
+
+# --- a job's side of its trial ------------------------------------------------------------------------------------
+
+
+def _job_trial(studies: Studies, job) -> JobTrial:
+    return JobTrial.from_env({TRIAL_ENV: job.env()[TRIAL_ENV]})
+
+
+def test_a_job_far_behind_the_studys_better_trials_is_stopped_and_one_ahead_goes_on(tmp_path: Path) -> None:
+    studies = _studies(tmp_path, _plan("norm=bn", LR), n_trials=8, pruner="successive_halving")
+    for _ in range(4):  # four good trials, each reporting its epochs as a job does
+        job = studies.next_round()[0]
+        trial = _job_trial(studies, job)
+        assert not any(trial.should_stop(epoch, 80.0 + epoch, final=epoch == 4) for epoch in range(1, 5))
+        studies.tell(job, {"status": "completed", "final_val_acc": 84.0})
+    poor = _job_trial(studies, studies.next_round()[0])
+    assert poor.should_stop(1, 12.0)  # far below every trial at epoch 1
+    good = _job_trial(studies, studies.next_round()[0])
+    assert not good.should_stop(1, 95.0)
+
+
+def test_a_resumed_job_reports_each_epoch_once_and_the_last_epoch_is_never_pruned(tmp_path: Path) -> None:
+    studies = _studies(tmp_path, _plan("norm=bn", LR), n_trials=2)
+    job = studies.next_round()[0]
+    _job_trial(studies, job).should_stop(1, 50.0)
+    again = _job_trial(studies, job)  # the job's process was killed, and its folder resumes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns of a step reported twice
+        again.should_stop(1, 50.0)
+        assert not again.should_stop(2, 1.0, final=True)
+    trial = optuna.load_study(study_name="norm=bn", storage=open_storage(tmp_path)).trials[0]
+    assert trial.intermediate_values == {1: 50.0, 2: 1.0}
+
+
+def test_a_confirmation_run_is_never_stopped() -> None:
+    trial = JobTrial({"phase": "confirm", "study": "norm=bn"})
+    assert not trial.should_stop(1, 0.0)
+    assert trial.record == {"study": "norm=bn", "phase": "confirm", "number": None, "searched": None}
+
+
+def test_a_second_coordinator_on_the_same_folder_is_refused(tmp_path: Path) -> None:
+    with one_coordinator(tmp_path):
+        with pytest.raises(
+            ConfigError, match=f"another tuning sweep is running in {tmp_path} \\(process {os.getpid()}"
+        ):
+            with one_coordinator(tmp_path):
+                pass
+    with one_coordinator(tmp_path):  # released when the first ended
+        pass
+
+
+def test_without_optuna_the_message_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(ConfigError, match=r"pip install 'normsweep\[tune\]'"):
+        optuna_module()
+
+
+# --- whole sweeps, as a user runs them ----------------------------------------------------------------------------
+
+TUNE = ["-m", "hydra/sweeper=tune", "norm=bn,gn", LR, "dataset.train_size=200", "diagnostics=false"]
+
+
+def _summaries(sweep: Path) -> list[dict]:
+    return [
+        json.loads((d / "summary.json").read_text()) for d in sorted(sweep.iterdir()) if (d / "summary.json").is_file()
+    ]
+
+
+def _trials(sweep: Path) -> dict[str, list[str]]:
+    storage = open_storage(sweep)
+    names = optuna.get_all_study_names(storage)
+    return {n: [t.state.name for t in optuna.load_study(study_name=n, storage=storage).trials] for n in names}
+
+
+def test_a_tuning_sweep_trains_n_trials_per_norm_and_a_rerun_trains_nothing(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = [*TUNE, "epochs=3", "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep}"]
+    done = run_cli_here(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = _trials(sweep)
+    assert sorted(trials) == ["norm=bn", "norm=gn"] and all(len(t) == 4 for t in trials.values())
+    summaries = _summaries(sweep)
+    assert len(summaries) == 8
+    assert {s["trial"]["study"] for s in summaries} == {"norm=bn", "norm=gn"}
+    assert all(s["status"] in ("completed", "pruned", "diverged", "stalled") for s in summaries)
+    pruned = [s for s in summaries if s["status"] == "pruned"]
+    assert all(s["epochs_completed"] < 3 and s["test_acc"] is not None for s in pruned)
+    assert "study norm=bn: trial 3" in done.stdout + done.stderr
+    assert (sweep / "results.csv").is_file() and (sweep / "best_by_norm.csv").is_file()
+    again = run_cli_here(args, tmp_path)
+    assert again.returncode == 0
+    assert "Epoch 1/3" not in again.stdout + again.stderr  # nothing trained twice
+    assert _trials(sweep) == trials and len(_summaries(sweep)) == 8
+
+
+def test_a_killed_tuning_sweep_resumes_to_exactly_n_trials_per_norm(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = [*TUNE, "epochs=6", "hydra.sweeper.n_trials=5", "dataset.train_size=400", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "first.log", "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "normsweep", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(_finished(sweep)) < 3:
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finished_before = {d: (d / "summary.json").stat().st_mtime_ns for d in _finished(sweep)}
+    assert 3 <= len(finished_before) < 10, "the sweep was not killed mid-way"
+    done = run_cli(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = _trials(sweep)
+    assert {n: len(t) for n, t in trials.items()} == {"norm=bn": 5, "norm=gn": 5}
+    assert all(state in ("COMPLETE", "PRUNED") for states in trials.values() for state in states)
+    for folder, mtime in finished_before.items():  # the trials that had ended are not trained again
+        assert (folder / "summary.json").stat().st_mtime_ns == mtime
+    assert len(_summaries(sweep)) == 10
+
+
+def _finished(sweep: Path) -> list[Path]:
+    if not sweep.is_dir():
+        return []
+    return [
+        d
+        for d in sweep.iterdir()
+        if (d / "summary.json").is_file()
+        and json.loads((d / "summary.json").read_text() or "{}").get("status") in ("completed", "pruned", "diverged")
+    ]
+
+
+def test_on_joblib_two_trials_at_once_no_trial_is_counted_twice(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = [
+        *TUNE,
+        "epochs=2",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_jobs=2",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    done = run_cli(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "lock" not in (done.stdout + done.stderr).lower()
+    trials = _trials(sweep)
+    assert {n: len(t) for n, t in trials.items()} == {"norm=bn": 4, "norm=gn": 4}
+    numbers = sorted((s["trial"]["study"], s["trial"]["number"]) for s in _summaries(sweep))
+    assert numbers == [(n, i) for n in ("norm=bn", "norm=gn") for i in range(4)]  # one folder per trial
+
+
+def test_confirmation_runs_follow_the_search(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = [*TUNE, "epochs=2", "hydra.sweeper.n_trials=2", "hydra.sweeper.confirm_seeds=2", f"hydra.sweep.dir={sweep}"]
+    done = run_cli_here(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    confirm = [s for s in _summaries(sweep) if s["trial"]["phase"] == "confirm"]
+    assert sorted((s["norm"], s["seed"]) for s in confirm) == [("bn", 1), ("bn", 2), ("gn", 1), ("gn", 2)]
+    assert all(s["status"] != "pruned" and s["epochs_completed"] == 2 for s in confirm)
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["optimizer.lr=interval(1, 0.1)"], "optimizer.lr=interval(1, 0.1): the interval's low end"),
+        (["optimizer.lr=tag(log, interval(0, 1))"], "a log-scale interval cannot reach 0"),
+        (["optimizer.lrr=tag(log, interval(1e-4, 1))"], "did you mean optimizer.lr"),
+        ([LR, "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0"),
+        (["norm=bn,gn"], "searches nothing"),
+        ([LR, "hydra.sweeper.pruner=asha"], "hydra.sweeper.pruner=asha: no such pruner"),
+        ([LR, "compare_metric=test_acc"], "compare_metric=test_acc"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_before_any_folder_is_written(tmp_path: Path, extra: list[str], said: str) -> None:
+    sweep = tmp_path / "sweep"
+    done = run_cli(["-m", "hydra/sweeper=tune", *extra, "epochs=1", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=60)
+    assert done.returncode == 2
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and said in lines[0], lines
+    assert not sweep.exists()
+
+
+def test_an_interval_given_to_the_grid_sweeper_names_the_tuning_sweeper(tmp_path: Path) -> None:
+    done = run_cli(["-m", "norm=bn", LR, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, timeout=60)
+    assert done.returncode == 2 and "hydra/sweeper=tune" in done.stderr
+
+
+def test_optuna_dashboard_opens_the_sweeps_storage(tmp_path: Path) -> None:
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (pip install 'normsweep[tune]')")
+    import socket
+    import urllib.request
+
+    studies = _studies(tmp_path, _plan("norm=bn,gn", LR), n_trials=2)
+    while jobs := studies.next_round():
+        _end(studies, jobs)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "optuna-dashboard"),  # the command its docs give
+            str(tmp_path / STORAGE_FILE),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        answer = None
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert answer is not None, "optuna-dashboard did not answer"
+        assert sorted(s["study_name"] for s in answer["study_summaries"]) == ["norm=bn", "norm=gn"]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
