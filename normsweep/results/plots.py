@@ -21,6 +21,8 @@ from normsweep.results.tables import (
     label_of,
     lines_against,
     matching,
+    row_keys,
+    runs_compared,
     setting,
     settings_text,
     swept_numbers,
@@ -102,7 +104,7 @@ def encoding(report: Report) -> Encoding:
     when the panel stays readable (at most four styles, six lines), panels for the rest and for data sets."""
     import matplotlib
 
-    results, varying = report.results, report.varying
+    results, varying = report.results, row_keys(report)
     if not varying:
         return Encoding()
     colour = "norm" if "norm" in varying else varying[0]
@@ -163,7 +165,7 @@ def plot_curves(report: Report, path: Path) -> None:
             if not ax_acc.get_subplotspec().is_first_col():
                 ax_acc.set_ylabel("")
                 ax_loss.set_ylabel("")
-    n_seeds = report.runs["seed"].nunique()
+    n_seeds = runs_compared(report)["seed"].nunique()
     for key, ax in zip(numbers, number_axes):
         _plot_against(ax, lines_against(report, key), key, code, n_seeds)
     if code.legend:
@@ -272,7 +274,7 @@ def _plot_epochs(ax_acc: Any, ax_loss: Any, report: Report, configs: pd.DataFram
     ax_acc.set_ylabel("validation accuracy (%)")
     ax_loss.set_ylabel("training loss")
     if drawn:
-        named = [key for key in report.varying if key not in code.panels]  # the panel's title says the rest
+        named = [key for key in row_keys(report) if key not in code.panels]  # the panel's title says the rest
         _accuracy_limits(ax_acc, drawn, late_from, named)
         _loss_limits(ax_loss, [line for _, line in drawn])
 
@@ -456,7 +458,7 @@ def plot_diagnostics(report: Report, table: pd.DataFrame, path: Path) -> None:
     if code.legend:
         handles = [Line2D([], [], color=c, ls=s, lw=2.2, label=label) for label, c, s in code.legend]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 9), frameon=False)
-    n_seeds = report.runs["seed"].nunique()
+    n_seeds = runs_compared(report)["seed"].nunique()
     title = [settings_text(report.fixed)] if report.fixed else []
     title.append(
         "each norm layer on a fixed probe batch of training images"

@@ -32,6 +32,8 @@ from normsweep.results.tables import (
     noise_sentences,
     problems,
     resolution_notes,
+    row_keys,
+    runs_compared,
     setting,
     settings_text,
     stalled_runs,
@@ -39,6 +41,7 @@ from normsweep.results.tables import (
     table_columns,
     tuned_columns,
 )
+from normsweep.results.tuned import search_sentence
 from normsweep.sweep.files import atomic_write
 
 REPORT_FILE = "report.md"
@@ -114,7 +117,7 @@ def epoch_table(report: Report, width: int = 6) -> pd.DataFrame | None:
     epochs = sorted(int(e) for e in curves["epoch"].unique())
     step = max(1, round((len(epochs) - 1) / (width - 1))) if len(epochs) > 1 else 1
     shown = sorted(set(epochs[::step]) | {epochs[-1]})
-    label_keys = report.varying or report.keys
+    label_keys = row_keys(report) or report.keys
     configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
     rows = []
     for _, config in configs.iterrows():
@@ -139,7 +142,7 @@ def against_table(report: Report, key: str) -> pd.DataFrame:
     """A numeric key's panel of curves.png in text: a row per line (the other swept keys), a column per value of
     `key`, each cell the mean test accuracy ± its 95% interval."""
     table = lines_against(report, key)
-    others = [k for k in report.varying if k != key]
+    others = [k for k in row_keys(report) if k != key]
     values = sorted(table[key].dropna().unique())
     rows = []
     groups = table.groupby(others, dropna=False, sort=False) if others else [((), table)]
@@ -164,7 +167,7 @@ def diagnostics_tables(report: Report, table: pd.DataFrame) -> tuple[pd.DataFram
     gradient norm at the first and last epoch and the last epoch's update ratio; and train_eval_gap per
     configuration at the first and last epoch. Means over seeds."""
     first, last = int(table["epoch"].min()), int(table["epoch"].max())
-    label_keys = report.varying or report.keys
+    label_keys = row_keys(report) or report.keys
     configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
     layers, gaps = [], []
     for _, config in configs.iterrows():
@@ -315,7 +318,8 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
         markdown(cells(report.results, table_columns(report))),
         "",
     ]
-    said = [*noise_sentences(report), *recipe_sentences(report.mixed)]
+    said = [*([search_sentence(report.tuning)] if report.tuning else []), *noise_sentences(report)]
+    said += recipe_sentences(report.mixed)
     for line in [*resolution_notes(report), *(f"**{sentence}**" for sentence in said)]:
         out += [line, ""]
     if best is not None and compare:
@@ -339,7 +343,7 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
     out += stalled_section(report, sweep_dir)
     figures = epoch_table(report)
     if figures is not None:
-        spread = " ± std over seeds" if report.runs["seed"].nunique() > 1 else ""
+        spread = " ± std over seeds" if runs_compared(report)["seed"].nunique() > 1 else ""
         out += [
             "## Figures",
             "",
