@@ -26,6 +26,7 @@ from normsweep.results.tables import (
     best_row_edges,
     cells,
     diagnostics,
+    is_data_key,
     label_of,
     lines_against,
     matching,
@@ -41,11 +42,12 @@ from normsweep.results.tables import (
     table_columns,
     tuned_columns,
 )
-from normsweep.results.tuned import search_sentence
+from normsweep.results.tuned import CONFIRM_OPTION, search_sentence, study_table
 from normsweep.sweep.files import atomic_write
 
 REPORT_FILE = "report.md"
 DIAGNOSTICS_FIGURE = "diagnostics.png"
+SEARCH_FIGURE = "search.png"
 DIAGNOSTIC_DEPTHS = 6  # the diagnostics table shows this many norm layers at most: the first, the last, between
 MULTIRUN_FILE = "multirun.yaml"
 
@@ -259,6 +261,47 @@ def stalled_section(report: Report, sweep_dir: Path) -> list[str]:
     ]
 
 
+def search_section(report: Report, sweep_dir: Path) -> list[str]:
+    """report.md's search of a tuning sweep: per study its trials, pruned and completed ones and its best setting,
+    then search.png; nothing for a grid."""
+    tuning = report.tuning
+    if tuning is None:
+        return []
+    metric = COMPARE_METRICS[report.metric]
+    table = study_table(tuning, report.metric, [k for k in report.varying if is_data_key(k)])
+    written = f" ({best_file(report.compare)})" if report.best is not None and report.compare else ""
+    searched = ", ".join(f"`{key}`" for key in tuning.searched)
+    out = [
+        "## Search",
+        "",
+        f"Each study searched {searched} over trials of its own. `pruned` counts the trials the pruner stopped early "
+        "(their validation accuracy fell behind the study's better trials), `completed` those that trained every "
+        f"epoch. Each study's best setting is its best completed trial by {metric}{written}: a pruned trial is never "
+        "chosen, its accuracy being that of the epoch it was stopped at, not of a model trained for every epoch.",
+        "",
+        markdown(cells(table, [c for c in table.columns if c != "job"])),
+        "",
+        "The best trial was picked among many on its own seed, so its accuracy is biased upward (the winner's curse): "
+        + (
+            "results.csv compares each best setting trained again with fresh seeds, and only those."
+            if tuning.confirmed
+            else f"results.csv compares these trials as they are; {CONFIRM_OPTION}=3 trains each best setting again "
+            "with fresh seeds and compares those."
+        ),
+        "",
+    ]
+    if (Path(sweep_dir) / SEARCH_FIGURE).is_file():
+        out += [
+            f"![each search trial's validation accuracy against the values it tried]({SEARCH_FIGURE})",
+            "",
+            "A panel per searched key: each point a search trial, at the value it tried and the validation accuracy "
+            "it reached, coloured by study; crosses are pruned trials, hollow circles diverged or stalled ones, and "
+            "the star is each study's best completed trial.",
+            "",
+        ]
+    return out
+
+
 def results_text(report: Report) -> str:
     """What the results table's columns mean, for the metric this sweep compares."""
     metric, several = report.metric, report.results["runs"].max() > 1
@@ -322,7 +365,8 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
     said += recipe_sentences(report.mixed)
     for line in [*resolution_notes(report), *(f"**{sentence}**" for sentence in said)]:
         out += [line, ""]
-    if best is not None and compare:
+    out += search_section(report, sweep_dir)
+    if best is not None and compare and report.tuning is None:  # a tuning sweep's is its search table
         tuned = tuned_columns(best, compare)
         out += [
             f"## Best by {compare}",
