@@ -167,7 +167,7 @@ def confirmation(tuning: Tuning) -> str:
     if not by_study:
         return "each row is the study's best setting; no confirmation run has a result yet"
     most = max(len(seeds) for seeds in by_study)
-    which = _seeds(list(by_study[0])) if len(set(by_study)) == 1 else "fresh seeds of each study's own"
+    which = _seeds(list(by_study[0])) if len(set(by_study)) == 1 else "each study's own fresh seeds"
     return f"each row is the study's best setting, confirmed with {most} seed{'s' if most > 1 else ''} ({which})"
 
 
