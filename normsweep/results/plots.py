@@ -1,5 +1,6 @@
 """The sweep's figures: curves.png (accuracy and loss per epoch, mean ± std over seeds, and test accuracy against
-every swept numeric key), each norm in the same colour in every figure."""
+every swept numeric key), diagnostics.png (each norm layer), and a tuning sweep's search.png (each trial against
+the values it tried), each norm in the same colour in every figure."""
 
 from __future__ import annotations
 
@@ -21,11 +22,15 @@ from normsweep.results.tables import (
     label_of,
     lines_against,
     matching,
+    row_keys,
+    row_names,
+    runs_compared,
     setting,
     settings_text,
     swept_numbers,
 )
-from normsweep.sweep.files import atomic_write
+from normsweep.results.tuned import SEARCH
+from normsweep.sweep.files import FINISHED, atomic_write
 
 # tab10, one colour per built-in norm: a norm reads the same in every figure of every sweep.
 NORM_COLOURS = {
@@ -102,7 +107,7 @@ def encoding(report: Report) -> Encoding:
     when the panel stays readable (at most four styles, six lines), panels for the rest and for data sets."""
     import matplotlib
 
-    results, varying = report.results, report.varying
+    results, varying = report.results, row_keys(report)
     if not varying:
         return Encoding()
     colour = "norm" if "norm" in varying else varying[0]
@@ -163,7 +168,7 @@ def plot_curves(report: Report, path: Path) -> None:
             if not ax_acc.get_subplotspec().is_first_col():
                 ax_acc.set_ylabel("")
                 ax_loss.set_ylabel("")
-    n_seeds = report.runs["seed"].nunique()
+    n_seeds = runs_compared(report)["seed"].nunique()
     for key, ax in zip(numbers, number_axes):
         _plot_against(ax, lines_against(report, key), key, code, n_seeds)
     if code.legend:
@@ -272,7 +277,7 @@ def _plot_epochs(ax_acc: Any, ax_loss: Any, report: Report, configs: pd.DataFram
     ax_acc.set_ylabel("validation accuracy (%)")
     ax_loss.set_ylabel("training loss")
     if drawn:
-        named = [key for key in report.varying if key not in code.panels]  # the panel's title says the rest
+        named = [key for key in row_keys(report) if key not in code.panels]  # the panel's title says the rest
         _accuracy_limits(ax_acc, drawn, late_from, named)
         _loss_limits(ax_loss, [line for _, line in drawn])
 
@@ -456,7 +461,7 @@ def plot_diagnostics(report: Report, table: pd.DataFrame, path: Path) -> None:
     if code.legend:
         handles = [Line2D([], [], color=c, ls=s, lw=2.2, label=label) for label, c, s in code.legend]
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 9), frameon=False)
-    n_seeds = report.runs["seed"].nunique()
+    n_seeds = runs_compared(report)["seed"].nunique()
     title = [settings_text(report.fixed)] if report.fixed else []
     title.append(
         "each norm layer on a fixed probe batch of training images"
@@ -508,3 +513,111 @@ def _log_if_wide(ax: Any) -> None:
     values = values[np.isfinite(values) & (values > 0)]
     if len(values) and values.max() / values.min() > 10:
         ax.set_yscale("log")
+
+
+# search.png: how each search trial ended → (marker, filled, legend label)
+TRIAL_MARKERS = {
+    "completed": ("o", True, "completed"),
+    "ended": ("o", False, "diverged or stalled"),
+    "pruned": ("x", True, "pruned (accuracy at the epoch\nit was stopped at)"),
+}
+
+
+def plot_search(report: Report, path: Path) -> None:
+    """search.png, for a tuning sweep: a panel per searched key, each search trial's validation accuracy at the
+    last epoch it trained (the best epoch's, when that is the compared metric) against the value it tried; one
+    colour per study, pruned trials as crosses, diverged or stalled ones hollow, and each study's best completed
+    trial (its row in best_by_<axis>.csv) as a large star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    tuning = report.tuning
+    assert tuning is not None, "search.png is drawn for a tuning sweep only"
+    y = "best_val_acc" if report.metric == "best_val_acc" else "val_acc"
+    runs = report.runs
+    trials = runs[(runs["phase"] == SEARCH) & runs["status"].isin(FINISHED) & runs[y].notna()]
+    studies = tuning.studies
+    shown = tuning.shown_grid()
+    labels = dict(zip(studies["study"], row_names(studies, shown) if shown else ["all trials"] * len(studies)))
+    colours = _study_colours(report, labels)
+    keys = tuning.searched
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys) + 2.6, 5.0), layout="constrained", squeeze=False)
+    for key, ax in zip(keys, axes[0]):
+        _plot_trials(ax, trials, key, y, colours, set(studies["job"].dropna()))
+    what = "best-epoch validation accuracy" if y == "best_val_acc" else "validation accuracy, last epoch trained"
+    axes[0][0].set_ylabel(f"{what} (%)")
+    studies_legend = [Line2D([], [], color=colours[s], marker="o", ls="", label=labels[s]) for s in labels]
+    kinds = {_kind(status) for status in trials["status"]}
+    marks = [
+        Line2D([], [], color="black", marker=m, ls="", mfc="black" if filled else "none", label=text)
+        for kind, (m, filled, text) in TRIAL_MARKERS.items()
+        if kind in kinds
+    ]
+    marks.append(Line2D([], [], color="#999999", marker="*", ms=12, mec="black", ls="", label="best of its study"))
+    legend = {"fontsize": "small", "title_fontsize": "small", "frameon": False, "alignment": "left"}
+    fig.legend(handles=studies_legend, loc="outside right center", title=", ".join(shown) or "study", **legend)
+    fig.legend(handles=marks, loc="outside right lower", title="trial", **legend)
+    title = [settings_text(report.fixed)] if report.fixed else []
+    title.append(f"Search: {len(trials)} trials of {len(studies)} stud{'ies' if len(studies) != 1 else 'y'}")
+    _suptitle(fig, title)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, image.getvalue())
+
+
+def _kind(status: str) -> str:
+    return status if status in ("completed", "pruned") else "ended"
+
+
+def _study_colours(report: Report, labels: dict[str, str]) -> dict[str, str]:
+    """Each study's colour: its norm's (or its value's of the one grid key that differs, as in curves.png), else one
+    per study."""
+    tuning = report.tuning
+    code = encoding(report)
+    if tuning is not None and tuning.shown_grid() == [code.colour]:
+        return {row["study"]: code.colour_of(row) for _, row in tuning.studies.iterrows()}
+    colours = palette(labels.values())
+    return {study: colours[label] for study, label in labels.items()}
+
+
+def _plot_trials(ax: Any, trials: pd.DataFrame, key: str, y: str, colours: dict[str, str], best: set[str]) -> None:
+    """One searched key's panel of search.png: a point per trial, x its value of `key` (log when the values span
+    10x or more; a position per value, each study's points side by side, for a key of names), y its `y`; the `best`
+    jobs starred."""
+    values = trials[key].dropna()
+    if values.dtype.kind in "iuf":
+        x = trials[key].astype(float)
+        if len(values) and values.min() > 0 and values.max() / values.min() >= 10:
+            _log_x(ax, values.max() / values.min())
+    else:  # a categorical search (optimizer=adam,sgd): one position per value
+        order = sorted(values.astype(str).unique())
+        place = {study: i for i, study in enumerate(colours)}
+        shift = trials["study"].map(lambda study: (place[study] - (len(place) - 1) / 2) * 0.6 / max(1, len(place)))
+        x = trials[key].astype(str).map({v: i for i, v in enumerate(order)}) + shift
+        ax.set_xticks(range(len(order)), order)
+        ax.set_xlim(-0.5, len(order) - 0.5)
+    shown = trials.assign(_x=x, _kind=trials["status"].map(_kind))
+    for (study, kind), points in shown.groupby(["study", "_kind"], sort=False):
+        marker, filled, _ = TRIAL_MARKERS[kind]
+        colour = colours[study]
+        ax.plot(points["_x"], points[y], ls="", marker=marker, ms=6, color=colour, mfc=colour if filled else "none")
+    for _, trial in shown[shown["job"].isin(best)].iterrows():
+        ax.plot(trial["_x"], trial[y], marker="*", ms=16, color=colours[trial["study"]], mec="black", ls="", zorder=3)
+    scale = " (log scale)" if ax.get_xscale() == "log" else ""
+    ax.set(xlabel=f"{key}{scale}")
+    ax.set_title(f"Validation accuracy by {key}", fontsize="medium")
+    ax.grid(alpha=0.3)
+    _no_ticks_over_100(ax)
+
+
+def _log_x(ax: Any, span: float) -> None:
+    """A log x-axis labelled as values are typed (0.001, not 10⁻³); within two decades, its 2s and 5s too."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(_twos_and_fives) if span < 100 else NullFormatter())

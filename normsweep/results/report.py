@@ -26,12 +26,15 @@ from normsweep.results.tables import (
     best_row_edges,
     cells,
     diagnostics,
+    is_data_key,
     label_of,
     lines_against,
     matching,
     noise_sentences,
     problems,
     resolution_notes,
+    row_keys,
+    runs_compared,
     setting,
     settings_text,
     stalled_runs,
@@ -39,10 +42,12 @@ from normsweep.results.tables import (
     table_columns,
     tuned_columns,
 )
+from normsweep.results.tuned import CONFIRM_OPTION, search_sentence, study_table
 from normsweep.sweep.files import atomic_write
 
 REPORT_FILE = "report.md"
 DIAGNOSTICS_FIGURE = "diagnostics.png"
+SEARCH_FIGURE = "search.png"
 DIAGNOSTIC_DEPTHS = 6  # the diagnostics table shows this many norm layers at most: the first, the last, between
 MULTIRUN_FILE = "multirun.yaml"
 
@@ -114,7 +119,7 @@ def epoch_table(report: Report, width: int = 6) -> pd.DataFrame | None:
     epochs = sorted(int(e) for e in curves["epoch"].unique())
     step = max(1, round((len(epochs) - 1) / (width - 1))) if len(epochs) > 1 else 1
     shown = sorted(set(epochs[::step]) | {epochs[-1]})
-    label_keys = report.varying or report.keys
+    label_keys = row_keys(report) or report.keys
     configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
     rows = []
     for _, config in configs.iterrows():
@@ -139,7 +144,7 @@ def against_table(report: Report, key: str) -> pd.DataFrame:
     """A numeric key's panel of curves.png in text: a row per line (the other swept keys), a column per value of
     `key`, each cell the mean test accuracy ± its 95% interval."""
     table = lines_against(report, key)
-    others = [k for k in report.varying if k != key]
+    others = [k for k in row_keys(report) if k != key]
     values = sorted(table[key].dropna().unique())
     rows = []
     groups = table.groupby(others, dropna=False, sort=False) if others else [((), table)]
@@ -164,7 +169,7 @@ def diagnostics_tables(report: Report, table: pd.DataFrame) -> tuple[pd.DataFram
     gradient norm at the first and last epoch and the last epoch's update ratio; and train_eval_gap per
     configuration at the first and last epoch. Means over seeds."""
     first, last = int(table["epoch"].min()), int(table["epoch"].max())
-    label_keys = report.varying or report.keys
+    label_keys = row_keys(report) or report.keys
     configs = report.results[report.keys] if report.keys else pd.DataFrame(index=[0])
     layers, gaps = [], []
     for _, config in configs.iterrows():
@@ -256,6 +261,47 @@ def stalled_section(report: Report, sweep_dir: Path) -> list[str]:
     ]
 
 
+def search_section(report: Report, sweep_dir: Path) -> list[str]:
+    """report.md's search of a tuning sweep: per study its trials, pruned and completed ones and its best setting,
+    then search.png; nothing for a grid."""
+    tuning = report.tuning
+    if tuning is None:
+        return []
+    metric = COMPARE_METRICS[report.metric]
+    table = study_table(tuning, report.metric, [k for k in report.varying if is_data_key(k)])
+    written = f" ({best_file(report.compare)})" if report.best is not None and report.compare else ""
+    searched = ", ".join(f"`{key}`" for key in tuning.searched)
+    out = [
+        "## Search",
+        "",
+        f"Each study searched {searched} over trials of its own. `pruned` counts the trials the pruner stopped early "
+        "(their validation accuracy fell behind the study's better trials), `completed` those that trained every "
+        f"epoch. Each study's best setting is its best completed trial by {metric}{written}: a pruned trial is never "
+        "chosen, its accuracy being that of the epoch it was stopped at, not of a model trained for every epoch.",
+        "",
+        markdown(cells(table, [c for c in table.columns if c != "job"])),
+        "",
+        "The best trial was picked among many on its own seed, so its accuracy is biased upward (the winner's curse): "
+        + (
+            "results.csv compares each best setting trained again with fresh seeds, and only those."
+            if tuning.confirmed
+            else f"results.csv compares these trials as they are; {CONFIRM_OPTION}=3 trains each best setting again "
+            "with fresh seeds and compares those."
+        ),
+        "",
+    ]
+    if (Path(sweep_dir) / SEARCH_FIGURE).is_file():
+        out += [
+            f"![each search trial's validation accuracy against the values it tried]({SEARCH_FIGURE})",
+            "",
+            "A panel per searched key: each point a search trial, at the value it tried and the validation accuracy "
+            "it reached, coloured by study; crosses are pruned trials, hollow circles diverged or stalled ones, and "
+            "the star is each study's best completed trial.",
+            "",
+        ]
+    return out
+
+
 def results_text(report: Report) -> str:
     """What the results table's columns mean, for the metric this sweep compares."""
     metric, several = report.metric, report.results["runs"].max() > 1
@@ -315,10 +361,12 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
         markdown(cells(report.results, table_columns(report))),
         "",
     ]
-    said = [*noise_sentences(report), *recipe_sentences(report.mixed)]
+    said = [*([search_sentence(report.tuning)] if report.tuning else []), *noise_sentences(report)]
+    said += recipe_sentences(report.mixed)
     for line in [*resolution_notes(report), *(f"**{sentence}**" for sentence in said)]:
         out += [line, ""]
-    if best is not None and compare:
+    out += search_section(report, sweep_dir)
+    if best is not None and compare and report.tuning is None:  # a tuning sweep's is its search table
         tuned = tuned_columns(best, compare)
         out += [
             f"## Best by {compare}",
@@ -339,7 +387,7 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
     out += stalled_section(report, sweep_dir)
     figures = epoch_table(report)
     if figures is not None:
-        spread = " ± std over seeds" if report.runs["seed"].nunique() > 1 else ""
+        spread = " ± std over seeds" if runs_compared(report)["seed"].nunique() > 1 else ""
         out += [
             "## Figures",
             "",

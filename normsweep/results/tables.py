@@ -14,6 +14,18 @@ import yaml
 
 from normsweep.config.schema import COMPARE_METRICS
 from normsweep.results.recipes import mixed_keys, recipe_column, recipe_sentences
+from normsweep.results.tuned import (
+    CONFIRM_OPTION,
+    COUNT_COLUMNS,
+    TRIAL_COLUMNS,
+    Tuning,
+    best_table,
+    search_sentence,
+    searched_keys,
+    trial_columns,
+    tuning,
+    with_counts,
+)
 from normsweep.sweep.files import (
     ATTENTION,
     DIAGNOSTICS_COLUMNS,
@@ -131,6 +143,7 @@ class Report:
     # job → whether its final model got each test image right (predictions.npz); absent for jobs saved without it
     correct: dict[str, Any] = field(default_factory=dict)
     mixed: list[str] = field(default_factory=list)  # keys the jobs were trained with differently, unswept (recipes.py)
+    tuning: Tuning | None = None  # a tuning sweep's studies and the runs its results.csv compares (tuned.py)
 
 
 def compare_metric(config: dict[str, Any], metric: str | None = None) -> str:
@@ -190,16 +203,18 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
     """Read every job folder of a sweep into tidy tables, one row per job. `metric` (val_acc, test_acc or
     best_val_acc) overrides the sweep's compare_metric."""
     sweep_dir = Path(sweep_dir)
-    rows, curves, keys, choices, config, correct, recipes = [], [], [], [], {}, {}, {}
+    rows, curves, keys, choices, config, correct, recipes, searched = [], [], [], [], {}, {}, {}, []
     for job_dir, (overrides, summary, metrics), duplicates in _distinct_jobs(sweep_dir):
         choices.append({group: summary.get(group) for group in GROUPS})
         keys += [k for k in overrides if k not in NOT_SETTINGS and k not in keys]
+        searched += [k for k in searched_keys(summary) if k not in searched]
         if not config and isinstance(summary.get("config"), dict):
             config = summary["config"]
         row = {"job": str(job_dir.relative_to(sweep_dir)), **overrides}
         if isinstance(summary.get("config"), dict):
             recipes[row["job"]] = recipe(summary["config"])
         row["seed"] = summary.get("seed", overrides.get("seed"))
+        row.update(trial_columns(summary))
         for column, recorded in RUN_FIELDS.items():  # a key the command set (device=cuda) shows what the job recorded
             if summary.get(recorded) is not None or column not in row:
                 row[column] = summary.get(recorded)
@@ -210,27 +225,28 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
             curves.append(metrics.assign(job=row["job"]))
         if summary["status"] in FINISHED and (right := read_correct(job_dir)) is not None:
             correct[row["job"]] = right
-    runs = pd.DataFrame(rows, columns=list(dict.fromkeys(["job", *keys, "seed", *RUN_FIELDS, "duplicates"])))
+    trial = [c for c in TRIAL_COLUMNS if any(c in row for row in rows)]  # a tuning sweep's jobs only
+    runs = pd.DataFrame(rows, columns=list(dict.fromkeys(["job", *keys, "seed", *trial, *RUN_FIELDS, "duplicates"])))
     for key in [*keys, "seed"]:
         runs[key] = _numeric(runs[key])
+    if "trial" in runs:
+        runs["trial"] = pd.to_numeric(runs["trial"], errors="coerce").astype("Int64")
     varying = [k for k in keys if runs[k].nunique(dropna=False) > 1]
     shared = pd.DataFrame(choices, columns=list(GROUPS))
     fixed = {g: shared[g].dropna().iloc[0] for g in GROUPS if g not in keys and shared[g].nunique() == 1}
     fixed.update({k: runs[k].iloc[0] for k in keys if k not in varying})
-    per_epoch = pd.concat(curves) if curves else pd.DataFrame(columns=["job", *METRIC_COLUMNS])
-    per_epoch = per_epoch.merge(runs[["job", *keys]], on="job")
-    curves = per_epoch.groupby([*keys, "epoch"] if keys else "epoch", dropna=False).agg(
-        runs=("job", "count"),
-        val_acc_mean=("val_acc", "mean"),
-        val_acc_std=("val_acc", "std"),
-        train_loss_mean=("train_loss", "mean"),
-        train_loss_std=("train_loss", "std"),
-    )
     chosen = compare_metric(config, metric)
-    results = summarize(runs, keys, chosen, correct) if len(runs) else pd.DataFrame(columns=[*keys, *RESULT_COLUMNS])
+    tuned = tuning(runs, keys, searched, chosen)
+    # A tuning sweep compares its confirmation runs (else each study's best trial), one row per study.
+    compared, by = (tuned.compared, [*keys, "study"]) if tuned else (runs, keys)
+    results = (
+        summarize(compared, by, chosen, correct) if len(compared) else pd.DataFrame(columns=[*by, *RESULT_COLUMNS])
+    )
+    if tuned:
+        results = with_counts(results, tuned)
     mixed = mixed_keys(runs, keys, recipes)
     if mixed:
-        jobs_by_row = [list(runs.loc[matching(runs, row, keys), "job"]) for _, row in results.iterrows()]
+        jobs_by_row = [list(compared.loc[matching(compared, row, by), "job"]) for _, row in results.iterrows()]
         results["recipe"] = recipe_column(jobs_by_row, recipes, mixed)
     return Report(
         runs=runs,
@@ -238,12 +254,43 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
         keys=keys,
         varying=varying,
         fixed=fixed,
-        curves=curves.reset_index(),
+        curves=mean_curves(curves, compared, keys),
         config=config,
         metric=chosen,
         correct=correct,
         mixed=mixed,
+        tuning=tuned,
     )
+
+
+def mean_curves(frames: list[pd.DataFrame], compared: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per configuration and epoch, the metrics.csv of the `compared` runs among `frames` (each with its `job`)
+    averaged over seeds."""
+    per_epoch = pd.concat(frames) if frames else pd.DataFrame(columns=["job", *METRIC_COLUMNS])
+    per_epoch = per_epoch.merge(compared[["job", *keys]], on="job")
+    curves = per_epoch.groupby([*keys, "epoch"] if keys else "epoch", dropna=False).agg(
+        runs=("job", "count"),
+        val_acc_mean=("val_acc", "mean"),
+        val_acc_std=("val_acc", "std"),
+        train_loss_mean=("train_loss", "mean"),
+        train_loss_std=("train_loss", "std"),
+    )
+    return curves.reset_index()
+
+
+def runs_compared(report: Report) -> pd.DataFrame:
+    """The jobs behind results.csv: every job of a grid; a tuning sweep's confirmation runs, else each study's best
+    search trial (the other trials are the search's, in runs.csv and search.png)."""
+    if report.tuning is None:
+        return report.runs
+    return report.runs[report.runs["job"].isin(report.tuning.compared["job"])]
+
+
+def row_keys(report: Report) -> list[str]:
+    """The swept keys that tell results.csv's rows apart and name them: every varying key of a grid; a tuning
+    sweep's grid keys (its studies), not the values each study's search found."""
+    searched = report.tuning.searched if report.tuning else []
+    return [k for k in report.varying if k not in searched]
 
 
 def _status(statuses: pd.Series) -> str:
@@ -452,6 +499,9 @@ def best_by(report: Report, axis: str = "norm") -> pd.DataFrame | None:
             f"compare={axis}: the jobs of this sweep have no key {axis!r}; compare one of the swept keys ({swept}), "
             "or a config key such as norm, model or optimizer.lr"
         )
+    if report.tuning is not None:  # each study at its best search trial: tuned.py
+        data_keys = [k for k in report.varying if is_data_key(k)]
+        return best_table(report.tuning, report.metric, data_keys, axis, axis_value(report, axis))
     context = [k for k in report.varying if k != axis and is_data_key(k)]
     tuned = [k for k in report.varying if k != axis and k not in context]
     if not tuned:
@@ -504,13 +554,14 @@ def matching(frame: pd.DataFrame, config: pd.Series, keys: list[str]) -> pd.Seri
 def swept_numbers(report: Report) -> list[str]:
     """The swept keys whose values are numbers (optimizer.lr, batch_size, epochs, ...): each gets a figure of test
     accuracy against it."""
-    return [k for k in report.varying if report.results[k].dtype.kind in "iuf" and report.results[k].nunique() > 1]
+    results = report.results
+    return [k for k in row_keys(report) if results[k].dtype.kind in "iuf" and results[k].nunique() > 1]
 
 
 def lines_against(report: Report, key: str) -> pd.DataFrame:
     """Mean test accuracy against the swept numeric `key`, one line per setting of the other swept keys (e.g. the
     GroupNorm paper's batch-size study, or each norm over a learning-rate range)."""
-    others = [k for k in report.varying if k != key]
+    others = [k for k in row_keys(report) if k != key]
     table = report.results[[*others, key, "test_acc_mean", "test_acc_ci95", "test_acc_std", "runs"]]
     return table.sort_values([*others, key], kind="stable").reset_index(drop=True)
 
@@ -522,7 +573,7 @@ def _show(value: Any, column: str) -> str:
         return "yes" if value else "no"
     if column == "p_vs_best":
         return "<0.001" if value < 0.001 else f"{value:.2g}" if value < 0.01 else f"{value:.2f}"
-    if isinstance(value, float) and column.endswith(("_mean", "_std", "_ci95", "gap_to_best", "resolution")):
+    if isinstance(value, float) and column.endswith(("_acc", "_mean", "_std", "_ci95", "gap_to_best", "resolution")):
         return f"{value:.2f}"
     if isinstance(value, float):
         return f"{value:g}"
@@ -543,7 +594,13 @@ def table_columns(report: Report) -> list[str]:
     compared = [f"{report.metric}_mean", f"{report.metric}_std"]
     test = ["test_acc_mean", "test_acc_std", "test_acc_ci95", "gap_to_best", "p_vs_best", "test", "within_noise"]
     rest = ["val_acc_mean", "val_acc_std", "sec_per_epoch_mean", "params", "status"]
-    shown = [*report.varying, "runs", *dict.fromkeys(c for c in [*compared, *test, *rest] if c in RESULT_COLUMNS)]
+    counts = [c for c in COUNT_COLUMNS if c in report.results]  # a tuning sweep's trials and pruned per study
+    shown = [
+        *report.varying,
+        *counts,
+        "runs",
+        *dict.fromkeys(c for c in [*compared, *test, *rest] if c in RESULT_COLUMNS),
+    ]
     if report.results["runs"].max() <= 1:
         shown = [c for c in shown if not c.endswith(("_std", "_ci95"))]
     if report.results["test"].isna().all():  # no row was tested (one row, or old folders of one run each)
@@ -552,10 +609,11 @@ def table_columns(report: Report) -> list[str]:
 
 
 def best_columns(best: pd.DataFrame) -> list[str]:
-    columns = list(best.columns)
+    """The columns shown of a best-by table: a tuning sweep's without the trial's job (its folder, in the CSV)."""
+    columns = [c for c in best.columns if c != "job"]
     if "at_edge" in best and not best["at_edge"].astype(bool).any():
         columns.remove("at_edge")  # no best at an edge of its grid: nothing to flag
-    if best["runs"].max() <= 1:
+    if "runs" in best and best["runs"].max() <= 1:
         columns = [c for c in columns if not c.endswith(("_std", "_ci95"))]
     return columns
 
@@ -577,7 +635,8 @@ def noise_sentences(report: Report) -> list[str]:
     (0.28 points) or p ≥ 0.05 in a paired t-test over 3 seeds.`; then the rows no test could judge. Nothing when
     fewer than two rows have a result."""
     context = [k for k in report.varying if is_data_key(k)]
-    named = [k for k in report.varying if k not in context]
+    named = [k for k in row_keys(report) if k not in context]
+    seeds = f"{CONFIRM_OPTION}=3" if report.tuning else "seed=0,1,2"  # a tuning sweep's seeds confirm its best
     results = report.results
     groups = results.groupby(context, dropna=False, sort=False) if context else [((), results)]
     sentences = []
@@ -589,7 +648,7 @@ def noise_sentences(report: Report) -> list[str]:
         where = f"{label_of(judged.iloc[0], context)}: " if context else ""
         best = row_names(judged.head(1), named)[0] if named else "all runs"
         the_best = f"the best ({best} by {report.metric}_mean)"
-        rule = " or ".join(_rules(others, judged["resolution"].iloc[0]))
+        rule = " or ".join(_rules(others, judged["resolution"].iloc[0], seeds))
         tied = others[others["within_noise"] == "yes"]
         if len(tied):
             names = row_names(tied, named)
@@ -610,7 +669,7 @@ def noise_sentences(report: Report) -> list[str]:
             sentences.append(
                 f"{where}{_listed(names)} cannot be told from the best or not (within_noise unknown): one run on a "
                 "side and no predictions.npz to compare (jobs saved before normsweep kept their test predictions); "
-                "run them again, or add seeds (seed=0,1,2)."
+                f"run them again, or add seeds ({seeds})."
             )
     return sentences
 
@@ -619,8 +678,8 @@ def _are(names: list[str]) -> str:
     return "is" if len(names) == 1 else "are"
 
 
-def _rules(others: pd.DataFrame, resolution: float) -> list[str]:
-    """What makes a row within noise, for the tests these rows were judged by."""
+def _rules(others: pd.DataFrame, resolution: float, seeds: str) -> list[str]:
+    """What makes a row within noise, for the tests these rows were judged by; `seeds`: how to add seeds."""
     rules = [
         f"a test-accuracy gap under one test image ({resolution:.2f} points)"
         if pd.notna(resolution)
@@ -637,7 +696,7 @@ def _rules(others: pd.DataFrame, resolution: float) -> list[str]:
         images = f" {round(100 / resolution)}" if pd.notna(resolution) else ""
         rules.append(
             f"p ≥ {SIGNIFICANCE:g} in McNemar's exact test on the same{images} test images (one run on a side: it "
-            "tells these trained models apart, not the settings; add seeds for that: seed=0,1,2)"
+            f"tells these trained models apart, not the settings; add seeds for that: {seeds})"
         )
     return rules
 
@@ -649,7 +708,8 @@ def resolution_notes(report: Report) -> list[str]:
     still = results[(results["runs"] >= 2) & (results["test_acc_std"] == 0)]
     if not len(still):
         return []
-    names = row_names(still, report.varying) if report.varying else ["all runs"]
+    keys = row_keys(report)
+    names = row_names(still, keys) if keys else ["all runs"]
     resolution = still["resolution"].dropna()
     step = "one test image"
     if len(resolution) and resolution.nunique() == 1:
@@ -660,6 +720,7 @@ def resolution_notes(report: Report) -> list[str]:
 def format_table(report: Report) -> str:
     """The comparison table as printed at the end of a sweep, with which rows are tied with the best."""
     lines = [cells(report.results, table_columns(report)).to_string(index=False)]
+    lines += [search_sentence(report.tuning)] if report.tuning else []
     lines += resolution_notes(report)
     if report.fixed:
         lines.append("same in every run: " + settings_text(report.fixed))
@@ -672,13 +733,18 @@ def format_table(report: Report) -> str:
 
 
 def best_row_edges(report: Report) -> list[str]:
-    """The edge sentences of the best row of results.csv, for a sweep without a best-by table."""
+    """The edge sentences of the best row of results.csv, for a sweep without a best-by table; none for a tuning
+    sweep (a search has an interval, not a grid's edge)."""
+    if report.tuning is not None:
+        return []
     return edge_sentences(report.results.head(1), None, grid_edges(report, report.varying))
 
 
 def best_by_edges(report: Report, best: pd.DataFrame, axis: str) -> list[str]:
     """The edge sentences of a best-by table: one per swept number whose best, for some value of `axis`, lies at
-    the edge of the values tried."""
+    the edge of the values tried; none for a tuning sweep's."""
+    if report.tuning is not None:
+        return []
     return edge_sentences(best, axis, grid_edges(report, tuned_columns(best, axis)))
 
 
@@ -691,6 +757,11 @@ def tuned_columns(best: pd.DataFrame, axis: str) -> list[str]:
 def format_best(best: pd.DataFrame, axis: str, metric: str = DEFAULT_METRIC, report: Report | None = None) -> str:
     """The best-by table as printed, and, given the sweep's `report`, a line per swept number whose best lies at
     the edge of the values tried."""
+    if report is not None and report.tuning is not None:
+        return (
+            f"best by {axis} (each study at its best completed search trial by {COMPARE_METRICS[metric]}; pruned "
+            f"trials are not candidates):\n{cells(best, best_columns(best)).to_string(index=False)}"
+        )
     tuned = tuned_columns(best, axis)
     lines = [
         f"best by {axis} (each at its best {', '.join(tuned)} by mean {COMPARE_METRICS[metric]}):",
@@ -761,11 +832,13 @@ def job_settings(row: pd.Series, keys: list[str], seed: bool = True) -> str:
 
 
 def stalled_sentences(report: Report) -> list[str]:
-    """`2 runs stalled at chance: ...`, naming them (up to TIES_NAMED), when any job ended with status stalled."""
-    stalled = report.runs[report.runs["status"] == Status.STALLED]
+    """`2 runs stalled at chance: ...`, naming them (up to TIES_NAMED), when any job behind results.csv ended with
+    status stalled (a tuning sweep's other trials are the search's: search.png)."""
+    compared = runs_compared(report)
+    stalled = compared[compared["status"] == Status.STALLED]
     if not len(stalled):
         return []
-    seeds = report.runs["seed"].nunique() > 1
+    seeds = compared["seed"].nunique() > 1
     names = [job_settings(row, report.varying, seeds) or "all runs" for _, row in stalled.iterrows()]
     if len(names) > TIES_NAMED:
         names = [*names[: TIES_NAMED - 1], f"{len(names) - TIES_NAMED + 1} more"]
@@ -781,7 +854,7 @@ def stalled_runs(report: Report, sweep_dir: Path) -> pd.DataFrame | None:
     """The stalled jobs beside the best row's, per norm layer at their last epoch: training loss against ln(classes),
     validation accuracy against chance, the gradient reaching each norm layer and the std of its input (from each
     job's diagnostics.csv). None when no job stalled."""
-    runs = report.runs
+    runs = runs_compared(report)
     stalled = runs[runs["status"] == Status.STALLED]
     if not len(stalled):
         return None
@@ -843,8 +916,8 @@ def best_file(axis: str) -> str:
 def diagnostics(report: Report, sweep_dir: Path) -> pd.DataFrame | None:
     """Every finished job's diagnostics.csv, averaged over seeds: one row per (configuration, epoch, layer, metric)
     with `value` (the mean) and `runs`; None when no job has the file (diagnostics=false, or an older sweep)."""
-    frames = []
-    for job, status in zip(report.runs["job"], report.runs["status"]):
+    frames, compared = [], runs_compared(report)
+    for job, status in zip(compared["job"], compared["status"]):
         path = Path(sweep_dir) / str(job) / DIAGNOSTICS_FILE
         if status not in FINISHED or not path.is_file():
             continue
@@ -857,6 +930,6 @@ def diagnostics(report: Report, sweep_dir: Path) -> pd.DataFrame | None:
             frames.append(frame[DIAGNOSTICS_COLUMNS].assign(job=job))
     if not frames:
         return None
-    rows = pd.concat(frames).merge(report.runs[["job", *report.keys]], on="job")
+    rows = pd.concat(frames).merge(compared[["job", *report.keys]], on="job")
     by = [*report.keys, "epoch", "depth", "layer", "metric"]
     return rows.groupby(by, dropna=False, sort=False).agg(value=("value", "mean"), runs=("job", "count")).reset_index()

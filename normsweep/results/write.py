@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from normsweep.results.plots import plot_curves, plot_diagnostics
-from normsweep.results.report import DIAGNOSTICS_FIGURE, sweep_command, write_report
+from normsweep.results.plots import plot_curves, plot_diagnostics, plot_search
+from normsweep.results.report import DIAGNOSTICS_FIGURE, SEARCH_FIGURE, sweep_command, write_report
 from normsweep.results.tables import (
     Report,
     best_by,
@@ -32,12 +32,12 @@ LOG = "normsweep.log"  # each job's log, as Hydra names it (hydra.job.name + .lo
 
 
 def aggregate(sweep_dir: Path, compare: str | None = "norm", side_by_side: bool = False) -> Report:
-    """Write runs.csv, results.csv, best_by_<compare>.csv (when something besides `compare` was swept) and
-    curves.png (and diagnostics.png, when the jobs wrote diagnostics.csv) into `sweep_dir`, and return what was
-    aggregated.
+    """Write runs.csv, results.csv, best_by_<compare>.csv (when something besides `compare` was swept or searched)
+    and curves.png (and diagnostics.png, when the jobs wrote diagnostics.csv; search.png, for a tuning sweep) into
+    `sweep_dir`, and return what was aggregated.
 
     Raises ValueError, before writing anything, if `compare` names no key of the sweep (None: no best-by table).
-    `side_by_side` draws the two figures at once (see _draw).
+    `side_by_side` draws the last figure beside the others, at once (see _draw).
     """
     sweep_dir = Path(sweep_dir)
     report = collect(sweep_dir)
@@ -53,14 +53,16 @@ def aggregate(sweep_dir: Path, compare: str | None = "norm", side_by_side: bool 
     layers = diagnostics(report, sweep_dir)
     if layers is not None:  # jobs run with diagnostics=true (older sweeps have none: no figure)
         figures.append(partial(plot_diagnostics, report, layers, sweep_dir / DIAGNOSTICS_FIGURE))
+    if report.tuning is not None:
+        figures.append(partial(plot_search, report, sweep_dir / SEARCH_FIGURE))
     _draw(figures, side_by_side)
     return report
 
 
 def _draw(figures: list[Callable[[], None]], side_by_side: bool) -> None:
     """Draw the figures, the last one in a forked process beside this one when `side_by_side` (the warm
-    aggregation process, single-threaded, at the end of a sweep when the cores are free: the two figures are about
-    half a second each). A figure that fails there fails the aggregation too; its traceback is printed by it."""
+    aggregation process, single-threaded, at the end of a sweep when the cores are free: each figure is about
+    half a second). A figure that fails there fails the aggregation too; its traceback is printed by it."""
     if not (side_by_side and len(figures) > 1 and hasattr(os, "fork")):
         for draw in figures:
             draw()
@@ -101,7 +103,7 @@ def report(sweep_dir: Path, compare: str | None = "norm", side_by_side: bool = F
     if best is not None and compare:
         print("\n" + format_best(best, compare, result.metric, result), flush=True)
     files = ["results.csv", best_file(compare) if best is not None and compare else None, "curves.png"]
-    files.append(DIAGNOSTICS_FIGURE)
+    files += [DIAGNOSTICS_FIGURE, SEARCH_FIGURE]
     shown = ", ".join(f for f in files if f and (where / f).is_file())
     jobs = len(result.runs)
     print(f"\nresults: {where / 'results.csv'}  ({jobs} job{'s' if jobs != 1 else ''})", flush=True)
