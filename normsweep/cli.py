@@ -41,7 +41,7 @@ from normsweep.job.signals import (
 )
 from normsweep.sweep.callbacks import ResumeCheck
 from normsweep.sweep.compose import SWEPT_KEYS_ENV
-from normsweep.sweep.files import DiskFull, disk_full, full_disk_line, override_key, record_failure
+from normsweep.sweep.files import TRIAL_KEY, DiskFull, disk_full, full_disk_line, override_key, record_failure
 from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
 from normsweep.sweep.studies import JobTrial
 
@@ -149,6 +149,7 @@ def app(cfg: DictConfig) -> float | None:
     tag = JobTag(hydra_cfg.job.num, _telling_apart(overrides)) if in_sweep else None
     if tag:
         tag.attach()
+    trial = JobTrial.from_env(os.environ) if in_sweep else None  # a tuning sweep's trial (sweep/studies.py)
     try:
         hold_ctrl_c(False)  # a Ctrl-C held back while this (worker) process started up arrives here
         with stop_on_sigterm():
@@ -159,7 +160,6 @@ def app(cfg: DictConfig) -> float | None:
             from normsweep.job.run import run_job  # torch: only once a job runs
 
             run, cpus = place(checked, job_num, in_sweep)
-            trial = JobTrial.from_env(os.environ) if in_sweep else None  # a tuning sweep's trial (sweep/studies.py)
             summary = run_job(run, job_dir, overrides, config, cpus, trial)
     except KeyboardInterrupt as err:
         what, status = stopped_by(err)
@@ -178,7 +178,8 @@ def app(cfg: DictConfig) -> float | None:
             raise DiskFull(err) from err
         user_error = isinstance(err, ConfigError)
         if in_sweep or not (user_error and discard_unused_run_dir(job_dir, f"{hydra_cfg.job.name}.log")):
-            record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices))
+            recorded = {TRIAL_KEY: trial.record} if trial else {}  # a failed trial is still its study's
+            record_failure(job_dir, err, overrides, config, dict(hydra_cfg.runtime.choices), **recorded)
         if in_sweep:
             # Isolated: Hydra would re-raise at the end of the batch and skip the aggregation.
             log.error("job failed: %s", err, exc_info=full_error() or not user_error)

@@ -96,10 +96,11 @@ class Encoding:
     legend: list[tuple[str, str, str]] = field(default_factory=list)  # (label, colour, line style)
 
     def colour_of(self, row: pd.Series) -> str:
-        return self.colours[str(row[self.colour])] if self.colour in row.index else DEFAULT_COLOUR
+        # a job without the key (a folder from another sweep) is drawn plainly instead of failing the figure
+        return self.colours.get(str(row[self.colour]), DEFAULT_COLOUR) if self.colour in row.index else DEFAULT_COLOUR
 
     def style_of(self, row: pd.Series) -> str:
-        return self.styles[str(row[self.style])] if self.style in row.index else "-"
+        return self.styles.get(str(row[self.style]), "-") if self.style in row.index else "-"
 
 
 def encoding(report: Report) -> Encoding:
