@@ -213,6 +213,13 @@ def test_the_compared_axis_must_be_a_config_key(compose_cfg) -> None:
             "digits",
             {"norm": "none,bn,ln,in,gn", "optimizer.lr": "1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1"},
         ),
+        (
+            "tune",
+            "simple_cnn",
+            "adam",
+            "digits",
+            {"norm": "none,bn,ln,in,gn", "optimizer.lr": "tag(log, interval(1e-4, 1))"},
+        ),
     ],
 )
 def test_experiment_presets_compose(compose_cfg, preset, model, optimizer, dataset, sweep) -> None:
@@ -220,6 +227,8 @@ def test_experiment_presets_compose(compose_cfg, preset, model, optimizer, datas
     choices = cfg.hydra.runtime.choices
     assert (choices.model, choices.optimizer, choices.dataset) == (model, optimizer, dataset)
     assert dict(cfg.hydra.sweeper.params) == sweep
+    tuning = str(cfg.hydra.sweeper._target_).endswith("TuningSweeper")
+    assert tuning == (preset == "tune")  # the search preset chooses the tuning sweeper, the others the grid's
     run = compose_run([f"experiment={preset}"])
     if preset == "seed_cifar10":  # the article's setup, as it should have been run
         assert (run.optimizer.lr, run.batch_size, run.epochs, run.val_fraction) == (1e-3, 128, 20, 0.2)

@@ -402,6 +402,20 @@ def test_on_joblib_two_trials_at_once_no_trial_is_counted_twice(tmp_path: Path) 
     assert numbers == [(n, i) for n in ("norm=bn", "norm=gn") for i in range(4)]  # one folder per trial
 
 
+def test_the_tune_preset_runs_as_documented_with_its_figure_and_tables(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    small = ["norm=bn,gn", "epochs=2", "hydra.sweeper.n_trials=3", "dataset.train_size=200", "diagnostics=false"]
+    done = run_cli_here(["-m", "experiment=tune", *small, f"hydra.sweep.dir={sweep}"], tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "tuning: 2 studies (norm=bn, norm=gn), 3 trials each, searching optimizer.lr in [0.0001, 1] (log)" in output
+    assert "tuned by search: 2 studies (norm), 3 trials each" in output
+    assert (sweep / "search.png").read_bytes()[:4] == b"\x89PNG"
+    best = (sweep / "best_by_norm.csv").read_text().splitlines()
+    assert best[0].startswith("norm,") and "optimizer.lr" in best[0] and len(best) == 3
+    assert "## Search" in (sweep / "report.md").read_text()
+
+
 def test_confirmation_runs_follow_the_search(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = [*TUNE, "epochs=2", "hydra.sweeper.n_trials=2", "hydra.sweeper.confirm_seeds=2", f"hydra.sweep.dir={sweep}"]
