@@ -28,7 +28,7 @@ def test_the_groups_offer_what_the_readme_lists() -> None:
     assert options("norm") == ["bn", "frn", "gn", "in", "ln", "ln2d", "none", "rms", "ws_gn"]
     assert options("optimizer") == ["adam", "adamw", "sgd"]
     assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "mnist", "svhn", "synthetic"]
-    assert options("experiment") == ["gn_batch_size", "lr_range", "quick", "seed_cifar10"]
+    assert options("experiment") == ["gn_batch_size", "lr_range", "quick", "seed_cifar10", "tune"]
 
 
 def forward_backward(run) -> None:
