@@ -489,3 +489,18 @@ def test_optuna_dashboard_opens_the_sweeps_storage(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_the_sweepers_defaults_are_those_its_yaml_documents() -> None:
+    import inspect
+
+    import yaml
+
+    from hydra_plugins.normsweep_sweeper.tuning_sweeper import TuningSweeper
+    from normsweep.config.schema import config_dir
+
+    documented = yaml.safe_load((Path(config_dir()) / "hydra" / "sweeper" / "tune.yaml").read_text())
+    coded = {k: p.default for k, p in inspect.signature(TuningSweeper.__init__).parameters.items() if k != "self"}
+    assert {k: v for k, v in documented.items() if k != "_target_"} == {
+        k: coded[k] for k in documented if k != "_target_"
+    }

@@ -6,6 +6,7 @@ trial is an ordinary job folder: the aggregation at the end works as for a grid.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,14 @@ from omegaconf import OmegaConf
 
 from hydra_plugins.normsweep_sweeper.resuming_sweeper import ResumingSweeper
 
+log = logging.getLogger("normsweep")
+
 
 class TuningSweeper(ResumingSweeper):
+    """The grid sweeper's checks and folders (ResumingSweeper), with the jobs chosen by the studies. Its keys are
+    conf/hydra/sweeper/tune.yaml's (documented in docs/tuning.md); the defaults below are the same ones, for a
+    sweeper configured without that file."""
+
     def __init__(
         self,
         n_trials: Any = 12,
@@ -101,37 +108,38 @@ class TuningSweeper(ResumingSweeper):
         returns: list[Any] = []
         with one_coordinator(sweep_dir):
             studies = Studies(sweep_dir, the_plan, settings, facts)
-            _say(
+            log.info(
                 f"tuning: {len(studies.studies)} stud{'ies' if len(studies.studies) > 1 else 'y'} "
                 f"({', '.join(studies.studies)}), {settings.n_trials} trials each, searching "
                 f"{'; '.join(s.describe() for s in the_plan.space)}; pruner {settings.pruner}, sampler "
                 f"{settings.sampler}; storage {sweep_dir / 'optuna.journal'}"
             )
             while jobs := studies.next_round():
-                returns.append(self._launch(sweep_dir, jobs))
-                for job, folder in zip(jobs, self._folders):
+                results, folders = self._launch(jobs)
+                returns.append(results)
+                for job, folder in zip(jobs, folders):  # each trial ended as its job folder says, whoever ran it
                     line = studies.tell(job, _summary(sweep_dir / folder))
                     if line:
-                        _say(line)
+                        log.info(line)
             if settings.confirm_seeds:
                 jobs = studies.confirmations(settings.confirm_seeds)
                 if jobs:
-                    _say(
+                    log.info(
                         f"confirming each study's best setting with {settings.confirm_seeds} fresh seed"
                         f"{'s' if settings.confirm_seeds > 1 else ''}: {len(jobs)} jobs"
                     )
-                    returns.append(self._launch(sweep_dir, jobs))
+                    returns.append(self._launch(jobs)[0])
         return returns
 
-    def _launch(self, sweep_dir: Path, jobs: list[Any]) -> Any:
-        """One round: the jobs checked and given their folders (a trial asked again finds its folder), launched."""
+    def _launch(self, jobs: list[Any]) -> tuple[Any, list[str]]:
+        """One round: the jobs checked and given their folders (a trial asked again finds its folder), launched;
+        Hydra's returns, and each job's folder name."""
         assert self.launcher is not None
         placed = self._with_folders([[job.overrides for job in jobs]], [job.env() for job in jobs])[0]
-        self._folders = [_subdir(overrides[-1]) for overrides in placed]
         self.validate_batch_is_legal(placed)
         results = self.launcher.launch(placed, initial_job_idx=self.job_idx)
         self.job_idx += len(placed)
-        return results
+        return results, [_subdir(overrides[-1]) for overrides in placed]
 
 
 def _value(value: Any) -> str:
@@ -154,9 +162,3 @@ def _summary(job_dir: Path) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         return load_summary(job_dir)
     return {"status": "failed"}
-
-
-def _say(line: str) -> None:
-    import logging
-
-    logging.getLogger("normsweep").info(line)
