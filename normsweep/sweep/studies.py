@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import socket
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,8 +110,6 @@ def spread(distributions: dict[str, Any], count: int, seed: int) -> list[dict[st
     """`count` settings spread evenly over the space (a scrambled Sobol sequence, seeded): TPE's first trials, which
     it would otherwise draw at random. With a budget of a few trials per study, random draws often leave a decade of
     learning rates untried (measured in docs/tuning.md); a choice among values is still drawn at random."""
-    import warnings
-
     optuna = optuna_module()
     with warnings.catch_warnings():  # QMCSampler is marked experimental; the values it gives are what is used
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -189,6 +188,10 @@ class Studies:
             )
             self.grid[name] = overrides
             self.info[name] = {**facts, "pruner": spec}
+            if not self.studies[name].metric_names:  # what optuna-dashboard calls the objective
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    self.studies[name].set_metric_names([facts["metric"]])
             if settings.sampler == "tpe" and not self.studies[name].get_trials(deepcopy=False):
                 for params in spread(self.distributions, min(settings.startup(), settings.n_trials), facts["seed"]):
                     self.studies[name].enqueue_trial(params)
