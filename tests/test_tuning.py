@@ -386,6 +386,7 @@ def test_on_joblib_two_trials_at_once_no_trial_is_counted_twice(tmp_path: Path) 
     sweep = tmp_path / "sweep"
     args = [
         *TUNE,
+        "optimizer.warmup_epochs=choice(0, 1)",  # a second searched key, a choice
         "epochs=2",
         "hydra.sweeper.n_trials=4",
         "hydra.sweeper.n_jobs=2",
@@ -398,8 +399,11 @@ def test_on_joblib_two_trials_at_once_no_trial_is_counted_twice(tmp_path: Path) 
     assert "lock" not in (done.stdout + done.stderr).lower()
     trials = _trials(sweep)
     assert {n: len(t) for n, t in trials.items()} == {"norm=bn": 4, "norm=gn": 4}
-    numbers = sorted((s["trial"]["study"], s["trial"]["number"]) for s in _summaries(sweep))
+    summaries = _summaries(sweep)
+    numbers = sorted((s["trial"]["study"], s["trial"]["number"]) for s in summaries)
     assert numbers == [(n, i) for n in ("norm=bn", "norm=gn") for i in range(4)]  # one folder per trial
+    assert {s["config"]["optimizer"]["warmup_epochs"] for s in summaries} <= {0, 1}
+    assert all(s["trial"]["searched"] == ["optimizer.lr", "optimizer.warmup_epochs"] for s in summaries)
 
 
 def test_the_tune_preset_runs_as_documented_with_its_figure_and_tables(tmp_path: Path) -> None:
