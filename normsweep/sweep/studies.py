@@ -157,7 +157,7 @@ class Settings:
     confirm_seeds: int
 
     def startup(self) -> int:
-        """Trials of a study sampled at random before TPE models the results: a third of the budget, 2 to 10."""
+        """Trials of a study placed before TPE models the results (spread()): a third of the budget, 2 to 10."""
         return self.startup_trials if self.startup_trials is not None else max(2, min(10, self.n_trials // 3))
 
 
