@@ -508,3 +508,14 @@ def test_the_sweepers_defaults_are_those_its_yaml_documents() -> None:
     assert {k: v for k, v in documented.items() if k != "_target_"} == {
         k: coded[k] for k in documented if k != "_target_"
     }
+
+
+def test_a_second_tuning_sweep_on_a_running_ones_folder_is_refused_and_trains_nothing(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    with one_coordinator(sweep):  # a first coordinator, running
+        done = run_cli([*TUNE, "epochs=1", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert f"another tuning sweep is running in {sweep}" in done.stdout + done.stderr
+    assert not (sweep / STORAGE_FILE).exists() and not (sweep / "multirun.yaml").exists()
+    assert not any(p.is_dir() for p in sweep.iterdir())  # no job folder

@@ -80,10 +80,9 @@ class TuningSweeper(ResumingSweeper):
             self._put_back()
             raise
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, saved)
         try:
             return self._run(sweep_dir, the_plan, facts)
-        except ConfigError as err:  # another coordinator holds the folder
+        except ConfigError as err:  # another coordinator holds the folder: nothing of it was touched
             refuse(err)
 
     def _refuse_test_metric(self) -> None:
@@ -107,6 +106,7 @@ class TuningSweeper(ResumingSweeper):
         settings = Settings(**self.given)
         returns: list[Any] = []
         with one_coordinator(sweep_dir):
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # the command, for report.md and the resume line
             studies = Studies(sweep_dir, the_plan, settings, facts)
             log.info(
                 f"tuning: {len(studies.studies)} stud{'ies' if len(studies.studies) > 1 else 'y'} "
