@@ -170,6 +170,15 @@ def test_sigterm_between_jobs_or_while_aggregating_says_how_to_resume(tmp_path: 
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.setattr(normsweep.results.write, "end_of_sweep", lambda *a, **k: signal.raise_signal(signal.SIGTERM))
+    # The aggregation must run in this process, where end_of_sweep is replaced: with pandas and pyplot imported here
+    # the sweep aggregates here instead of in a warm process of its own (sweep/callbacks.py), whichever tests this
+    # worker ran before.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import pandas  # noqa: F401
+
     sweep = tmp_path / "s"
     proc = run_cli_here(["-m", "norm=bn", "epochs=1", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 143, proc.stdout + proc.stderr
