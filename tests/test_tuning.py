@@ -127,6 +127,7 @@ def test_a_space_that_cannot_be_searched_is_refused_naming_the_key(overrides: li
         ({"pruner": "asha"}, "no such pruner; choose one of hyperband, successive_halving, median, none"),
         ({"sampler": "grid"}, "no such sampler"),
         ({"min_epochs": 0}, "hydra.sweeper.min_epochs=0"),
+        ({"reduction_factor": 1}, "hydra.sweeper.reduction_factor=1: give a whole number of 2 or more"),
     ],
 )
 def test_the_sweepers_own_keys_are_checked(given: dict, said: str) -> None:
@@ -278,6 +279,16 @@ def test_a_resumed_job_reports_each_epoch_once_and_the_last_epoch_is_never_prune
         assert not again.should_stop(2, 1.0, final=True)
     trial = optuna.load_study(study_name="norm=bn", storage=open_storage(tmp_path)).trials[0]
     assert trial.intermediate_values == {1: 50.0, 2: 1.0}
+
+
+def test_with_best_val_acc_a_resumed_job_reports_the_best_of_all_its_epochs(tmp_path: Path) -> None:
+    the_plan = _plan("norm=bn", LR)
+    studies = Studies(tmp_path, the_plan, _settings(n_trials=1), [{"seed": 0, "epochs": 4, "metric": "best_val_acc"}])
+    job = studies.next_round()[0]
+    _job_trial(studies, job).should_stop(1, 80.0)
+    _job_trial(studies, job).should_stop(2, 70.0)  # resumed in a new process: epoch 1's 80 is still the best
+    trial = optuna.load_study(study_name="norm=bn", storage=open_storage(tmp_path)).trials[0]
+    assert trial.intermediate_values == {1: 80.0, 2: 80.0}
 
 
 def test_a_confirmation_run_is_never_stopped() -> None:

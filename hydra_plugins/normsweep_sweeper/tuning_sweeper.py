@@ -52,7 +52,7 @@ class TuningSweeper(ResumingSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from normsweep.config.errors import ConfigError
         from normsweep.sweep.resume import check_folder_name, refuse
-        from normsweep.sweep.search import check_settings, plan
+        from normsweep.sweep.search import check_settings, override_value, plan
         from normsweep.sweep.studies import optuna_module
 
         assert self.config is not None and self.hydra_context is not None
@@ -70,7 +70,8 @@ class TuningSweeper(ResumingSweeper):
         except ConfigError as err:
             self._put_back()
             refuse(err)
-        firsts = [[*study, *(f"{s.key}={_value(s.first())}" for s in the_plan.space)] for study in the_plan.studies]
+        inside = [f"{s.key}={override_value(s.first())}" for s in the_plan.space]  # a value of each searched key
+        firsts = [[*study, *inside] for study in the_plan.studies]
         try:
             facts = [self._facts(cfg) for cfg in self._checked(firsts)]
         except ConfigError as err:
@@ -140,12 +141,6 @@ class TuningSweeper(ResumingSweeper):
         results = self.launcher.launch(placed, initial_job_idx=self.job_idx)
         self.job_idx += len(placed)
         return results, [_subdir(overrides[-1]) for overrides in placed]
-
-
-def _value(value: Any) -> str:
-    from normsweep.sweep.search import override_value
-
-    return override_value(value)
 
 
 def _subdir(override: str) -> str:

@@ -121,12 +121,22 @@ def _choice(key: str, sweep: ChoiceSweep) -> Searched:
     return Searched(key=key, choices=values)
 
 
-def check_settings(n_trials: Any, n_jobs: Any, pruner: Any, sampler: Any, confirm_seeds: Any, **more: Any) -> None:
+# The sweeper's whole-number keys: the least each takes, and whether null (its default) is allowed.
+COUNTS = {
+    "n_trials": (1, False),
+    "n_jobs": (1, False),
+    "confirm_seeds": (0, False),
+    "min_epochs": (1, False),
+    "reduction_factor": (2, False),  # each cut keeps one trial in this many: 1 would keep every trial
+    "startup_trials": (0, True),
+}
+
+
+def check_settings(pruner: Any, sampler: Any, **counts: Any) -> None:
     """The sweeper's own keys (hydra.sweeper.*), each refused with its fix."""
-    counts = {"n_trials": n_trials, "n_jobs": n_jobs, "confirm_seeds": confirm_seeds, **more}
     for key, value in counts.items():
-        least = 0 if key == "confirm_seeds" else 1
-        if value is None and key not in ("n_trials", "n_jobs", "confirm_seeds"):
+        least, nullable = COUNTS[key]
+        if value is None and nullable:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ConfigError(

@@ -334,7 +334,8 @@ class JobTrial:
         self.record = {k: record.get(k) for k in ("study", "phase", "number", "searched")}
         self._given = record
         self._trial: Any = None
-        self._best = -math.inf
+        self._reported: set[int] = set()  # the epochs the study holds a value of (a resumed job's earlier ones)
+        self._best = -math.inf  # the best value so far, for compare_metric=best_val_acc
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> JobTrial | None:
@@ -342,31 +343,28 @@ class JobTrial:
         return cls(json.loads(text)) if text else None
 
     def _open(self) -> Any:
+        """The trial, once: its study loaded from the journal with the sweep's pruner, and what it already holds."""
         if self._trial is None:
             optuna = optuna_module()
             given = self._given
-            self._storage = open_storage(Path(given["storage"]).parent)
-            study = optuna.load_study(
-                study_name=given["study"], storage=self._storage, pruner=make_pruner(given["pruner"])
-            )
-            study_id = self._storage.get_study_id_from_name(given["study"])
-            self._trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, given["number"])
-            self._trial = optuna.Trial(study, self._trial_id)
+            storage = open_storage(Path(given["storage"]).parent)
+            study = optuna.load_study(study_name=given["study"], storage=storage, pruner=make_pruner(given["pruner"]))
+            study_id = storage.get_study_id_from_name(given["study"])
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, given["number"])
+            reported = storage.get_trial(trial_id).intermediate_values
+            self._reported = set(reported)
+            self._best = max([self._best, *reported.values()])  # a resumed job's best of its earlier epochs
+            self._trial = optuna.Trial(study, trial_id)
         return self._trial
 
     def should_stop(self, epoch: int, val_acc: float, final: bool = False) -> bool:
         """Report the epoch's value (once: a resumed job skips the epochs it reported before); whether to stop there
         (never after the `final` epoch: the trial has completed)."""
-        if self._given.get("phase") != SEARCH:
-            return False
-        self._best = max(self._best, val_acc)
-        value = self._best if self._given.get("metric") == "best_val_acc" else val_acc
-        if not math.isfinite(value):
-            return False  # the run diverged: it stops as diverged, not pruned
+        if self._given.get("phase") != SEARCH or not math.isfinite(val_acc):
+            return False  # a confirmation run is never stopped; a diverged one stops as diverged, not pruned
         trial = self._open()
-        if epoch not in self._storage.get_trial(self._trial_id).intermediate_values:
-            trial.report(value, epoch)
+        self._best = max(self._best, val_acc)
+        if epoch not in self._reported:
+            trial.report(self._best if self._given.get("metric") == "best_val_acc" else val_acc, epoch)
+            self._reported.add(epoch)
         return not final and bool(trial.should_prune())
-
-    def describe(self) -> str:
-        return str(self._given.get("pruner", {}).get("name", "the pruner"))
