@@ -29,8 +29,7 @@ from normsweep.results.tables import (
     settings_text,
     swept_numbers,
 )
-from normsweep.results.tuned import SEARCH
-from normsweep.sweep.files import FINISHED, atomic_write
+from normsweep.sweep.files import FINISHED, SEARCH, atomic_write
 
 # tab10, one colour per built-in norm: a norm reads the same in every figure of every sweep.
 NORM_COLOURS = {

@@ -10,9 +10,8 @@ from typing import Any
 
 import pandas as pd
 
-from normsweep.sweep.files import TRIAL_KEY, Status
+from normsweep.sweep.files import CONFIRM, SEARCH, TRIAL_KEY, Status
 
-SEARCH, CONFIRM = "search", "confirm"  # a trial record's phase
 TRIAL_COLUMNS = ("study", "phase", "trial")  # runs.csv's columns from the trial record
 COUNT_COLUMNS = ("trials", "pruned")  # results.csv's columns per study
 # A study's best search trial is its best completed one; a diverged or stalled one only when none completed. A pruned

@@ -48,6 +48,7 @@ GROUPS = ("model", "norm", "optimizer", "dataset")  # the config groups, as name
 # "confirm", "number": the Optuna trial number (search) or null, "searched": the keys the study searches}. Absent
 # in a grid's jobs.
 TRIAL_KEY = "trial"
+SEARCH, CONFIRM = "search", "confirm"  # a trial record's phase
 
 
 class Status(str, enum.Enum):

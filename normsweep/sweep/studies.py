@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from normsweep.config.errors import ConfigError
+from normsweep.sweep.files import CONFIRM, SEARCH
 from normsweep.sweep.search import Plan, Searched, override_value
 
 log = logging.getLogger("normsweep")
@@ -29,7 +30,6 @@ log = logging.getLogger("normsweep")
 STORAGE_FILE = "optuna.journal"
 LOCK_FILE = "tune.lock"  # held by the sweep's one coordinator while it runs
 TRIAL_ENV = "NORMSWEEP_TRIAL"  # a tuning job's trial, set by the sweeper through hydra.job.env_set (JSON)
-SEARCH, CONFIRM = "search", "confirm"
 
 
 def optuna_module() -> Any:
