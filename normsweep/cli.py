@@ -72,13 +72,17 @@ class JobTag(logging.Filter):
             handler.removeFilter(self)
 
 
-def _telling_apart(overrides: list[str]) -> list[str]:
-    """A job's overrides of the keys its sweep varies (what its launcher said, sweep/compose.py): what tells its log
-    lines from the other jobs'. All of them when not said (a job launched otherwise)."""
+def _swept_keys(overrides: list[str]) -> tuple[str, ...]:
+    """The keys the job's sweep varies (what its launcher said, sweep/compose.py); those of all its overrides when
+    not said (a job launched otherwise)."""
     swept = os.environ.get(SWEPT_KEYS_ENV)
-    if swept is None:
-        return overrides
-    keys = set(swept.split(",")) - {""}
+    keys = [override_key(o) for o in overrides] if swept is None else swept.split(",")
+    return tuple(sorted(set(keys) - {""}))
+
+
+def _telling_apart(overrides: list[str]) -> list[str]:
+    """A job's overrides of the keys its sweep varies: what tells its log lines from the other jobs'."""
+    keys = set(_swept_keys(overrides))
     return [o for o in overrides if override_key(o) in keys]
 
 
@@ -160,7 +164,8 @@ def app(cfg: DictConfig) -> float | None:
             from normsweep.job.run import run_job  # torch: only once a job runs
 
             run, cpus = place(checked, job_num, in_sweep)
-            summary = run_job(run, job_dir, overrides, config, cpus, trial)
+            sweep_dir = Path(hydra_cfg.sweep.dir) if in_sweep else None
+            summary = run_job(run, job_dir, overrides, config, cpus, trial, sweep_dir, _swept_keys(overrides))
     except KeyboardInterrupt as err:
         what, status = stopped_by(err)
         if multiprocessing.parent_process() is not None:  # a joblib worker: its launcher says how to resume

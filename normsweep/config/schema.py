@@ -91,6 +91,27 @@ class UserDataset(DatasetConfig):
 
 
 @dataclass
+class TensorBoardConfig:
+    """logger=tensorboard: event files in each job's folder (normsweep/trackers/tensorboard.py)."""
+
+
+@dataclass
+class MlflowConfig:
+    """logger=mlflow: one parent run per sweep, one child run per job (normsweep/trackers/mlflow.py)."""
+
+    tracking_uri: Optional[str] = None  # noqa: UP045 (null: an sqlite:/// file in the sweep's or run's folder)
+    experiment_name: str = "normsweep"
+
+
+@dataclass
+class LoggerConfig:
+    """Where a job reports beside its own files: each tracker is on when its node is set (conf/logger/)."""
+
+    tensorboard: Optional[TensorBoardConfig] = None  # noqa: UP045
+    mlflow: Optional[MlflowConfig] = None  # noqa: UP045
+
+
+@dataclass
 class Config:
     """The top level. `model` stays a plain mapping: its keys are the model class's own arguments."""
 
@@ -113,6 +134,7 @@ class Config:
     # (train.DIVERGE_FACTOR × ln(classes), resolved when the data set is known), or null (non-finite losses only).
     diverge_loss: Any = "auto"
     diagnostics: bool = True  # each norm layer measured on a probe batch every epoch: diagnostics.csv (diagnostics.py)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # logger=tensorboard, logger=mlflow (trackers/)
 
 
 MODEL_ARGUMENTS = ("in_channels", "image_size", "num_classes", "norm")  # what normsweep passes every model class

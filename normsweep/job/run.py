@@ -14,7 +14,7 @@ import platform
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +42,7 @@ from normsweep.sweep.files import (
     write_summary,
 )
 from normsweep.sweep.liveness import load_summary, process_start, slurm_job
+from normsweep.trackers import JobInfo, Trackers, open_trackers
 
 log = logging.getLogger("normsweep")
 
@@ -66,10 +67,13 @@ def run_job(
     config: dict[str, Any],
     cpus: int | None = None,
     trial: Trial | None = None,
+    sweep_dir: Path | None = None,
+    swept: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train one configuration in `job_dir`, or finish it there; returns its summary. `cpus`: the job's share of the
     CPUs when jobs run side by side (default: every CPU it may run on); `threads=0` picks within it (threads.py).
-    `trial`: the job is a trial of a tuning sweep, which may stop it early (status pruned).
+    `trial`: the job is a trial of a tuning sweep, which may stop it early (status pruned). `sweep_dir` and `swept`
+    (the keys its sweep varies) are what the trackers of `run.logger` need to know of a job of a sweep.
 
     `config` is the job's resolved config as the user wrote it: summary.json keeps it, and a later run in the
     same folder must bring the same one (the caller checks the folder first, with resume.check_resumable).
@@ -86,10 +90,16 @@ def run_job(
     if trial is not None:
         provenance[TRIAL_KEY] = trial.record
     progress = _restore(job_dir, job, provenance, trial)
-    history, pruned = _train(job, progress)
-    summary = _summarize(job, progress, history, started, pruned)
-    write_summary(job_dir, summary)  # last: a folder whose summary says finished holds every file of the job
-    drop_previous(job_dir)
+    info = JobInfo(job_dir, config, overrides, sweep_dir, swept, progress.resumed_from, list(progress.rows))
+    progress.trackers = open_trackers(run.logger, info)
+    try:
+        history, pruned = _train(job, progress)
+        summary = _summarize(job, progress, history, started, pruned)
+        write_summary(job_dir, summary)  # last: a folder whose summary says finished holds every file of the job
+        drop_previous(job_dir)
+        progress.trackers.finish(summary)
+    finally:
+        progress.trackers.close()
     log.info(
         "test_acc %.2f%% test_loss %.4f (final model, %d test images)",
         summary["test_acc"],
@@ -197,6 +207,7 @@ class _Progress:
     diagnostics_rows: list[dict[str, Any]]  # diagnostics.csv
     probe: Diagnostics | None
     trial: Trial | None = None
+    trackers: Trackers = field(default_factory=lambda: Trackers({}))
 
     def mark(self, status: Status, epochs_completed: int) -> None:  # the summary of a job not (yet) finished
         summary = {"status": status, "epochs_completed": epochs_completed, "epochs": self.job.run.epochs}
@@ -215,6 +226,7 @@ class _Progress:
             f"val_loss {m.val_loss:.4f} val_acc {m.val_acc:.2f}% ({m.epoch_seconds:.2f} s, "
             f"{m.images_per_second:.0f} img/s)"
         )
+        self.trackers.epoch(self.rows[-1], [row for row in self.diagnostics_rows if row["epoch"] == m.epoch])
         if self.trial is not None and not m.diverged(self.job.diverge_loss):
             if self.trial.should_stop(m.epoch, m.val_acc, final=m.epoch >= self.job.run.epochs):
                 raise _Pruned

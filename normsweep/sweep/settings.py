@@ -17,6 +17,11 @@ from normsweep.sweep.files import FINISHED, SUMMARY_FILE
 # Keys that say where a job runs or finds its data, how the sweep is aggregated, or what is measured beside the
 # training (diagnostics), not what a job computes: a resumed job may change them.
 WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare", "compare_metric", "diagnostics")
+WHERE_GROUPS = ("logger.",)  # every key below: which trackers a job reports to (conf/logger/)
+
+
+def _where(key: str) -> bool:
+    return key in WHERE_KEYS or key.startswith(WHERE_GROUPS)
 
 
 # Keys added to the config after normsweep 0.1.0's first sweeps, with the value that computes what those jobs
@@ -67,7 +72,7 @@ def settings(config: dict[str, Any]) -> dict[str, Any]:
     return {
         key: value
         for key, value in ((k, _moved(v)) for k, v in _flatten(_upgraded(config)).items())
-        if key not in WHERE_KEYS and not (key in ADDED_KEYS and value == ADDED_KEYS[key])
+        if not _where(key) and not (key in ADDED_KEYS and value == ADDED_KEYS[key])
     }
 
 
@@ -76,7 +81,7 @@ def recipe(config: dict[str, Any]) -> dict[str, Any]:
     where the config was saved without the key), without the where-keys. Two jobs with different recipes were not
     trained alike, whatever their overrides say."""
     flat = {k: _moved(v) for k, v in _flatten(_upgraded(config)).items()}
-    return {key: value for key, value in {**ADDED_KEYS, **flat}.items() if key not in WHERE_KEYS}
+    return {key: value for key, value in {**ADDED_KEYS, **flat}.items() if not _where(key)}
 
 
 def _moved(value: Any) -> Any:

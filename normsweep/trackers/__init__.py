@@ -1,0 +1,119 @@
+"""The trackers a job reports to beside its own files (logger=tensorboard, logger=mlflow; conf/logger/).
+
+A job's files are its results; a tracker is a view of them in a tool researchers already look in. So a tracker that
+fails (a library error, a tracking server that is down) costs one warning line and its own output for the rest of
+the job, never the training. Each tracker lives in its own module, imported only when chosen: the core install needs
+neither library, and a missing one is named before any job starts (check_installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from normsweep.config.errors import ConfigError
+
+log = logging.getLogger("normsweep")
+
+# logger=NAME → (its module here, the library it needs, the extra that installs it).
+TRACKERS = {
+    "tensorboard": ("normsweep.trackers.tensorboard", "tensorboard", "tensorboard"),
+    "mlflow": ("normsweep.trackers.mlflow", "mlflow", "mlflow"),
+}
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What a tracker knows of the job it follows."""
+
+    job_dir: Path
+    config: dict[str, Any]  # the job's resolved config, as summary.json keeps it
+    overrides: list[str]  # the job's task overrides (norm=bn seed=1)
+    sweep_dir: Path | None = None  # the sweep's folder; None for a single run
+    swept: tuple[str, ...] = ()  # the keys the sweep varies (sweep/compose.py): the same hparams in every job
+    resumed_from: int = 0  # epochs trained before this process: a resumed job continues after them
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv's rows of those epochs
+
+
+class Tracker(Protocol):
+    """One tracker's view of one job: each epoch as it ends, then the summary once the job has finished."""
+
+    def epoch(self, metrics: dict[str, Any], diagnostics: list[dict[str, Any]]) -> None:
+        """An epoch's row of metrics.csv and that epoch's rows of diagnostics.csv (none when diagnostics=false)."""
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """The finished job's summary.json (completed, diverged, stalled or pruned)."""
+
+    def close(self) -> None:
+        """Flush and let go; called however the job ends, after finish or instead of it."""
+
+
+def chosen(settings: Any) -> list[str]:
+    """The trackers a config turns on: those whose node under `logger` is set."""
+    return [name for name in TRACKERS if getattr(settings, name, None) is not None]
+
+
+def check_installed(settings: Any) -> None:
+    """Refuse, before any job starts, a tracker whose library is not installed: one line naming the extra."""
+    for name in chosen(settings):
+        _, library, extra = TRACKERS[name]
+        if importlib.util.find_spec(library) is None:
+            raise ConfigError(
+                f"logger={name} needs {library}, which is not installed: pip install 'normsweep[{extra}]' "
+                "(or leave logger out)"
+            )
+
+
+class Trackers:
+    """The job's trackers as one: a call that fails in one tracker warns once and drops that tracker."""
+
+    def __init__(self, trackers: dict[str, Tracker]) -> None:
+        self.trackers = trackers
+
+    def epoch(self, metrics: dict[str, Any], diagnostics: list[dict[str, Any]]) -> None:
+        self._each(lambda tracker: tracker.epoch(metrics, diagnostics))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self._each(lambda tracker: tracker.finish(summary))
+
+    def close(self) -> None:
+        self._each(lambda tracker: tracker.close())
+        self.trackers = {}
+
+    def _each(self, call: Callable[[Tracker], None]) -> None:
+        for name, tracker in list(self.trackers.items()):
+            try:
+                call(tracker)
+            except Exception as err:  # a tracker's failure is never the job's
+                _drop(name, err)
+                del self.trackers[name]
+                with contextlib.suppress(Exception):  # it has failed already
+                    tracker.close()
+
+
+def open_trackers(settings: Any, job: JobInfo) -> Trackers:
+    """The trackers `settings` (the config's `logger` node) turns on, each opened for `job`; one that fails to open
+    is warned about and left out."""
+    opened: dict[str, Tracker] = {}
+    for name in chosen(settings):
+        module = importlib.import_module(TRACKERS[name][0])
+        try:
+            opened[name] = module.open_tracker(getattr(settings, name), job)
+        except Exception as err:
+            _drop(name, err)
+    return Trackers(opened)
+
+
+def _drop(name: str, err: Exception) -> None:
+    log.warning(
+        "logger=%s: %s: %s; it logs nothing more for this job (the job's own files are complete)",
+        name,
+        type(err).__name__,
+        str(err).splitlines()[0] if str(err) else "",
+    )
