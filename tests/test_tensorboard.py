@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -236,3 +238,21 @@ def test_a_key_of_a_tracker_not_chosen_is_refused_in_one_line(tmp_path: Path) ->
     proc = run_cli_here(["logger=tensorboard", "logger.tensorboard.flush=1", f"hydra.run.dir={tmp_path}/r"], tmp_path)
     assert proc.returncode == 2 and "logger.tensorboard.flush: no such key" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_the_export_imports_no_torch_and_a_job_with_the_logger_no_pandas(tmp_path: Path) -> None:
+    from test_startup import _imported
+
+    make_job(tmp_path / "sweep", 0, ["norm=bn", "seed=0"])
+    script = (
+        "import sys; from normsweep.aggregate import _export_tensorboard; from pathlib import Path; "
+        f"_export_tensorboard(Path({str(tmp_path / 'sweep')!r})); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'tensorflow'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "[]", out.stdout + out.stderr
+    assert runs(tmp_path / "sweep")
+    run = ["epochs=1", "device=cpu", "logger=tensorboard", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert _imported(run, tmp_path) == {"torch"}
+    assert runs(tmp_path)
