@@ -9,6 +9,7 @@ from pathlib import Path
 
 from normsweep.results.write import report
 from normsweep.sweep.files import DiskFull, disk_full, job_dirs
+from normsweep.trackers import missing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the compared axis of best_by_<axis>.csv: each of its values at the best setting of the other swept "
         "keys (default: norm; e.g. model, optimizer)",
     )
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write each job's TensorBoard run from its files (<job>/tensorboard/, replaced if there): for a "
+        "sweep that ran without logger=tensorboard; then `tensorboard --logdir SWEEP_DIR`",
+    )
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder")
@@ -31,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
             f"no normsweep jobs in {args.sweep_dir}: a sweep folder holds one folder per job, each with "
             ".hydra/overrides.yaml or summary.json (e.g. multirun/2026-11-27/10-00-00)"
         )
+    if args.tensorboard and (lacking := missing("tensorboard")):
+        parser.error(f"--tensorboard {lacking}")
     try:
+        if args.tensorboard:
+            _export_tensorboard(args.sweep_dir)
         report(args.sweep_dir, args.compare)
     except ValueError as err:
         parser.error(str(err))
@@ -42,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{os.strerror(err.errno)} ({where}); once there is space, run this command again", file=sys.stderr)
         return DiskFull.status
     return 0
+
+
+def _export_tensorboard(sweep_dir: Path) -> None:
+    from normsweep.trackers.tensorboard import FOLDER, export_sweep  # the library only for this option
+
+    written = export_sweep(sweep_dir)
+    print(
+        f"tensorboard: a run for each of {len(written)} job folders written (<job>/{FOLDER}/); "
+        f"view them with: tensorboard --logdir {sweep_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from normsweep.sweep.compose import SWEPT_KEYS_ENV
 from normsweep.sweep.files import TRIAL_KEY, DiskFull, disk_full, full_disk_line, override_key, record_failure
 from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
 from normsweep.sweep.studies import JobTrial
+from normsweep.trackers import unchosen_tracker_key
 
 log = logging.getLogger("normsweep")
 register_configs()
@@ -219,6 +220,11 @@ def main() -> None:
         if full_error():
             raise
         print(hydra_error_line(err), file=sys.stderr)
+        sys.exit(2)
+    except AssertionError:  # OmegaConf's, setting a key under a node that is null: a tracker not chosen
+        if full_error() or not (line := unchosen_tracker_key(sys.argv[1:])):
+            raise
+        print(line, file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:
         # Jobs that run in this process say how to resume themselves (app); this is the launcher of jobs run in

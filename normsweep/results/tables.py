@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from normsweep.config.schema import COMPARE_METRICS
 from normsweep.results.recipes import mixed_keys, recipe_column, recipe_sentences
@@ -34,12 +33,12 @@ from normsweep.sweep.files import (
     GROUPS,
     METRIC_COLUMNS,
     METRICS_FILE,
-    OVERRIDES_FILE,
     UNFINISHED,
     Status,
     job_dirs,
     parse_overrides,
     read_correct,
+    read_overrides,
 )
 from normsweep.sweep.liveness import load_summaries
 from normsweep.sweep.settings import copies_by_settings, recipe
@@ -118,14 +117,7 @@ def _read_job(job_dir: Path, summary: dict[str, Any]) -> tuple[dict[str, str], d
         summary["error"] = metrics_error
     if metrics is not None and (summary.get("epochs_completed") is None or summary["status"] in UNFINISHED):
         summary["epochs_completed"] = len(metrics)  # a job still going (or stopped) counts its metrics rows
-    overrides_file = job_dir / OVERRIDES_FILE
-    overrides_list: Any = summary.get("overrides") if isinstance(summary.get("overrides"), list) else []
-    if overrides_file.is_file():
-        try:
-            overrides_list = yaml.safe_load(overrides_file.read_text()) or []
-        except (OSError, yaml.YAMLError):
-            pass
-    return parse_overrides([str(o) for o in overrides_list]), summary, metrics
+    return parse_overrides(read_overrides(job_dir, summary) or []), summary, metrics
 
 
 @dataclass

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from normsweep.config.errors import ConfigError
 
 log = logging.getLogger("normsweep")
@@ -176,6 +178,15 @@ def read_diagnostics(job_dir: Path, up_to_epoch: int) -> list[dict[str, Any]]:
     return [row for row in rows if str(row.get("epoch")).isdigit() and int(row["epoch"]) <= up_to_epoch]
 
 
+def read_metrics(job_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv's rows as written (text cells, by column); none when the file is missing or unreadable."""
+    try:
+        with open(Path(job_dir) / METRICS_FILE, newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
 def write_predictions(job_dir: Path, predicted: Any, labels: Any) -> None:
     """predictions.npz: `predicted` (the class the final model gives each test image) and `labels` (its label),
     numpy arrays of equal length, stored in the smallest unsigned type that holds the classes."""
@@ -247,6 +258,18 @@ def override_key(line: str) -> str:
 def parse_overrides(lines: list[str]) -> dict[str, str]:
     """Hydra override strings (`norm=bn`, `+x=1`, `optimizer.lr=0.01`) → {key: value}; deletions are skipped."""
     return {override_key(line): line.split("=", 1)[1] for line in lines if not line.startswith("~") and "=" in line}
+
+
+def read_overrides(job_dir: Path, summary: dict[str, Any]) -> list[str] | None:
+    """The task overrides a job folder was made with: Hydra's overrides.yaml, else its `summary`'s; None when
+    neither holds a list."""
+    try:
+        saved = yaml.safe_load((Path(job_dir) / OVERRIDES_FILE).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, list):
+        saved = summary.get("overrides")
+    return [str(o) for o in saved] if isinstance(saved, list) else None
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:

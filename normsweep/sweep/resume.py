@@ -12,18 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from normsweep.config.errors import ConfigError, full_error
 from normsweep.sweep.files import (
     CHECKPOINT_FILE,
     METRICS_FILE,
-    OVERRIDES_FILE,
     SUMMARY_FILE,
     Status,
     job_dirs,
     parse_overrides,
+    read_overrides,
 )
 from normsweep.sweep.liveness import is_own_slurm_job, load_summaries, load_summary, process_alive, slurm_alive
 from normsweep.sweep.settings import (
@@ -134,11 +133,8 @@ def _check_stopped(job_dir: Path, summary: dict[str, Any]) -> None:
 
 def _saved_overrides(job_dir: Path, summary: dict[str, Any]) -> tuple[str, ...] | None:
     """The task overrides a job folder was made with (Hydra's overrides.yaml, else summary.json's), in any order."""
-    try:
-        saved = yaml.safe_load((job_dir / OVERRIDES_FILE).read_text())
-    except (OSError, yaml.YAMLError):
-        saved = summary.get("overrides")
-    return tuple(sorted(str(o) for o in saved)) if isinstance(saved, list) else None
+    saved = read_overrides(job_dir, summary)
+    return tuple(sorted(saved)) if saved is not None else None
 
 
 class SweepFolders:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from normsweep.config.errors import ConfigError
+from normsweep.sweep.files import override_key
 
 log = logging.getLogger("normsweep")
 
@@ -62,12 +63,30 @@ def chosen(settings: Any) -> list[str]:
 def check_installed(settings: Any) -> None:
     """Refuse, before any job starts, a tracker whose library is not installed: one line naming the extra."""
     for name in chosen(settings):
-        _, library, extra = TRACKERS[name]
-        if importlib.util.find_spec(library) is None:
-            raise ConfigError(
-                f"logger={name} needs {library}, which is not installed: pip install 'normsweep[{extra}]' "
-                "(or leave logger out)"
+        if lacking := missing(name):
+            raise ConfigError(f"logger={name} {lacking} (or leave logger out)")
+
+
+def missing(name: str) -> str | None:
+    """What tracker `name` lacks, in the words of an error that follows its option ("needs tensorboard, which is not
+    installed: pip install 'normsweep[tensorboard]'"); None when its library is installed."""
+    _, library, extra = TRACKERS[name]
+    if importlib.util.find_spec(library) is None:
+        return f"needs {library}, which is not installed: pip install 'normsweep[{extra}]'"
+    return None
+
+
+def unchosen_tracker_key(args: list[str]) -> str | None:
+    """The line for a command that sets a key of a tracker it does not choose (`logger.tensorboard.x=1` without
+    logger=tensorboard: its node is null, and OmegaConf cannot set a key under it); None when `args` set none."""
+    for arg in args:
+        name = override_key(arg).split(".")
+        if len(name) > 2 and name[0] == "logger" and name[1] in TRACKERS:
+            return (
+                f"{arg}: logger={name[1]} is not chosen, and its keys exist only once it is: add logger={name[1]} "
+                f"(both trackers: 'logger=[tensorboard,mlflow]')"
             )
+    return None
 
 
 class Trackers:
@@ -102,8 +121,8 @@ def open_trackers(settings: Any, job: JobInfo) -> Trackers:
     is warned about and left out."""
     opened: dict[str, Tracker] = {}
     for name in chosen(settings):
-        module = importlib.import_module(TRACKERS[name][0])
-        try:
+        try:  # importing the library may fail too (a broken install): a warning, as any other failure
+            module = importlib.import_module(TRACKERS[name][0])
             opened[name] = module.open_tracker(getattr(settings, name), job)
         except Exception as err:
             _drop(name, err)
