@@ -74,6 +74,10 @@ def test_a_sweep_with_logger_tensorboard_has_one_run_per_job_with_its_files_and_
     args = ["-m", "norm=bn,gn", "epochs=2", "logger=tensorboard", f"hydra.sweep.dir={sweep}"]
     proc = run_cli_here(args, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Which trackers a job reported to is not one of its settings: no `logger` column, nor in the table's text.
+    assert "logger" not in (sweep / "runs.csv").read_text().splitlines()[0].split(",")
+    (fixed,) = [line for line in proc.stdout.splitlines() if line.startswith("same in every run:")]
+    assert "epochs=2" in fixed and "logger" not in fixed
 
     live = runs(sweep)
     assert list(live) == ["0/tensorboard/norm=bn", "1/tensorboard/norm=gn"]  # one run per job, named by its norm

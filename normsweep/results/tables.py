@@ -46,6 +46,7 @@ from normsweep.sweep.settings import copies_by_settings, recipe
 log = logging.getLogger("normsweep")
 # Overrides that do not define a configuration: seeds are averaged over, the others only steer the aggregation.
 NOT_SETTINGS = ("seed", "compare", "compare_metric")
+NOT_SETTING_GROUPS = ("logger",)  # which trackers a job reported to (logger=tensorboard): not what it computed
 DEFAULT_METRIC = "val_acc"
 SIGNIFICANCE = 0.05  # p_vs_best at or above it: the row cannot be told apart from the best
 TIES_NAMED = 8  # the tie sentence names this many rows at most
@@ -198,7 +199,7 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
     rows, curves, keys, choices, config, correct, recipes, searched = [], [], [], [], {}, {}, {}, []
     for job_dir, (overrides, summary, metrics), duplicates in _distinct_jobs(sweep_dir):
         choices.append({group: summary.get(group) for group in GROUPS})
-        keys += [k for k in overrides if k not in NOT_SETTINGS and k not in keys]
+        keys += [k for k in overrides if _setting(k) and k not in keys]
         searched += [k for k in searched_keys(summary) if k not in searched]
         if not config and isinstance(summary.get("config"), dict):
             config = summary["config"]
@@ -253,6 +254,11 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
         mixed=mixed,
         tuning=tuned,
     )
+
+
+def _setting(key: str) -> bool:
+    """Whether an override's key is a setting the tables compare jobs by."""
+    return key not in NOT_SETTINGS and key.split(".")[0] not in NOT_SETTING_GROUPS
 
 
 def mean_curves(frames: list[pd.DataFrame], compared: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
