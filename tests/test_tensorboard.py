@@ -108,6 +108,20 @@ def test_a_sweep_with_logger_tensorboard_has_one_run_per_job_with_its_files_and_
             assert hparams(run) == hparams(live[name])
 
 
+@pytest.mark.slow
+def test_every_trial_of_a_tuning_sweep_has_the_same_hparams(tmp_path: Path) -> None:
+    pytest.importorskip("optuna", reason="the tune extra is not installed: pip install -e '.[tune]'")
+    sweep = tmp_path / "s"
+    # One trial a study a round: both studies' first trials try the same rate (the same sampler seed), so a round
+    # alone does not vary optimizer.lr; the sweep does, and every trial's HParams row must have it.
+    args = ["-m", "experiment=tune", "norm=bn,gn", "hydra.sweeper.n_trials=2", "epochs=1", "logger=tensorboard"]
+    proc = run_cli_here([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = runs(sweep)
+    assert len(found) == 4
+    assert {tuple(sorted(hparams(run))) for run in found.values()} == {("norm", "optimizer.lr")}
+
+
 def test_a_resumed_job_has_each_epoch_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped after its run has epoch 3 but its checkpoint only epoch 2, the job resumes from epoch 2: its run is
     rewritten from its files, and epoch 3 is not in it twice."""

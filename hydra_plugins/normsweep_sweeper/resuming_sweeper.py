@@ -89,11 +89,15 @@ class ResumingSweeper(BasicSweeper):
         return super().get_job_batch()
 
     def _with_folders(
-        self, batches: Sequence[Sequence[Sequence[str]]], env: Sequence[dict[str, str]] = ()
+        self,
+        batches: Sequence[Sequence[Sequence[str]]],
+        env: Sequence[dict[str, str]] = (),
+        swept: Sequence[str] | None = None,
     ) -> list[list[list[str]]]:
         """Every job checked, then given its folder (a `hydra.sweep.subdir=` override, last); a refusal is one line
         per mistake and exit status 2, with the sweep folder as it was. `env`: per job (in order), environment
-        variables the job runs with (hydra.job.env_set), which do not change its config or its folder."""
+        variables the job runs with (hydra.job.env_set), which do not change its config or its folder. `swept`: the
+        keys the whole sweep varies, when these batches are only a part of it (default: those the batches vary)."""
         # Imported here: Hydra imports every plugin module at start-up, for any app; torch loads only for ours.
         from normsweep.config.errors import ConfigError
         from normsweep.sweep.compose import SWEPT_KEYS_ENV, swept_keys
@@ -118,7 +122,8 @@ class ResumingSweeper(BasicSweeper):
                     given = [f"++hydra.job.env_set.{k}={_quoted(v)}" for k, v in variables.items()]
                     placed[-1].append([*overrides, *given, f"hydra.sweep.subdir={_quoted(name)}"])
                     self._hand_over(job_cfg, name, placed[-1][-1], variables, len(given) + 1)
-            os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(jobs))  # for the jobs' log tags
+            # For the jobs' log tags, and the hparams every job of the sweep reports (trackers/).
+            os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(jobs) if swept is None else swept)
         except ConfigError as err:
             self._put_back()
             refuse(err)

@@ -48,6 +48,7 @@ class TuningSweeper(ResumingSweeper):
             "startup_trials": startup_trials,
         }
         self.job_idx = 0
+        self._swept: list[str] | None = None  # the keys the sweep varies: its studies' names and the searched keys
 
     def sweep(self, arguments: list[str]) -> Any:
         from normsweep.config.errors import ConfigError
@@ -109,6 +110,9 @@ class TuningSweeper(ResumingSweeper):
         with one_coordinator(sweep_dir):
             OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # the command, for report.md and the resume line
             studies = Studies(sweep_dir, the_plan, settings, facts)
+            # What the whole sweep varies, whichever round runs: each job's log tag and hparams name the same keys.
+            searched = [s.key for s in the_plan.space]
+            self._swept = [*the_plan.named_by, *searched, *(["seed"] if settings.confirm_seeds else [])]
             log.info(
                 f"tuning: {len(studies.studies)} stud{'ies' if len(studies.studies) > 1 else 'y'} "
                 f"({', '.join(studies.studies)}), {settings.n_trials} trials each, searching "
@@ -136,7 +140,7 @@ class TuningSweeper(ResumingSweeper):
         """One round: the jobs checked and given their folders (a trial asked again finds its folder), launched;
         Hydra's returns, and each job's folder name."""
         assert self.launcher is not None
-        placed = self._with_folders([[job.overrides for job in jobs]], [job.env() for job in jobs])[0]
+        placed = self._with_folders([[job.overrides for job in jobs]], [job.env() for job in jobs], self._swept)[0]
         self.validate_batch_is_legal(placed)
         results = self.launcher.launch(placed, initial_job_idx=self.job_idx)
         self.job_idx += len(placed)
