@@ -91,6 +91,15 @@ class UserDataset(DatasetConfig):
 
 
 @dataclass
+class ProgressConfig:
+    """A long epoch's progress (job/progress.py): shown once an epoch has trained `after_s` seconds; where the output
+    is not a terminal, as a line then and every `every_s` seconds."""
+
+    after_s: float = 15.0
+    every_s: float = 30.0
+
+
+@dataclass
 class Config:
     """The top level. `model` stays a plain mapping: its keys are the model class's own arguments."""
 
@@ -113,6 +122,7 @@ class Config:
     # (train.DIVERGE_FACTOR × ln(classes), resolved when the data set is known), or null (non-finite losses only).
     diverge_loss: Any = "auto"
     diagnostics: bool = True  # each norm layer measured on a probe batch every epoch: diagnostics.csv (diagnostics.py)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
 
 
 MODEL_ARGUMENTS = ("in_channels", "image_size", "num_classes", "norm")  # what normsweep passes every model class

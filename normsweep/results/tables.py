@@ -45,8 +45,9 @@ from normsweep.sweep.liveness import load_summaries
 from normsweep.sweep.settings import copies_by_settings, recipe
 
 log = logging.getLogger("normsweep")
-# Overrides that do not define a configuration: seeds are averaged over, the others only steer the aggregation.
-NOT_SETTINGS = ("seed", "compare", "compare_metric")
+# Overrides that do not define a configuration: seeds are averaged over, the others only steer the aggregation or
+# how a job shows its progress.
+NOT_SETTINGS = ("seed", "compare", "compare_metric", "progress.after_s", "progress.every_s")
 DEFAULT_METRIC = "val_acc"
 SIGNIFICANCE = 0.05  # p_vs_best at or above it: the row cannot be told apart from the best
 TIES_NAMED = 8  # the tie sentence names this many rows at most

@@ -14,9 +14,18 @@ from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
 from normsweep.config.targets import MOVED_MODULES
 from normsweep.sweep.files import FINISHED, SUMMARY_FILE
 
-# Keys that say where a job runs or finds its data, how the sweep is aggregated, or what is measured beside the
-# training (diagnostics), not what a job computes: a resumed job may change them.
-WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare", "compare_metric", "diagnostics")
+# Keys that say where a job runs or finds its data, how the sweep is aggregated, what is measured beside the
+# training (diagnostics) or how its progress is shown, not what a job computes: a resumed job may change them.
+WHERE_KEYS = (
+    "device",
+    "dataset.root",
+    "dataset.download",
+    "compare",
+    "compare_metric",
+    "diagnostics",
+    "progress.after_s",
+    "progress.every_s",
+)
 
 
 # Keys added to the config after normsweep 0.1.0's first sweeps, with the value that computes what those jobs
