@@ -59,7 +59,9 @@ class JobTag(logging.Filter):
         self.tag = f"[job {num}{''.join(' ' + o for o in overrides)}]"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "job_tag", None) != self.tag:  # once, though it passes through several handlers
+        # Once, though it passes through several handlers; a line of the sweep's own (sweep/progress.py) is given an
+        # empty tag, and stays as it is.
+        if getattr(record, "job_tag", None) is None:
             with contextlib.suppress(Exception):  # a malformed message stays as it is, for logging to report
                 record.msg, record.args, record.job_tag = f"{self.tag} {record.getMessage()}", (), self.tag
         return True

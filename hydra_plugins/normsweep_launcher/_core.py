@@ -377,7 +377,7 @@ class _Wait:
                     self._follow(waiting, entries, now)
             counts = self._counts()
             if counts != shown or now - shown_at >= HEARTBEAT_S:
-                log.info("slurm: %s", ", ".join(f"{n} {what}" for what, n in counts))
+                log.info("slurm: %s%s", ", ".join(f"{n} {what}" for what, n in counts), self._time_left(counts))
                 shown, shown_at = counts, now
             if all(job.result is not None for job in self.jobs):
                 return
@@ -500,6 +500,15 @@ class _Wait:
             epochs_completed=epochs,
         )
         log.error("%s: %s", job_dir, reason)
+
+    def _time_left(self, counts: tuple[tuple[str, int], ...]) -> str:
+        """`; about 5 min 10 s left (...)`, from the epochs the jobs' folders hold (sweep/progress.py), with as many
+        jobs at a time as run now; "" before the first epoch ends."""
+        from normsweep.sweep.progress import read_job, sweep_progress
+
+        states = [read_job(job.job_dir, int(job.cfg.epochs)) for job in self.jobs]
+        left = sweep_progress(states, dict(counts)["running"]).time_left()
+        return f"; {left}" if left else ""
 
     def _counts(self) -> tuple[tuple[str, int], ...]:
         def what(job: _Job) -> str:

@@ -43,6 +43,8 @@ class SlurmLauncher(SubmititSlurmLauncher):
     and, instead of submitit's `results()`, waits for every job itself and returns a JobReturn for each, so that the
     sweep's aggregation runs even when SLURM ended some of them."""
 
+    reports_progress = True  # its wait's line says where the sweep stands, with the time left: the sweeper says none
+
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self.asked = dict(self.params)  # the keys as given, `auto` included

@@ -3,6 +3,7 @@ its position in the new command, and an existing folder that holds another job i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -64,6 +65,8 @@ class ResumingSweeper(BasicSweeper):
         self._composed: _Composed | None = None
         self._configs: Any = None  # normsweep.sweep.compose.JobConfigs, made on first use
         self._done: dict[str, Any] = {}  # the checks made for one job that others share (imports, model builds)
+        self._planned: dict[Path, int] = {}  # each job's folder, given so far, and the epochs it trains
+        self._at_once = 1  # how many jobs of the batch launched now run at the same time
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self._composed = _Composed(hydra_context.config_loader)
@@ -80,7 +83,23 @@ class ResumingSweeper(BasicSweeper):
         check_folder_name(str(self.config.hydra.sweep.dir), "hydra.sweep.dir")
         saved = Path(str(self.config.hydra.sweep.dir)) / "multirun.yaml"
         self._multirun_yaml = (saved, saved.read_bytes()) if saved.is_file() else None
-        return super().sweep(arguments)
+        with self._watching():
+            return super().sweep(arguments)
+
+    def _watching(self) -> contextlib.AbstractContextManager:
+        """Where the sweep stands, logged each time one of its jobs ends (sweep/progress.py), whichever launcher runs
+        them; a launcher that says it itself, with its own progress line, is left to (SLURM's)."""
+        from normsweep.sweep.progress import sweep_progress, watching
+
+        if getattr(self.launcher, "reports_progress", False):
+            return contextlib.nullcontext()
+        return watching(lambda: sweep_progress(self._job_states(), self._at_once))
+
+    def _job_states(self) -> list[Any]:
+        """The state of each job given its folder so far (sweep/progress.py's JobState)."""
+        from normsweep.sweep.progress import read_job
+
+        return [read_job(folder, epochs) for folder, epochs in list(self._planned.items())]
 
     def get_job_batch(self) -> Sequence[Sequence[str]]:
         if self.batch_index == 0:  # every batch at once: a refusal comes before any job of the sweep has run
@@ -121,6 +140,7 @@ class ResumingSweeper(BasicSweeper):
                     )
                     given = [f"++hydra.job.env_set.{k}={_quoted(v)}" for k, v in variables.items()]
                     placed[-1].append([*overrides, *given, f"hydra.sweep.subdir={_quoted(name)}"])
+                    self._planned[folders.sweep_dir / name] = int(job_cfg.epochs)
                     self._hand_over(job_cfg, name, placed[-1][-1], variables, len(given) + 1)
             # For the jobs' log tags, and the hparams every job of the sweep reports (trackers/).
             os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(jobs) if swept is None else swept)
@@ -195,5 +215,5 @@ class ResumingSweeper(BasicSweeper):
         from normsweep.job.placement import JOBS_AT_ONCE_ENV, available_cpus, jobs_at_once
 
         assert self.config is not None
-        at_once = jobs_at_once(self.config.hydra.launcher, len(batch), available_cpus())
-        os.environ[JOBS_AT_ONCE_ENV] = str(at_once)
+        self._at_once = jobs_at_once(self.config.hydra.launcher, len(batch), available_cpus())
+        os.environ[JOBS_AT_ONCE_ENV] = str(self._at_once)

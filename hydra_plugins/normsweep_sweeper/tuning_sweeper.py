@@ -49,6 +49,7 @@ class TuningSweeper(ResumingSweeper):
         }
         self.job_idx = 0
         self._swept: list[str] | None = None  # the keys the sweep varies: its studies' names and the searched keys
+        self._unplaced: list[int] = []  # the epochs of each trial this run of the sweep has yet to give a folder
 
     def sweep(self, arguments: list[str]) -> Any:
         from normsweep.config.errors import ConfigError
@@ -107,12 +108,13 @@ class TuningSweeper(ResumingSweeper):
 
         settings = Settings(**self.given)
         returns: list[Any] = []
-        with one_coordinator(sweep_dir):
+        with one_coordinator(sweep_dir), self._watching():
             OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # the command, for report.md and the resume line
             studies = Studies(sweep_dir, the_plan, settings, facts)
             # What the whole sweep varies, whichever round runs: each job's log tag and hparams name the same keys.
             searched = [s.key for s in the_plan.space]
             self._swept = [*the_plan.named_by, *searched, *(["seed"] if settings.confirm_seeds else [])]
+            self._unplaced = [info["epochs"] for name, info in studies.info.items() for _ in range(studies.left(name))]
             log.info(
                 f"tuning: {len(studies.studies)} stud{'ies' if len(studies.studies) > 1 else 'y'} "
                 f"({', '.join(studies.studies)}), {settings.n_trials} trials each, searching "
@@ -135,6 +137,14 @@ class TuningSweeper(ResumingSweeper):
                     )
                     returns.append(self._launch(jobs)[0])
         return returns
+
+    def _job_states(self) -> list[Any]:
+        """The trials given their folders, and the ones still to come: what the sweep's progress line counts (its
+        confirmations once they are launched)."""
+        from normsweep.sweep.progress import JobState
+
+        placed = super()._job_states()
+        return placed + [JobState(epochs) for epochs in self._unplaced[len(placed) :]]
 
     def _launch(self, jobs: list[Any]) -> tuple[Any, list[str]]:
         """One round: the jobs checked and given their folders (a trial asked again finds its folder), launched;

@@ -156,6 +156,16 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Config:
         f"precision={run.precision}: choose fp32, or bf16 (mixed precision on CUDA and on CPUs with native bf16)",
     )
     _check(run.threads >= 0, f"threads={run.threads}: give a thread count, or 0 for a fair share of the CPUs")
+    _check(
+        run.progress.after_s >= 0,
+        f"progress.after_s={run.progress.after_s:g}: give the seconds an epoch trains before its progress is shown "
+        "(0 or more, e.g. progress.after_s=15)",
+    )
+    _check(
+        run.progress.every_s > 0,
+        f"progress.every_s={run.progress.every_s:g}: give the seconds between two progress lines (more than 0, e.g. "
+        "progress.every_s=30)",
+    )
     if isinstance(dataset, SyntheticConfig):
         _check(
             len(dataset.shape) == 3 and all(d >= 1 for d in dataset.shape),

@@ -112,6 +112,15 @@ class LoggerConfig:
 
 
 @dataclass
+class ProgressConfig:
+    """A long epoch's progress (job/progress.py): shown once an epoch has trained `after_s` seconds; where the output
+    is not a terminal, as a line then and every `every_s` seconds."""
+
+    after_s: float = 15.0
+    every_s: float = 30.0
+
+
+@dataclass
 class Config:
     """The top level. `model` stays a plain mapping: its keys are the model class's own arguments."""
 
@@ -135,6 +144,7 @@ class Config:
     diverge_loss: Any = "auto"
     diagnostics: bool = True  # each norm layer measured on a probe batch every epoch: diagnostics.csv (diagnostics.py)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # logger=tensorboard, logger=mlflow (trackers/)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
 
 
 MODEL_ARGUMENTS = ("in_channels", "image_size", "num_classes", "norm")  # what normsweep passes every model class

@@ -14,6 +14,7 @@ from normsweep.job.data import Data, known_shape, load
 from normsweep.job.diagnostics import Diagnostics
 from normsweep.job.layers import NormFactory, norm_factory
 from normsweep.job.models import build_model
+from normsweep.job.progress import EpochProgress
 from normsweep.job.train import Compute, EpochMetrics, diverge_limit, fit, resolve_compute
 
 
@@ -52,9 +53,10 @@ class Job:
         state: dict[str, Any] | None = None,
         diagnose: Callable[[int], None] | None = None,
     ) -> list[EpochMetrics]:
-        """Train as the run says (train.fit: its optimizer, epochs, batch size and seed), from `state` when given,
-        up to the first epoch in which it diverges."""
+        """Train as the run says (train.fit: its optimizer, epochs, batch size and seed; a long epoch's progress
+        shown as its `progress` keys say), from `state` when given, up to the first epoch in which it diverges."""
         run = self.run
+        progress = EpochProgress(run.epochs, run.progress.after_s, run.progress.every_s)
         return fit(
             self.model,
             self.data,
@@ -67,6 +69,7 @@ class Job:
             compute=self.compute,
             diverge_loss=self.diverge_loss,
             diagnose=diagnose,
+            watch=progress.watch,
         )
 
 

@@ -216,6 +216,17 @@ def predict(model: nn.Module, split: Split, data: Data, compute: Compute = Compu
     return loss_sum.item() / len(split), predicted
 
 
+@dataclass
+class Steps:
+    """How far the running epoch has trained, for a progress reporter to read from another thread: plain ints the
+    loop sets after each batch, with no device sync (on a GPU they count the batches queued, a few ahead of those
+    computed)."""
+
+    epoch: int = 0
+    images: int = 0  # trained so far in this epoch
+    total: int = 0  # in the epoch
+
+
 def train_epoch(
     model: nn.Module,
     data: Data,
@@ -224,9 +235,10 @@ def train_epoch(
     generator: torch.Generator,
     compute: Compute = Compute(),
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    steps: Steps | None = None,
 ) -> tuple[float, int]:
     """One pass over the training split in a seeded order, augmented on the device; (mean loss, correct count).
-    A `scheduler`, when given, steps after every optimizer step.
+    A `scheduler`, when given, steps after every optimizer step; `steps`, when given, counts the images trained.
 
     The loss and the correct count accumulate on the device and are read once, at the end: no host sync per batch.
     The training split is put in the epoch's order (and padded for its crops) once per epoch, so that a batch is a
@@ -255,6 +267,8 @@ def train_epoch(
             scheduler.step()
         loss_sum += loss.detach() * len(labels)
         torch.argmax(logits.detach(), 1, out=predictions[s])
+        if steps is not None:
+            steps.images = s.stop
     correct = (predictions == ordered_labels).sum()
     return loss_sum.item() / n, int(correct.item())
 
@@ -271,6 +285,7 @@ def fit(
     compute: Compute = Compute(),
     diverge_loss: float | None = None,
     diagnose: Callable[[int], None] | None = None,
+    watch: Callable[[Steps], contextlib.AbstractContextManager] | None = None,
 ) -> list[EpochMetrics]:
     """Train `model` on `data` (both already on the device); returns one EpochMetrics per epoch.
 
@@ -280,7 +295,8 @@ def fit(
     resumes the run: the remaining epochs give the same numbers as an uninterrupted run. Training stops after
     the first epoch whose loss is not finite or whose training loss exceeds `diverge_loss` (the run diverged);
     that epoch is the last one returned. The schedule steps per optimizer step, or per epoch
-    (`optimizer_cfg.schedule_step`); each epoch's `lr` is the rate of its last step.
+    (`optimizer_cfg.schedule_step`); each epoch's `lr` is the rate of its last step. Each epoch's training runs
+    inside `watch(steps)`, which may report its progress from another thread (job/progress.py).
     """
     device = data.train.labels.device
     forward = prepare(model, compute)
@@ -313,9 +329,11 @@ def fit(
     n = len(data.train)
     for epoch in range(len(history) + 1, epochs + 1):
         start = time.perf_counter()
-        train_loss, train_correct = train_epoch(
-            forward, data, optimizer, batch_size, generator, compute, scheduler if per_step else None
-        )
+        steps = Steps(epoch=epoch, total=n)
+        with watch(steps) if watch is not None else contextlib.nullcontext():
+            train_loss, train_correct = train_epoch(
+                forward, data, optimizer, batch_size, generator, compute, scheduler if per_step else None, steps
+            )
         train_seconds = time.perf_counter() - start
         if not per_step:
             scheduler.step()

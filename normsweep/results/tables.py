@@ -46,7 +46,8 @@ from normsweep.sweep.settings import copies_by_settings, recipe
 log = logging.getLogger("normsweep")
 # Overrides that do not define a configuration: seeds are averaged over, the others only steer the aggregation.
 NOT_SETTINGS = ("seed", "compare", "compare_metric")
-NOT_SETTING_GROUPS = ("logger",)  # which trackers a job reported to (logger=tensorboard): not what it computed
+# Nor does any key below these: which trackers a job reported to (logger=tensorboard), how it shows its progress.
+NOT_SETTING_GROUPS = ("logger", "progress")
 DEFAULT_METRIC = "val_acc"
 SIGNIFICANCE = 0.05  # p_vs_best at or above it: the row cannot be told apart from the best
 TIES_NAMED = 8  # the tie sentence names this many rows at most

@@ -14,10 +14,11 @@ from normsweep.config.optimizers import BUILT_IN as OPTIMIZERS
 from normsweep.config.targets import MOVED_MODULES
 from normsweep.sweep.files import FINISHED, SUMMARY_FILE
 
-# Keys that say where a job runs or finds its data, how the sweep is aggregated, or what is measured beside the
-# training (diagnostics), not what a job computes: a resumed job may change them.
+# Keys that say where a job runs or finds its data, how the sweep is aggregated, what is measured beside the
+# training (diagnostics), which trackers a job reports to or how its progress is shown (every key below
+# WHERE_GROUPS), not what a job computes: a resumed job may change them.
 WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare", "compare_metric", "diagnostics")
-WHERE_GROUPS = ("logger.",)  # every key below: which trackers a job reports to (conf/logger/)
+WHERE_GROUPS = ("logger.", "progress.")
 
 
 def _where(key: str) -> bool:

@@ -216,6 +216,12 @@ class Studies:
             name, SEARCH, [*self.grid[name], *values], params, trial.number, self._record(name, SEARCH, trial.number)
         )
 
+    def left(self, name: str) -> int:
+        """How many trials study `name` has yet to end: n_trials, less those completed or pruned."""
+        state = optuna_module().trial.TrialState
+        ended = sum(t.state in (state.COMPLETE, state.PRUNED) for t in self.studies[name].get_trials(deepcopy=False))
+        return max(0, self.settings.n_trials - ended)
+
     def next_round(self) -> list[Job]:
         """The trials to launch now: on a resumed sweep's first round, the trials a stopped coordinator left running
         (their job folders resume from their checkpoints); then new ones, up to n_jobs per study in the round, while
