@@ -64,6 +64,7 @@ class ResumingSweeper(BasicSweeper):
         self._composed: _Composed | None = None
         self._configs: Any = None  # normsweep.sweep.compose.JobConfigs, made on first use
         self._done: dict[str, Any] = {}  # the checks made for one job that others share (imports, model builds)
+        self._tracked = False  # whether the trackers have their record of the sweep (trackers.start_sweep)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self._composed = _Composed(hydra_context.config_loader)
@@ -125,6 +126,11 @@ class ResumingSweeper(BasicSweeper):
         except BaseException:  # a job that Hydra cannot compose (norm=bn,nonexistent): said by the command line
             self._put_back()
             raise
+        if not self._tracked:  # once the sweep is accepted (a refused one leaves its folder as it was)
+            from normsweep.trackers import start_sweep
+
+            start_sweep(self.config.get("logger"), folders.sweep_dir)
+            self._tracked = True
         return placed
 
     def _checked(self, jobs: list[list[str]]) -> list[DictConfig]:
