@@ -58,9 +58,10 @@ JOB_TAG = "normsweep.job"  # a child's: its job folder within the sweep folder (
 RUN_TAG = "normsweep.run"  # a single run's: its folder, absolute (a single run has no parent)
 STATUS_TAG = "normsweep.status"  # completed, diverged, stalled, pruned, failed, incomplete
 ERROR_TAG = "normsweep.error"
+KIND_TAG = "mlflow.experimentKind"  # an experiment's: MLflow 3's UI opens one of model training on its runs
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second")
-FINAL_METRICS = (  # summary.json's numbers, logged at the step of the last epoch
+FINAL_METRICS = (  # summary.json's numbers, at step 0: one value each, which MLflow's charts draw as bars
     "test_acc",
     "test_loss",
     "best_val_acc",
@@ -131,7 +132,7 @@ def _experiment(client: MlflowClient, name: str, uri: str) -> str:
         location = None
         if uri.startswith("sqlite:///"):
             location = str(Path(uri.removeprefix("sqlite:///")).resolve().parent / ARTIFACTS)
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: "custom_model_development"})
     if found.lifecycle_stage != "active":
         raise MlflowException(
             f"the experiment {name!r} is deleted in {uri}; restore it (mlflow experiments restore) or choose another "
@@ -214,9 +215,8 @@ def _end(client: MlflowClient, run_id: str, summary: dict[str, Any]) -> None:
     tags = [RunTag(STATUS_TAG, status)]
     if summary.get("error"):
         tags.append(RunTag(ERROR_TAG, str(summary["error"])[:PARAM_LENGTH]))
-    step = int(summary.get("epochs_completed") or 0)
     now = int(time.time() * 1000)
-    final = [Metric(key, float(summary[key]), now, step) for key in FINAL_METRICS if summary.get(key) is not None]
+    final = [Metric(key, float(summary[key]), now, 0) for key in FINAL_METRICS if summary.get(key) is not None]
     client.log_batch(run_id, metrics=final if status in FINISHED else [], tags=tags)
     client.set_terminated(run_id, _run_status(status))
 
