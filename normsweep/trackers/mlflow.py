@@ -58,7 +58,6 @@ JOB_TAG = "normsweep.job"  # a child's: its job folder within the sweep folder (
 RUN_TAG = "normsweep.run"  # a single run's: its folder, absolute (a single run has no parent)
 STATUS_TAG = "normsweep.status"  # completed, diverged, stalled, pruned, failed, incomplete
 ERROR_TAG = "normsweep.error"
-KIND_TAG = "mlflow.experimentKind"  # an experiment's: MLflow 3's UI opens one of model training on its runs
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second")
 FINAL_METRICS = (  # summary.json's numbers, at step 0: one value each, which MLflow's charts draw as bars
@@ -132,7 +131,7 @@ def _experiment(client: MlflowClient, name: str, uri: str) -> str:
         location = None
         if uri.startswith("sqlite:///"):
             location = str(Path(uri.removeprefix("sqlite:///")).resolve().parent / ARTIFACTS)
-        return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: "custom_model_development"})
+        return client.create_experiment(name, artifact_location=location)
     if found.lifecycle_stage != "active":
         raise MlflowException(
             f"the experiment {name!r} is deleted in {uri}; restore it (mlflow experiments restore) or choose another "
