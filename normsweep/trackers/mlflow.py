@@ -35,6 +35,7 @@ from normsweep.sweep.files import (
     FINISHED,
     Status,
     atomic_write,
+    disk_full,
     job_dirs,
     override_key,
     parse_overrides,
@@ -84,7 +85,7 @@ QUICK_HTTP = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # one line per run otherwise; normsweep says it once
 }
-PARAM_LENGTH = 500  # MLflow's limit on a param's value: 500 characters before 2.? (6000 now); configs fit in 500
+PARAM_LENGTH = 500  # the longest param value MLflow 1.x took (2.x and 3.x: 6000); a config's values fit in it
 KEY = re.compile(r"[^/\w.\- ]")  # what MLflow refuses in a metric name
 # MLflow's words for a request that got no answer: the server's URL, and why (refused, timed out, unknown host).
 UNREACHABLE = re.compile(r"API request to (\S+?)/api/.*?(\[Errno -?\d+\] [^'\")]*|Read timed out)", re.DOTALL)
@@ -349,7 +350,8 @@ class MlflowTracker:
         if self.ended:
             return
         self.ended = True
-        stopped = isinstance(sys.exc_info()[1], KeyboardInterrupt)  # Ctrl-C, SIGTERM (job/signals.py)
+        err = sys.exc_info()[1]  # what ends the job, closing its trackers on its way out (job/run.py)
+        stopped = isinstance(err, KeyboardInterrupt) or disk_full(err)  # Ctrl-C, SIGTERM, a full disk: resumable
         status = Status.INCOMPLETE if stopped else Status.FAILED
         self.client.set_tag(self.run_id, STATUS_TAG, str(status))
         self.client.set_terminated(self.run_id, _run_status(status))
@@ -358,7 +360,8 @@ class MlflowTracker:
 @_calling()
 def open_tracker(settings: MlflowConfig, job: JobInfo) -> MlflowTracker | None:
     """The job's run, found again or made: in a sweep, a child of the parent the coordinator recorded; a single
-    run's own run otherwise. It gets the epochs trained before this process that it lacks (a resumed job)."""
+    run's own run otherwise. It gets the epochs trained before this process that it lacks (a resumed job). None in
+    a sweep whose parent run the coordinator could not make."""
     tags: dict[str, str]
     if job.sweep_dir is None:
         uri = settings.tracking_uri or default_uri(job.job_dir)
@@ -373,7 +376,7 @@ def open_tracker(settings: MlflowConfig, job: JobInfo) -> MlflowTracker | None:
         uri, experiment_id = sweep["tracking_uri"], sweep["experiment_id"]
         client = _client(uri)
         tags = {PARENT_TAG: sweep["parent_run_id"], JOB_TAG: _job_key(job.job_dir, job.sweep_dir)}
-    run_id = _recorded_run(client, uri, job.job_dir)
+    run_id = _recorded_run(client, uri, job.job_dir, tags)
     if run_id is None:
         run_id = _find_or_create(client, experiment_id, tags, _run_name(job), recipe(job.config))
         record = {"tracking_uri": uri, "run_id": run_id}
@@ -383,8 +386,8 @@ def open_tracker(settings: MlflowConfig, job: JobInfo) -> MlflowTracker | None:
     return MlflowTracker(client, run_id)
 
 
-def _recorded_run(client: MlflowClient, uri: str, job_dir: Path) -> str | None:
-    """The run the job's folder records for this URI, if MLflow still has it."""
+def _recorded_run(client: MlflowClient, uri: str, job_dir: Path, tags: dict[str, str]) -> str | None:
+    """The run the job's folder records for this URI, if MLflow still has it, with these tags (the same parent)."""
     record = _read(Path(job_dir) / RUN_RECORD)
     if record.get("tracking_uri") != uri or not record.get("run_id"):
         return None
@@ -394,4 +397,5 @@ def _recorded_run(client: MlflowClient, uri: str, job_dir: Path) -> str | None:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         return None
-    return run.info.run_id if run.info.lifecycle_stage == "active" else None
+    same = run.info.lifecycle_stage == "active" and all(run.data.tags.get(k) == v for k, v in tags.items())
+    return run.info.run_id if same else None
