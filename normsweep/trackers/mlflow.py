@@ -317,9 +317,14 @@ def export_sweep(uri: str, sweep_dir: Path, experiment_name: str = "normsweep", 
         client.log_artifact(parent, str(path))
     status = {"finished": RunStatus.FINISHED, "failed": RunStatus.FAILED}.get(ended, RunStatus.KILLED)
     client.set_terminated(parent, RunStatus.to_string(status))
+    return f"the sweep is {_see(uri, experiment_id, parent)}"
+
+
+def _see(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to see a run: its page on a tracking server, or the command that serves its database."""
     if uri.startswith(("http://", "https://")):
-        return f"the sweep is the run {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{parent}"
-    return f"the sweep is the parent run {parent}; to see it: mlflow ui --backend-store-uri {uri}"
+        return f"the run {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"the run {run_id}; to see it: mlflow ui --backend-store-uri {uri}"
 
 
 def _parent(client: MlflowClient, experiment_id: str, sweep_dir: Path) -> str:
@@ -383,6 +388,8 @@ def open_tracker(settings: MlflowConfig, job: JobInfo) -> MlflowTracker | None:
         atomic_write(Path(job.job_dir) / RUN_RECORD, json.dumps(record, indent=2) + "\n")
     client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     _catch_up(client, run_id, job.history, read_diagnostics(job.job_dir, job.resumed_from))
+    if job.sweep_dir is None:  # a sweep says where it is once, at its end
+        log.info("logger=mlflow: this job is %s", _see(uri, experiment_id, run_id))
     return MlflowTracker(client, run_id)
 
 
