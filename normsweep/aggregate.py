@@ -1,8 +1,10 @@
-"""`python -m normsweep.aggregate SWEEP_DIR`: aggregate a sweep folder again (normsweep/results/write.py)."""
+"""`python -m normsweep.aggregate SWEEP_DIR`: aggregate a sweep folder again (normsweep/results/write.py), and with
+`--mlflow URI` export it to MLflow (normsweep/trackers/mlflow.py)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -30,7 +32,19 @@ def main(argv: list[str] | None = None) -> int:
         help="also write each job's TensorBoard run from its files (<job>/tensorboard/, replaced if there): for a "
         "sweep that ran without logger=tensorboard; then `tensorboard --logdir SWEEP_DIR`",
     )
+    parser.add_argument(
+        "--mlflow",
+        metavar="URI",
+        help="also export the sweep to MLflow at this tracking URI (sqlite:///FILE.db, http://HOST:PORT): a parent "
+        "run with a child run per job; runs exported before are found again, not duplicated "
+        "(pip install 'normsweep[mlflow]')",
+    )
+    parser.add_argument(
+        "--mlflow-experiment", default="normsweep", metavar="NAME", help="the MLflow experiment (default: normsweep)"
+    )
     args = parser.parse_args(argv)
+    if args.mlflow and importlib.util.find_spec("mlflow") is None:
+        parser.error("--mlflow needs mlflow, which is not installed: pip install 'normsweep[mlflow]'")
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder")
     if not job_dirs(args.sweep_dir):
@@ -52,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         where = f"writing {err.filename}" if err.filename else f"in {args.sweep_dir}"
         print(f"{os.strerror(err.errno)} ({where}); once there is space, run this command again", file=sys.stderr)
         return DiskFull.status
+    if args.mlflow:
+        from normsweep.trackers.mlflow import export_sweep
+
+        try:
+            print(f"\nmlflow: {export_sweep(args.mlflow, args.sweep_dir, args.mlflow_experiment)}", flush=True)
+        except Exception as err:  # the tracking server, its database, the URI: said in one line
+            print(f"mlflow: {type(err).__name__}: {str(err).strip().splitlines()[0]} ({args.mlflow})", file=sys.stderr)
+            return 1
     return 0
 
 

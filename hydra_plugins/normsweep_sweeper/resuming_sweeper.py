@@ -67,6 +67,7 @@ class ResumingSweeper(BasicSweeper):
         self._done: dict[str, Any] = {}  # the checks made for one job that others share (imports, model builds)
         self._planned: dict[Path, int] = {}  # each job's folder, given so far, and the epochs it trains
         self._at_once = 1  # how many jobs of the batch launched now run at the same time
+        self._tracked = False  # whether the trackers have their record of the sweep (trackers.start_sweep)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self._composed = _Composed(hydra_context.config_loader)
@@ -150,6 +151,11 @@ class ResumingSweeper(BasicSweeper):
         except BaseException:  # a job that Hydra cannot compose (norm=bn,nonexistent): said by the command line
             self._put_back()
             raise
+        if not self._tracked:  # once the sweep is accepted (a refused one leaves its folder as it was)
+            from normsweep.trackers import start_sweep
+
+            start_sweep(self.config.get("logger"), folders.sweep_dir)
+            self._tracked = True
         return placed
 
     def _checked(self, jobs: list[list[str]]) -> list[DictConfig]:

@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from normsweep.sweep.resume import ResumeConflict, check_folder_name, check_resumable, refuse, task_config
+from normsweep.trackers import end_sweep
 
 log = logging.getLogger("normsweep")
 
@@ -48,6 +49,15 @@ class AggregateCallback(Callback):
             )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # The trackers' record of the sweep (MLflow's parent run) gets the report once it is written, however the
+        # aggregation ends: not an end callback of its own, which Hydra would skip after this one's sys.exit.
+        try:
+            self._aggregate(config)
+        finally:
+            end_sweep(config.get("logger"), Path(str(config.hydra.sweep.dir)), _ended(sys.exc_info()[1]))
+
+    @staticmethod
+    def _aggregate(config: DictConfig) -> None:
         warm, AggregateCallback.warm = AggregateCallback.warm, None
         if sys.exc_info()[1] is not None:
             # Hydra 1.4 calls this also while the sweep ends by an exception or an exit (Ctrl-C, a launch refused
@@ -63,6 +73,14 @@ class AggregateCallback(Callback):
             end_of_sweep(Path(sweep_dir), compare)
         elif code:
             sys.exit(code)
+
+
+def _ended(err: BaseException | None) -> str:
+    """How a sweep ended, as the trackers are told: finished, failed (a job failed or stopped before its last
+    epoch: the exit status 1 of end_of_sweep), or stopped (Ctrl-C, SIGTERM)."""
+    if err is None or (isinstance(err, SystemExit) and not err.code):
+        return "finished"
+    return "stopped" if isinstance(err, KeyboardInterrupt) else "failed"
 
 
 def _aggregated_by(warm: subprocess.Popen[str], sweep_dir: str, compare: str) -> int | None:

@@ -162,6 +162,22 @@ def write_metrics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
     _write_csv(Path(job_dir) / METRICS_FILE, METRIC_COLUMNS, rows)
 
 
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    """A job's CSV file's rows that have an epoch, as written (strings); none when the file is missing or
+    unreadable."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    return [row for row in rows if str(row.get("epoch")).isdigit()]
+
+
+def read_metrics(job_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv's rows as written: the finished epochs (an export reads them, normsweep/trackers/)."""
+    return _read_rows(Path(job_dir) / METRICS_FILE)
+
+
 def write_diagnostics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
     """diagnostics.csv: the diagnostics of every finished epoch, one row per (epoch, layer, metric)."""
     _write_csv(Path(job_dir) / DIAGNOSTICS_FILE, DIAGNOSTICS_COLUMNS, rows)
@@ -170,12 +186,7 @@ def write_diagnostics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
 def read_diagnostics(job_dir: Path, up_to_epoch: int) -> list[dict[str, Any]]:
     """diagnostics.csv's rows of the epochs up to `up_to_epoch` (a resume drops those after its checkpoint), as
     written; none when the file is missing or unreadable."""
-    try:
-        with open(Path(job_dir) / DIAGNOSTICS_FILE, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
-    return [row for row in rows if str(row.get("epoch")).isdigit() and int(row["epoch"]) <= up_to_epoch]
+    return [row for row in _read_rows(Path(job_dir) / DIAGNOSTICS_FILE) if int(row["epoch"]) <= up_to_epoch]
 
 
 def read_metrics(job_dir: Path) -> list[dict[str, str]]:

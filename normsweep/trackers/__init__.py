@@ -118,21 +118,57 @@ class Trackers:
 
 def open_trackers(settings: Any, job: JobInfo) -> Trackers:
     """The trackers `settings` (the config's `logger` node) turns on, each opened for `job`; one that fails to open
-    is warned about and left out."""
+    is warned about and left out, and so is one whose module's `open_tracker` returns None (it has nothing to do
+    for this job, and has said why: the sweep's record in it could not be made, and the sweep said so once)."""
     opened: dict[str, Tracker] = {}
     for name in chosen(settings):
         try:  # importing the library may fail too (a broken install): a warning, as any other failure
             module = importlib.import_module(TRACKERS[name][0])
-            opened[name] = module.open_tracker(getattr(settings, name), job)
+            tracker = module.open_tracker(getattr(settings, name), job)
         except Exception as err:
             _drop(name, err)
+            continue
+        if tracker is not None:
+            opened[name] = tracker
     return Trackers(opened)
 
 
+def start_sweep(settings: Any, sweep_dir: Path) -> None:
+    """What a tracker keeps of a whole sweep (MLflow's parent run), made once by the coordinator before any job
+    starts (sweep/callbacks.py), by each chosen tracker that keeps one (its module's `start_sweep`). One that fails
+    is warned about; a missing library is left to the sweep's checks, which name it."""
+    for name, module in _sweep_trackers(settings):
+        try:
+            module.start_sweep(getattr(settings, name), sweep_dir)
+        except Exception as err:
+            _warn(name, err, "the jobs log nothing to it, and the sweep's end tries again from their files")
+
+
+def end_sweep(settings: Any, sweep_dir: Path, ended: str) -> None:
+    """The sweep's end, once it is aggregated (`ended`: finished, failed, or stopped), to each tracker that keeps a
+    record of the sweep (its module's `end_sweep`). One that fails is warned about."""
+    for name, module in _sweep_trackers(settings):
+        try:
+            module.end_sweep(getattr(settings, name), sweep_dir, ended)
+        except Exception as err:
+            _warn(name, err, f"the sweep's own files in {sweep_dir} are complete")
+
+
+def _sweep_trackers(settings: Any) -> list[tuple[str, Any]]:
+    names = [name for name in chosen(settings) if importlib.util.find_spec(TRACKERS[name][1]) is not None]
+    modules = [(name, importlib.import_module(TRACKERS[name][0])) for name in names]
+    return [(name, module) for name, module in modules if hasattr(module, "start_sweep")]
+
+
 def _drop(name: str, err: Exception) -> None:
+    _warn(name, err, "it logs nothing more for this job (the job's own files are complete)")
+
+
+def _warn(name: str, err: Exception, consequence: str) -> None:
     log.warning(
-        "logger=%s: %s: %s; it logs nothing more for this job (the job's own files are complete)",
+        "logger=%s: %s: %s; %s",
         name,
         type(err).__name__,
         str(err).splitlines()[0] if str(err) else "",
+        consequence,
     )
