@@ -189,15 +189,6 @@ def read_diagnostics(job_dir: Path, up_to_epoch: int) -> list[dict[str, Any]]:
     return [row for row in _read_rows(Path(job_dir) / DIAGNOSTICS_FILE) if int(row["epoch"]) <= up_to_epoch]
 
 
-def read_metrics(job_dir: Path) -> list[dict[str, str]]:
-    """metrics.csv's rows as written (text cells, by column); none when the file is missing or unreadable."""
-    try:
-        with open(Path(job_dir) / METRICS_FILE, newline="") as f:
-            return list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
-
-
 def write_predictions(job_dir: Path, predicted: Any, labels: Any) -> None:
     """predictions.npz: `predicted` (the class the final model gives each test image) and `labels` (its label),
     numpy arrays of equal length, stored in the smallest unsigned type that holds the classes."""
