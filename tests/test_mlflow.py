@@ -276,3 +276,24 @@ def test_mlflow_is_imported_only_for_logger_mlflow(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", IMPORTS], cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert "usage" in proc.stdout.lower() or "normsweep" in proc.stdout, proc.stdout + proc.stderr
     assert "MLFLOW=False" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("uri", ["htp://127.0.0.1:5000", "sqlite3:///runs.db", "s3://bucket/runs"])
+def test_a_tracking_uri_mlflow_has_no_store_for_is_refused_before_anything_runs(tmp_path: Path, uri: str) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", "norm=bn,gn", "logger=mlflow", f"logger.mlflow.tracking_uri={uri}", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli_here(args, tmp_path)
+    assert proc.returncode == 2
+    (line,) = [line for line in (proc.stdout + proc.stderr).splitlines() if "tracking_uri" in line and "store" in line]
+    assert f"logger.mlflow.tracking_uri={uri}: MLflow has no store for" in line and "http://HOST:PORT" in line
+    assert not sweep.exists()
+
+
+@pytest.mark.parametrize(
+    "uri", [None, "http://127.0.0.1:5000", "HTTPS://mlflow.example", "postgresql+psycopg2://u@h/db"]
+)
+def test_the_tracking_uris_mlflow_takes_pass_the_check(uri: str | None) -> None:
+    from normsweep.config.schema import LoggerConfig, MlflowConfig
+    from normsweep.trackers import check_installed
+
+    check_installed(LoggerConfig(mlflow=MlflowConfig(tracking_uri=uri)))

@@ -60,11 +60,36 @@ def chosen(settings: Any) -> list[str]:
     return [name for name in TRACKERS if getattr(settings, name, None) is not None]
 
 
+# The schemes of the tracking URIs MLflow's stores take (its error for any other names these); a dialect may follow
+# a database's after `+` (postgresql+psycopg2://).
+MLFLOW_SCHEMES = (
+    "file",
+    "http",
+    "https",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
+
+
 def check_installed(settings: Any) -> None:
-    """Refuse, before any job starts, a tracker whose library is not installed: one line naming the extra."""
+    """Refuse, before any job starts, a tracker whose library is not installed (one line naming the extra), and a
+    tracking URI MLflow has no store for (a mistyped scheme: `htp://...`)."""
     for name in chosen(settings):
         if lacking := missing(name):
             raise ConfigError(f"logger={name} {lacking} (or leave logger out)")
+    uri = settings.mlflow.tracking_uri if settings.mlflow is not None else None
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if uri and "://" in uri else None
+    if scheme is not None and scheme not in MLFLOW_SCHEMES:
+        raise ConfigError(
+            f"logger.mlflow.tracking_uri={uri}: MLflow has no store for '{scheme}://'; give a tracking server "
+            "(http://HOST:PORT), a database (sqlite:////abs/path/runs.db), or null for an SQLite file in the sweep "
+            "folder"
+        )
 
 
 def missing(name: str) -> str | None:
