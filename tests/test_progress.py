@@ -59,6 +59,17 @@ def test_the_time_left_is_each_jobs_epochs_to_train_at_the_median_epoch_shared_b
     assert sweep_progress(jobs, at_once=1).seconds_left == pytest.approx(14.0)
 
 
+def test_the_time_left_counts_what_a_finished_job_spent_outside_its_epochs(tmp_path: Path) -> None:
+    done = _job(tmp_path / "0", Status.COMPLETED, [0.5, 0.5])
+    write_summary(done, {"status": Status.COMPLETED, "wall_seconds": 3.0})  # 2 s building, testing, writing
+    jobs = [read_job(done, 2), read_job(tmp_path / "1", 2), read_job(tmp_path / "2", 2)]
+    # Two jobs to come, each 2 epochs of 0.5 s and 2 s besides, one at a time: 6 s (the epochs alone said 2 s).
+    assert sweep_progress(jobs, at_once=1).line() == (
+        "sweep: 1 of 3 jobs done, 0 running, 2 to start; about 6 s left (4 epochs to train, a median 0.5 s each and "
+        "2.0 s a job besides, 1 job at a time)"
+    )
+
+
 def test_a_job_recorded_running_whose_process_has_ended_is_not_counted_running(tmp_path: Path) -> None:
     stopped = read_job(_job(tmp_path / "0", Status.RUNNING, [3.0], pid=NO_SUCH_PID), 4)
     progress = sweep_progress([stopped], at_once=1)

@@ -29,6 +29,9 @@ class JobState:
     epochs: int  # to train in all
     status: str = Status.NOT_STARTED.value
     seconds: tuple[float, ...] = ()  # each epoch trained so far (metrics.csv's epoch_seconds)
+    # A finished job's seconds outside its epochs (building its data and model, testing, its files): summary.json's
+    # wall_seconds less its epochs'. None until it has finished.
+    overhead: float | None = None
 
     @property
     def ended(self) -> bool:
@@ -47,7 +50,10 @@ def read_job(folder: Path, epochs: int) -> JobState:
     status = summary["status"]
     if status == Status.RUNNING and not process_alive(summary):
         status = Status.INCOMPLETE.value
-    return JobState(epochs, status, () if status == Status.NOT_STARTED else _epoch_seconds(folder))
+    seconds = () if status == Status.NOT_STARTED else _epoch_seconds(folder)
+    wall = summary.get("wall_seconds") if status in FINISHED else None
+    overhead = max(0.0, wall - sum(seconds)) if isinstance(wall, int | float) and math.isfinite(wall) else None
+    return JobState(epochs, status, seconds, overhead)
 
 
 def _epoch_seconds(folder: Path) -> tuple[float, ...]:
@@ -67,6 +73,7 @@ class SweepProgress:
     running: int
     epochs_left: int
     per_epoch: float | None  # the median seconds of the epochs trained so far; None before the first
+    per_job: float | None  # the median seconds a finished job spent outside its epochs; None before the first
     seconds_left: float | None
     at_once: int
 
@@ -85,9 +92,10 @@ class SweepProgress:
         if self.seconds_left is None or not self.epochs_left:
             return ""
         epochs, jobs = self.epochs_left, self.at_once
+        besides = f" and {_seconds(self.per_job)} a job besides" if self.per_job else ""
         return (
             f"about {duration(self.seconds_left)} left ({epochs} epoch{'s' if epochs > 1 else ''} to train, a median "
-            f"{_seconds(self.per_epoch)} each, {jobs} job{'s' if jobs > 1 else ''} at a time)"
+            f"{_seconds(self.per_epoch)} each{besides}, {jobs} job{'s' if jobs > 1 else ''} at a time)"
         )
 
     def line(self) -> str:
@@ -98,15 +106,19 @@ class SweepProgress:
 def sweep_progress(jobs: Sequence[JobState], at_once: int) -> SweepProgress:
     """Where the sweep of `jobs` stands, `at_once` of them running at the same time. The time left: each unfinished
     job's epochs to train at its own median seconds per epoch (the sweep's median over every epoch measured, for a
-    job that has trained none yet), shared by `at_once` jobs at a time (fewer, once fewer are left)."""
+    job that has trained none yet), plus for each the median time a finished job spent outside its epochs
+    (building, testing, writing: most of a quick job's time), shared by `at_once` jobs at a time (fewer, once fewer
+    are left)."""
     measured = [s for job in jobs for s in job.seconds]
     per_epoch = statistics.median(measured) if measured else None
+    overheads = [job.overhead for job in jobs if job.overhead is not None]
+    per_job = statistics.median(overheads) if overheads else None
     unfinished = [job for job in jobs if not job.ended]
     at_once = max(1, min(at_once, len(unfinished)))
     seconds_left = None
     if per_epoch is not None:
         work = sum(job.epochs_left * (statistics.median(job.seconds) if job.seconds else per_epoch) for job in jobs)
-        seconds_left = work / at_once
+        seconds_left = (work + len(unfinished) * (per_job or 0.0)) / at_once
     return SweepProgress(
         jobs=len(jobs),
         done=len(jobs) - len(unfinished),
@@ -114,6 +126,7 @@ def sweep_progress(jobs: Sequence[JobState], at_once: int) -> SweepProgress:
         running=sum(job.status == Status.RUNNING for job in jobs),
         epochs_left=sum(job.epochs_left for job in jobs),
         per_epoch=per_epoch,
+        per_job=per_job,
         seconds_left=seconds_left,
         at_once=at_once,
     )
