@@ -122,6 +122,21 @@ def test_every_trial_of_a_tuning_sweep_has_the_same_hparams(tmp_path: Path) -> N
     assert {tuple(sorted(hparams(run))) for run in found.values()} == {("norm", "optimizer.lr")}
 
 
+@pytest.mark.slow
+def test_a_sweep_rerun_with_the_logger_added_gets_a_run_for_its_kept_jobs_too(tmp_path: Path) -> None:
+    sweep = tmp_path / "s"
+    first = run_cli_here(["-m", "norm=bn,gn", "epochs=2", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert first.returncode == 0 and not list(sweep.glob(f"*/{FOLDER}"))
+    proc = run_cli_here(["-m", "norm=bn,gn,ln", "epochs=2", "logger=tensorboard", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "a run written from its files for 2 jobs kept from before" in proc.stdout + proc.stderr
+    found = runs(sweep)  # the two kept jobs' runs, written at the sweep's end, and the new job's, written live
+    assert list(found) == ["0/tensorboard/norm=bn", "1/tensorboard/norm=gn", "2/tensorboard/norm=ln"]
+    for name, run in found.items():
+        assert_run_matches_files(run, sweep / name.split("/")[0])
+    assert {tuple(hparams(run)) for run in found.values()} == {("norm",)}
+
+
 def test_a_resumed_job_has_each_epoch_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped after its run has epoch 3 but its checkpoint only epoch 2, the job resumes from epoch 2: its run is
     rewritten from its files, and epoch 3 is not in it twice."""

@@ -162,7 +162,7 @@ def start_sweep(settings: Any, sweep_dir: Path) -> None:
     """What a tracker keeps of a whole sweep (MLflow's parent run), made once by the coordinator before any job
     starts (sweep/callbacks.py), by each chosen tracker that keeps one (its module's `start_sweep`). One that fails
     is warned about; a missing library is left to the sweep's checks, which name it."""
-    for name, module in _sweep_trackers(settings):
+    for name, module in _sweep_trackers(settings, "start_sweep"):
         try:
             module.start_sweep(getattr(settings, name), sweep_dir)
         except Exception as err:
@@ -170,19 +170,21 @@ def start_sweep(settings: Any, sweep_dir: Path) -> None:
 
 
 def end_sweep(settings: Any, sweep_dir: Path, ended: str) -> None:
-    """The sweep's end, once it is aggregated (`ended`: finished, failed, or stopped), to each tracker that keeps a
-    record of the sweep (its module's `end_sweep`). One that fails is warned about."""
-    for name, module in _sweep_trackers(settings):
+    """The sweep's end, once it is aggregated (`ended`: finished, failed, or stopped), to each tracker that does
+    something then (its module's `end_sweep`: MLflow's parent run, TensorBoard's runs of jobs kept from before the
+    logger was added). One that fails is warned about."""
+    for name, module in _sweep_trackers(settings, "end_sweep"):
         try:
             module.end_sweep(getattr(settings, name), sweep_dir, ended)
         except Exception as err:
             _warn(name, err, f"the sweep's own files in {sweep_dir} are complete")
 
 
-def _sweep_trackers(settings: Any) -> list[tuple[str, Any]]:
+def _sweep_trackers(settings: Any, hook: str) -> list[tuple[str, Any]]:
+    """The chosen trackers whose module has `hook` (start_sweep, end_sweep), with their module."""
     names = [name for name in chosen(settings) if importlib.util.find_spec(TRACKERS[name][1]) is not None]
     modules = [(name, importlib.import_module(TRACKERS[name][0])) for name in names]
-    return [(name, module) for name, module in modules if hasattr(module, "start_sweep")]
+    return [(name, module) for name, module in modules if hasattr(module, hook)]
 
 
 def _drop(name: str, err: Exception) -> None:

@@ -9,6 +9,7 @@ metrics from the job's own run, not from the extra run torch's `add_hparams` mak
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import shutil
@@ -36,6 +37,8 @@ from normsweep.sweep.files import (
 )
 from normsweep.sweep.liveness import load_summaries
 from normsweep.trackers import JobInfo
+
+log = logging.getLogger("normsweep")
 
 FOLDER = "tensorboard"  # in each job's folder: the job's run, rewritten whole when the job resumes or is exported
 
@@ -127,10 +130,18 @@ def open_tracker(settings: TensorBoardConfig, job: JobInfo) -> JobRun:
     return run
 
 
-def export_sweep(sweep_dir: Path) -> list[Path]:
+def end_sweep(settings: TensorBoardConfig, sweep_dir: Path, ended: str) -> None:
+    """Once the sweep is aggregated: a run for each job kept from before logger=tensorboard was added (a finished
+    job is kept as it is, and writes nothing), so that every job of the sweep is in TensorBoard."""
+    written = export_sweep(sweep_dir, missing_only=True)
+    if written:
+        log.info("tensorboard: a run written from its files for %d job%s kept from before", *_count(written))
+
+
+def export_sweep(sweep_dir: Path, missing_only: bool = False) -> list[Path]:
     """Write the run of every job folder of a sweep that has trained an epoch, from its files (metrics.csv,
-    diagnostics.csv, summary.json), replacing the one it had; returns those folders. A job still running is left to
-    its own process."""
+    diagnostics.csv, summary.json), replacing the one it had (`missing_only`: only the jobs that have none); returns
+    those folders. A job still running is left to its own process."""
     folders = job_dirs(Path(sweep_dir))
     summaries = load_summaries(folders)
     overrides = [read_overrides(job_dir, summary) or [] for job_dir, summary in zip(folders, summaries)]
@@ -138,7 +149,7 @@ def export_sweep(sweep_dir: Path) -> list[Path]:
     written = []
     for job_dir, summary, given in zip(folders, summaries, overrides):
         rows = read_metrics(job_dir)
-        if not rows or summary["status"] == Status.RUNNING:
+        if not rows or summary["status"] == Status.RUNNING or (missing_only and (job_dir / FOLDER).is_dir()):
             continue
         config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
         run = JobRun(job_dir, given, config, swept)
@@ -150,6 +161,10 @@ def export_sweep(sweep_dir: Path) -> list[Path]:
             run.close()
         written.append(job_dir)
     return written
+
+
+def _count(items: list[Any]) -> tuple[int, str]:
+    return len(items), "" if len(items) == 1 else "s"
 
 
 def _replay(run: JobRun, rows: list[dict[str, Any]], diagnostics: list[dict[str, Any]]) -> None:
