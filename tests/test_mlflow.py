@@ -152,6 +152,7 @@ def test_a_tracking_server_gets_a_joblib_sweep_and_one_that_stops_mid_sweep_cost
         server.stop()  # job 0's epoch 2, job 1 and the sweep's end find it gone
 
     monkeypatch.setattr(tracker.MlflowTracker, "epoch", stop_after_the_first_epoch)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a user's setting, used as it is: no 3 s of retries
     sweep = tmp_path / "stopped"
     proc = run_cli_here([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
     output = proc.stdout + proc.stderr
@@ -245,7 +246,8 @@ def test_an_export_from_job_folders_is_idempotent(tmp_path: Path, capsys) -> Non
     assert (tmp_path / "mlartifacts").is_dir()  # beside the database
 
 
-def test_an_export_to_a_server_that_is_not_there_is_one_line(tmp_path: Path, capsys) -> None:
+def test_an_export_to_a_server_that_is_not_there_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a user's setting, used as it is: no retries to wait
     sweep = tmp_path / "sweep"
     _job_folders(sweep)
     with socket.socket() as s:  # a port nothing listens on
