@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -43,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         "--mlflow-experiment", default="normsweep", metavar="NAME", help="the MLflow experiment (default: normsweep)"
     )
     args = parser.parse_args(argv)
-    if args.mlflow and importlib.util.find_spec("mlflow") is None:
-        parser.error("--mlflow needs mlflow, which is not installed: pip install 'normsweep[mlflow]'")
+    for option, name in (("--tensorboard", args.tensorboard and "tensorboard"), ("--mlflow", args.mlflow and "mlflow")):
+        if name and (lacking := missing(name)):
+            parser.error(f"{option} {lacking}")
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder")
     if not job_dirs(args.sweep_dir):
@@ -52,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
             f"no normsweep jobs in {args.sweep_dir}: a sweep folder holds one folder per job, each with "
             ".hydra/overrides.yaml or summary.json (e.g. multirun/2026-11-27/10-00-00)"
         )
-    if args.tensorboard and (lacking := missing("tensorboard")):
-        parser.error(f"--tensorboard {lacking}")
     try:
         if args.tensorboard:
             _export_tensorboard(args.sweep_dir)

@@ -41,13 +41,12 @@ from normsweep.sweep.files import (
     read_overrides,
 )
 from normsweep.sweep.liveness import load_summaries
-from normsweep.sweep.settings import copies_by_settings, recipe
+from normsweep.sweep.settings import copies_by_settings, recipe, where_group
 
 log = logging.getLogger("normsweep")
-# Overrides that do not define a configuration: seeds are averaged over, the others only steer the aggregation.
+# Overrides that do not define a configuration: seeds are averaged over, the others only steer the aggregation; nor
+# does a key of a where-group (settings.where_group: which trackers a job reported to, how it showed its progress).
 NOT_SETTINGS = ("seed", "compare", "compare_metric")
-# Nor does any key below these: which trackers a job reported to (logger=tensorboard), how it shows its progress.
-NOT_SETTING_GROUPS = ("logger", "progress")
 DEFAULT_METRIC = "val_acc"
 SIGNIFICANCE = 0.05  # p_vs_best at or above it: the row cannot be told apart from the best
 TIES_NAMED = 8  # the tie sentence names this many rows at most
@@ -259,7 +258,7 @@ def collect(sweep_dir: Path, metric: str | None = None) -> Report:
 
 def _setting(key: str) -> bool:
     """Whether an override's key is a setting the tables compare jobs by."""
-    return key not in NOT_SETTINGS and key.split(".")[0] not in NOT_SETTING_GROUPS
+    return key not in NOT_SETTINGS and not where_group(key)
 
 
 def mean_curves(frames: list[pd.DataFrame], compared: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

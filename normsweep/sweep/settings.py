@@ -18,11 +18,17 @@ from normsweep.sweep.files import FINISHED, SUMMARY_FILE
 # training (diagnostics), which trackers a job reports to or how its progress is shown (every key below
 # WHERE_GROUPS), not what a job computes: a resumed job may change them.
 WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare", "compare_metric", "diagnostics")
-WHERE_GROUPS = ("logger.", "progress.")
+WHERE_GROUPS = ("logger", "progress")
+
+
+def where_group(key: str) -> bool:
+    """Whether `key` (`logger`, `logger.mlflow.tracking_uri`, `progress.after_s`) is in a where-group: not a
+    setting of the job, for resume and for the tables alike."""
+    return key.split(".", 1)[0] in WHERE_GROUPS
 
 
 def _where(key: str) -> bool:
-    return key in WHERE_KEYS or key.startswith(WHERE_GROUPS)
+    return key in WHERE_KEYS or where_group(key)
 
 
 # Keys added to the config after normsweep 0.1.0's first sweeps, with the value that computes what those jobs

@@ -31,6 +31,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
 from normsweep.config.schema import MlflowConfig
+from normsweep.sweep.compose import swept_keys
 from normsweep.sweep.files import (
     FINISHED,
     Status,
@@ -38,12 +39,12 @@ from normsweep.sweep.files import (
     disk_full,
     job_dirs,
     override_key,
-    parse_overrides,
     read_diagnostics,
     read_metrics,
+    read_overrides,
     read_summary,
 )
-from normsweep.sweep.settings import recipe
+from normsweep.sweep.settings import recipe, where_group
 from normsweep.trackers import JobInfo
 
 log = logging.getLogger("normsweep")
@@ -244,12 +245,6 @@ def _run_name(job: JobInfo) -> str:
     return " ".join(swept) or job.job_dir.name
 
 
-def _swept(overrides: list[dict[str, str]]) -> tuple[str, ...]:
-    """The keys whose overrides differ between a sweep's jobs: what the live jobs are told (sweep/compose.py)."""
-    keys = {key for job in overrides for key in job}
-    return tuple(sorted(key for key in keys if len({job.get(key) for job in overrides}) > 1))
-
-
 def _job_key(job_dir: Path, sweep_dir: Path) -> str:
     return Path(job_dir).resolve().relative_to(Path(sweep_dir).resolve()).as_posix()
 
@@ -303,9 +298,10 @@ def export_sweep(uri: str, sweep_dir: Path, experiment_name: str = "normsweep", 
     parent = _parent(client, experiment_id, sweep_dir)
     summaries = {job_dir: read_summary(job_dir) for job_dir in job_dirs(sweep_dir)}
     summaries = {job_dir: s for job_dir, s in summaries.items() if isinstance(s.get("config"), dict)}  # started
-    swept = _swept([parse_overrides(list(s.get("overrides") or [])) for s in summaries.values()])
+    overrides = {job_dir: read_overrides(job_dir, summary) or [] for job_dir, summary in summaries.items()}
+    swept = tuple(key for key in swept_keys(list(overrides.values())) if not where_group(key))
     for job_dir, summary in summaries.items():
-        job = JobInfo(job_dir, summary["config"], list(summary.get("overrides") or []), sweep_dir, swept)
+        job = JobInfo(job_dir, summary["config"], overrides[job_dir], sweep_dir, swept)
         tags = {PARENT_TAG: parent, JOB_TAG: _job_key(job_dir, sweep_dir)}
         run_id = _find_or_create(client, experiment_id, tags, _run_name(job), recipe(job.config))
         rows = read_metrics(job_dir)

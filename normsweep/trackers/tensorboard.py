@@ -36,6 +36,7 @@ from normsweep.sweep.files import (
     read_overrides,
 )
 from normsweep.sweep.liveness import load_summaries
+from normsweep.sweep.settings import where_group
 from normsweep.trackers import JobInfo
 
 log = logging.getLogger("normsweep")
@@ -62,7 +63,6 @@ TABLE_METRICS = {
     "test/loss": "test_loss",
     "train/loss": "final_train_loss",
 }
-NOT_HPARAMS = ("logger", "hydra")  # keys of the command that choose where things go, not what a job computes
 
 
 def diagnostics_tag(row: dict[str, Any]) -> str:
@@ -179,7 +179,8 @@ def hparam_keys(swept: Iterable[str], overrides: list[str]) -> list[str]:
     """The hparams of a job of a sweep: the keys its sweep varies (the same in every job), else those the command
     gave (a single run)."""
     keys = list(swept) or [override_key(o) for o in overrides]
-    return sorted({key for key in keys if key.split(".")[0] not in NOT_HPARAMS})
+    # Not hydra's keys, nor a where-group's (logger, progress): they say where things go, not what a job computes.
+    return sorted({key for key in keys if not key.startswith("hydra.") and not where_group(key)})
 
 
 def run_name(overrides: list[str], keys: list[str]) -> str:
