@@ -3,7 +3,6 @@ write in their folders (summary.json, metrics.csv): cheap to read every few seco
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import statistics
@@ -13,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from normsweep.sweep.files import FINISHED, METRICS_FILE, Status, read_summary
+from normsweep.sweep.files import FINISHED, Status, read_metrics, read_summary
 from normsweep.sweep.liveness import process_alive
 
 log = logging.getLogger("normsweep")
@@ -58,9 +57,8 @@ def read_job(folder: Path, epochs: int) -> JobState:
 
 def _epoch_seconds(folder: Path) -> tuple[float, ...]:
     try:
-        with open(folder / METRICS_FILE, newline="") as f:
-            seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(f)]
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError):
+        seconds = [float(row["epoch_seconds"]) for row in read_metrics(folder)]
+    except (KeyError, TypeError, ValueError):
         return ()
     return tuple(s for s in seconds if math.isfinite(s))
 
