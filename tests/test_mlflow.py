@@ -296,6 +296,6 @@ def test_a_tracking_uri_mlflow_has_no_store_for_is_refused_before_anything_runs(
 )
 def test_the_tracking_uris_mlflow_takes_pass_the_check(uri: str | None) -> None:
     from normsweep.config.schema import LoggerConfig, MlflowConfig
-    from normsweep.trackers import check_installed
+    from normsweep.trackers import check_trackers
 
-    check_installed(LoggerConfig(mlflow=MlflowConfig(tracking_uri=uri)))
+    check_trackers(LoggerConfig(mlflow=MlflowConfig(tracking_uri=uri)))

@@ -22,7 +22,7 @@ from normsweep.aggregate import main as aggregate_main  # noqa: E402
 from normsweep.config.errors import ConfigError  # noqa: E402
 from normsweep.config.schema import LoggerConfig, TensorBoardConfig  # noqa: E402
 from normsweep.sweep.files import write_diagnostics, write_metrics, write_summary  # noqa: E402
-from normsweep.trackers import check_installed  # noqa: E402
+from normsweep.trackers import check_trackers  # noqa: E402
 from normsweep.trackers.tensorboard import EPOCH_TAGS, FINAL_TAGS, FOLDER, TABLE_METRICS  # noqa: E402
 
 
@@ -250,7 +250,7 @@ def test_a_missing_tensorboard_is_named_with_the_extra_before_anything_runs(tmp_
         importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a)
     )
     with pytest.raises(ConfigError) as err:
-        check_installed(LoggerConfig(tensorboard=TensorBoardConfig()))
+        check_trackers(LoggerConfig(tensorboard=TensorBoardConfig()))
     expected = "needs tensorboard, which is not installed: pip install 'normsweep[tensorboard]'"
     assert str(err.value) == f"logger=tensorboard {expected} (or leave logger out)"
 

@@ -29,7 +29,7 @@ from normsweep.config.schema import (
     config_dir,
     register_configs,
 )
-from normsweep.trackers import check_installed
+from normsweep.trackers import check_trackers
 
 _ABSENT = object()
 
@@ -194,7 +194,7 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Config:
         f"optimizer.warmup_epochs={run.optimizer.warmup_epochs:g} epochs={run.epochs}: the warm-up must fit in the "
         "training; use fewer warm-up epochs",
     )
-    check_installed(run.logger)
+    check_trackers(run.logger)
     if run.optimizer.lr_batch_size is not None:
         run.optimizer.lr = run.optimizer.lr * run.batch_size / run.optimizer.lr_batch_size
     return run

@@ -3,7 +3,7 @@
 A job's files are its results; a tracker is a view of them in a tool researchers already look in. So a tracker that
 fails (a library error, a tracking server that is down) costs one warning line and its own output for the rest of
 the job, never the training. Each tracker lives in its own module, imported only when chosen: the core install needs
-neither library, and a missing one is named before any job starts (check_installed).
+neither library, and a missing one is named before any job starts (check_trackers).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ MLFLOW_SCHEMES = (
 )
 
 
-def check_installed(settings: Any) -> None:
+def check_trackers(settings: Any) -> None:
     """Refuse, before any job starts, a tracker whose library is not installed (one line naming the extra), and a
     tracking URI MLflow has no store for (a mistyped scheme: `htp://...`)."""
     for name in chosen(settings):
