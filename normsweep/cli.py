@@ -75,10 +75,10 @@ class JobTag(logging.Filter):
             handler.removeFilter(self)
 
 
-def _swept_keys(overrides: list[str]) -> tuple[str, ...]:
+def _swept_keys(overrides: list[str], in_sweep: bool = True) -> tuple[str, ...]:
     """The keys the job's sweep varies (what its launcher said, sweep/compose.py); those of all its overrides when
-    not said (a job launched otherwise)."""
-    swept = os.environ.get(SWEPT_KEYS_ENV)
+    not said (a job launched otherwise) or for a single run (which a sweep's environment does not describe)."""
+    swept = os.environ.get(SWEPT_KEYS_ENV) if in_sweep else None
     keys = [override_key(o) for o in overrides] if swept is None else swept.split(",")
     return tuple(sorted(set(keys) - {""}))
 
@@ -168,7 +168,7 @@ def app(cfg: DictConfig) -> float | None:
 
             run, cpus = place(checked, job_num, in_sweep)
             sweep_dir = Path(hydra_cfg.sweep.dir) if in_sweep else None
-            summary = run_job(run, job_dir, overrides, config, cpus, trial, sweep_dir, _swept_keys(overrides))
+            summary = run_job(run, job_dir, overrides, config, cpus, trial, sweep_dir, _swept_keys(overrides, in_sweep))
     except KeyboardInterrupt as err:
         what, status = stopped_by(err)
         if multiprocessing.parent_process() is not None:  # a joblib worker: its launcher says how to resume

@@ -76,6 +76,17 @@ def _foreign(function) -> bool:
 
 
 @pytest.fixture(autouse=True)
+def _keep_environment():
+    """Code under test may set environment variables (a sweeper tells its jobs the swept keys and how many run at
+    once); the next test starts from the environment before."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
+@pytest.fixture(autouse=True)
 def _keep_torch_threads():
     """Code under test may set torch's thread count (a job does); the next test starts from the original one."""
     threads = torch.get_num_threads()

@@ -163,6 +163,7 @@ def test_a_resumed_job_has_each_epoch_once(tmp_path: Path, monkeypatch: pytest.M
     assert [step for step, _ in scalars(stopped)["val/acc"]] == [1, 2, 3]
 
     monkeypatch.undo()
+    monkeypatch.setenv("NORMSWEEP_SWEPT_KEYS", "norm,seed")  # left by a sweep: it does not describe a single run
     resumed = run_cli_here(args, tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming from the checkpoint of epoch 2/4" in resumed.stdout
