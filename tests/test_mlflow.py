@@ -131,13 +131,14 @@ def test_the_default_is_an_sqlite_file_in_the_sweep_folder_written_by_two_jobs_a
 
 
 @pytest.mark.slow
-def test_a_tracking_server_gets_a_joblib_sweep_and_one_that_stops_mid_sweep_costs_the_sweep_nothing(
+def test_a_tracking_server_gets_a_sweep_and_one_that_stops_mid_sweep_costs_the_sweep_nothing(
     tmp_path: Path, server, monkeypatch
 ) -> None:
-    # One server for both (it takes 15-40 s to start here): first a 2-job joblib sweep logged to it...
+    # One server for both (it takes 15-40 s to start here): first a 2-job sweep logged to it (jobs in processes of
+    # their own attaching to the coordinator's parent run: the joblib test above, on the default SQLite file)...
     sweep = tmp_path / "sweep"
     args = ["-m", "norm=bn,gn", *FAST, "logger=mlflow", f"logger.mlflow.tracking_uri={server.url}"]
-    proc = run_cli([*args, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"], tmp_path)
+    proc = run_cli_here([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "WARNING" not in proc.stdout + proc.stderr
     _check_sweep(server.url, sweep, ["bn", "gn"], epochs=2)
