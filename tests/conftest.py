@@ -10,6 +10,8 @@ import io
 import logging
 import os
 import pickle
+import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -123,17 +125,101 @@ def five_norm_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, sub
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 240, module: str = "normsweep") -> subprocess.CompletedProcess:
-    """Run `python -m normsweep ARGS` in a fresh process, as a user would."""
+    """Run `python -m normsweep ARGS` in a process of its own, as a user would (forked from one that has imported
+    torch, Hydra and normsweep's command line once: tests/forked_cli.py). Tests about a new interpreter's imports
+    start `python` themselves (tests/test_startup.py)."""
+    run = start_cli(args, cwd, module, separate_stderr=True)
+    try:
+        run.wait(timeout)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        run.wait()
+        raise subprocess.TimeoutExpired([module, *args], timeout, run.output, run.errors) from None
+    return subprocess.CompletedProcess(["python", "-m", module, *args], run.returncode, run.output, run.errors)
+
+
+class ForkedRun:
+    """A started `python -m MODULE ARGS` (start_cli), used as a subprocess.Popen with stdout=PIPE and
+    stderr=STDOUT is: pid, poll(), wait(), send_signal(), kill(), communicate() (its output as bytes)."""
+
+    def __init__(self, process, folder: Path, separate_stderr: bool) -> None:
+        self.process, self.folder = process, folder
+        self.out, self.err = folder / "out", (folder / "err" if separate_stderr else None)
+        self.pid: int = process.pid
+        self.output = self.errors = ""
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+        if self.folder.is_dir():  # what it wrote, read once it has ended; the files go
+            self.output, self.errors = _read(self.out), _read(self.err)
+            shutil.rmtree(self.folder)
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.process.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[bytes, None]:
+        self.wait(timeout)
+        return self.output.encode(), None
+
+
+def start_cli(args: list[str], cwd: Path, module: str = "normsweep", separate_stderr: bool = False) -> ForkedRun:
+    """`python -m MODULE ARGS` started in `cwd`, forked from the fork server (tests/forked_cli.py); its stderr in
+    its stdout unless `separate_stderr`. What it writes goes to files in a folder of its own until it has ended."""
+    import tempfile
+
+    import forked_cli
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    folder = Path(tempfile.mkdtemp(prefix="normsweep-run-"))
+    out, err = folder / "out", (str(folder / "err") if separate_stderr else None)
+    process = _fork_server().Process(target=forked_cli.run_module, args=(module, args, str(cwd), env, str(out), err))
+    process.start()
+    return ForkedRun(process, folder, separate_stderr)
+
+
+def _read(path: Path | None) -> str:
+    """What a run wrote to `path`; nothing when it died before it began."""
+    return path.read_text() if path is not None and path.is_file() else ""
+
+
+_FORK_SERVER = None
+
+
+def _fork_server():
+    """multiprocessing's fork server for this test process, its process having imported tests/forked_cli.py (the
+    folder of the tests on its path: the server imports what it preloads before it takes the parent's sys.path)."""
+    global _FORK_SERVER
+    if _FORK_SERVER is None:
+        import multiprocessing.forkserver
+
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["forked_cli"])
+        path = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), *([path] if path else [])])
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            if path is None:
+                os.environ.pop("PYTHONPATH")
+            else:
+                os.environ["PYTHONPATH"] = path
+        _FORK_SERVER = context
+    return _FORK_SERVER
 
 
 def run_cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

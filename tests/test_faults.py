@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import make_mnist, run_cli, run_cli_here
+from conftest import ForkedRun, make_mnist, run_cli, run_cli_here, start_cli
 
 from normsweep.aggregate import main as aggregate_main
 from normsweep.sweep.files import METRIC_COLUMNS
@@ -34,12 +34,9 @@ def _fingerprint(folder: Path) -> dict[str, str]:
     }
 
 
-def _popen(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "normsweep", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+def _popen(args: list[str], cwd: Path) -> ForkedRun:
+    """`python -m normsweep ARGS` started, its stderr in its stdout: to signal or wait for (conftest.start_cli)."""
+    return start_cli(args, cwd)
 
 
 def _wait_for_rows(path: Path, rows: int, proc: subprocess.Popen, timeout: float = 120) -> None:
