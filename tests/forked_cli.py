@@ -1,5 +1,5 @@
-"""`python -m normsweep ARGS` in a process of its own, forked from one that has already imported what every run
-imports (torch, Hydra, normsweep's command line): conftest.run_cli's way to start a run.
+"""`python -m normsweep ARGS` in a process of its own, forked from one that has already imported what a run
+imports (torch, Hydra, normsweep's command line, pandas and matplotlib): conftest.run_cli's way to start a run.
 
 The suite is CPU-bound on a 2-core machine, and a fresh interpreter spends 2-3 CPU-seconds importing before its
 first line of work, once per command a test runs. Forked from multiprocessing's fork server, whose process
@@ -7,7 +7,7 @@ imported this module once, a command starts in milliseconds and is otherwise wha
 own (its own pid, exit status, signals, stdout and stderr, environment, working folder and `sys.path[0]`), running
 `normsweep/__main__.py` as `__main__`, whose Hydra, callbacks and job state start fresh (the fork server never ran
 any of it). What it cannot show is a fresh interpreter's imports: tests about those (tests/test_startup.py, the
-installed wheel's run in tests/test_install.py, `run_cli(fresh=True)`) start `python` itself.
+installed wheel's run in tests/test_install.py, test_mlflow's import check) start `python` themselves.
 """
 
 from __future__ import annotations
@@ -23,13 +23,20 @@ import sys
 import traceback
 from pathlib import Path
 
-# What every command imports before its first job; imported once, here, in the fork server. Not pandas or
-# matplotlib: with those imported a sweep aggregates in its own process instead of its warm one (sweep/callbacks.py).
+# What every command imports before its first job, and what the end of a sweep imports and loads (pandas,
+# matplotlib with its fonts: results/warm.py's warm_up), imported once, here, in the fork server. With those
+# imported a sweep aggregates in its own process, as run_cli_here's do, instead of starting a warm process to do it
+# (sweep/callbacks.py): that process's way is run end to end by the installed wheel's sweep (tests/test_install.py,
+# a new interpreter) and tested in tests/test_results.py.
 import hydra  # noqa: F401
 import torch  # noqa: F401
 
 import normsweep.cli  # noqa: F401
 import normsweep.job.run  # noqa: F401
+import normsweep.results.write  # noqa: F401
+from normsweep.results.warm import warm_up
+
+warm_up()
 
 
 def run_module(module: str, args: list[str], cwd: str, env: dict[str, str], out: str, err: str | None) -> None:
