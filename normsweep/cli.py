@@ -75,7 +75,7 @@ class JobTag(logging.Filter):
             handler.removeFilter(self)
 
 
-def _swept_keys(overrides: list[str], in_sweep: bool = True) -> tuple[str, ...]:
+def _swept_keys(overrides: list[str], in_sweep: bool) -> tuple[str, ...]:
     """The keys the job's sweep varies (what its launcher said, sweep/compose.py); those of all its overrides when
     not said (a job launched otherwise) or for a single run (which a sweep's environment does not describe)."""
     swept = os.environ.get(SWEPT_KEYS_ENV) if in_sweep else None
@@ -85,7 +85,7 @@ def _swept_keys(overrides: list[str], in_sweep: bool = True) -> tuple[str, ...]:
 
 def _telling_apart(overrides: list[str]) -> list[str]:
     """A job's overrides of the keys its sweep varies: what tells its log lines from the other jobs'."""
-    keys = set(_swept_keys(overrides))
+    keys = set(_swept_keys(overrides, in_sweep=True))  # only a sweep's jobs are tagged
     return [o for o in overrides if override_key(o) in keys]
 
 

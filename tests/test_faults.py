@@ -39,7 +39,7 @@ def _popen(args: list[str], cwd: Path) -> ForkedRun:
     return start_cli(args, cwd)
 
 
-def _wait_for_rows(path: Path, rows: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for_rows(path: Path, rows: int, proc: ForkedRun | subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.is_file() and len(path.read_text().splitlines()) - 1 >= rows:
