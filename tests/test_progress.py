@@ -10,6 +10,7 @@ import re
 import socket
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import run_cli_here
@@ -181,3 +182,29 @@ def test_a_sweep_of_long_epochs_shows_each_jobs_progress_and_the_time_left_when_
         re.MULTILINE,
     ), output
     assert re.search(r"sweep: all 2 jobs done$", output, re.MULTILINE)
+
+
+def test_a_growing_csv_is_written_whole_each_time_and_a_failed_write_loses_no_row(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import normsweep.sweep.files as files
+
+    rows = [{"epoch": i + 1, "epoch_seconds": 0.5 * i, "val_acc": 90.0 + i} for i in range(4)]
+    log = files.CsvLog(tmp_path / "metrics.csv", files.METRIC_COLUMNS)
+    log.write(rows[:1])
+    log.write(rows[:2])
+    real_write = files.atomic_write
+
+    def full(path: Path, data: str, previous: Path | None = None) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(files, "atomic_write", full)
+    with pytest.raises(OSError):
+        log.write(rows[:3])
+    monkeypatch.setattr(files, "atomic_write", real_write)
+    log.write(rows)  # after the failed write: rows 3 and 4 both, once each
+    (tmp_path / "whole").mkdir()
+    files.write_metrics(tmp_path / "whole", rows)  # the same rows in one write
+    assert (tmp_path / "metrics.csv").read_text() == (tmp_path / "whole" / "metrics.csv").read_text()
+    log.write(rows[:2])  # fewer rows (a resume): the file holds those only
+    assert pd.read_csv(tmp_path / "metrics.csv")["epoch"].tolist() == [1, 2]

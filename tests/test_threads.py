@@ -27,6 +27,7 @@ from normsweep.job.threads import (
     cpu_sample,
     describe,
     step_macs,
+    watch_busy,
 )
 
 
@@ -115,3 +116,30 @@ def test_the_sweeps_own_processes_are_not_other_work() -> None:
     mine_too = dataclasses.replace(after, children={}, own=before.own)
     everything = busy_between(before, mine_too)  # what the old measure said: the child counted as busy
     assert busy_between(before, after) <= everything - spent / (after.at - before.at) + 0.15  # ticks: 1/100 s
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_the_busy_watch_measures_beside_the_job_and_says_nothing_after_it() -> None:
+    # The job does not wait for the measure: it goes on working (here, spinning) while a timer thread takes it.
+    said: list[float] = []
+    started = time.monotonic()
+    stop = watch_busy(cpu_sample(), said.append, seconds=0.1)
+    while not said and time.monotonic() - started < 30:
+        sum(range(10_000))  # this process's own work is not "other processes"
+    stop()
+    assert len(said) == 1 and 0.0 <= said[0] <= len(os.sched_getaffinity(0)) + 0.01
+    assert said[0] < 0.9 or _others_busy()  # its own spinning is left out
+
+    quick: list[float] = []
+    stop = watch_busy(cpu_sample(), quick.append, seconds=5.0)
+    begun = time.monotonic()
+    stop()  # a job that ends before the window: no line, and no wait for the window
+    assert quick == [] and time.monotonic() - begun < 1.0
+    watch_busy(None, quick.append)()  # no /proc/stat: nothing measured
+    assert quick == []
+
+
+def _others_busy() -> bool:
+    """Whether other processes keep a CPU busy now (a loaded test machine): then the bound above says nothing."""
+    busy = busy_cpus(seconds=0.2)
+    return busy is not None and busy >= 0.5

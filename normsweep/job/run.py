@@ -14,7 +14,7 @@ import platform
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,13 +26,16 @@ from normsweep.job.checkpoint import drop_previous, load_checkpoint, save_checkp
 from normsweep.job.diagnostics import Diagnostics
 from normsweep.job.optim import no_decay
 from normsweep.job.placement import available_cpus
-from normsweep.job.threads import CpuSample, ThreadChoice, busy_since, choose_threads, cpu_sample, describe, step_macs
+from normsweep.job.threads import ThreadChoice, choose_threads, cpu_sample, describe, step_macs, watch_busy
 from normsweep.job.train import STALL_MIN_STEPS, EpochMetrics, describe_hardware, predict, resolve_device
 from normsweep.sweep.files import (
+    DIAGNOSTICS_COLUMNS,
     DIAGNOSTICS_FILE,
     FINISHED,
+    METRIC_COLUMNS,
     METRICS_FILE,
     TRIAL_KEY,
+    CsvLog,
     Status,
     disk_full,
     read_diagnostics,
@@ -85,21 +88,24 @@ def run_job(
     if previous["status"] in FINISHED:
         _log_kept(job_dir, previous)
         return previous
-    job, device, choice = _build(run, cpus or available_cpus(), previous)
-    provenance = _provenance(job, device, choice, overrides, config)
-    if trial is not None:
-        provenance[TRIAL_KEY] = trial.record
-    progress = _restore(job_dir, job, provenance, trial)
-    info = JobInfo(job_dir, config, overrides, sweep_dir, swept, progress.resumed_from, list(progress.rows))
-    progress.trackers = open_trackers(run.logger, info)
+    job, device, choice, end_watch = _build(run, cpus or available_cpus(), previous)
     try:
-        history, pruned = _train(job, progress)
-        summary = _summarize(job, progress, history, started, pruned)
-        write_summary(job_dir, summary)  # last: a folder whose summary says finished holds every file of the job
-        drop_previous(job_dir)
-        progress.trackers.finish(summary)
+        provenance = _provenance(job, device, choice, overrides, config)
+        if trial is not None:
+            provenance[TRIAL_KEY] = trial.record
+        progress = _restore(job_dir, job, provenance, trial)
+        info = JobInfo(job_dir, config, overrides, sweep_dir, swept, progress.resumed_from, list(progress.rows))
+        progress.trackers = open_trackers(run.logger, info)
+        try:
+            history, pruned = _train(job, progress)
+            summary = _summarize(job, progress, history, started, pruned)
+            write_summary(job_dir, summary)  # last: a folder whose summary says finished holds every file of the job
+            drop_previous(job_dir)
+            progress.trackers.finish(summary)
+        finally:
+            progress.trackers.close()
     finally:
-        progress.trackers.close()
+        end_watch()  # before the job's log lines end (a sweep's next job has its own tag)
     log.info(
         "test_acc %.2f%% test_loss %.4f (final model, %d test images)",
         summary["test_acc"],
@@ -120,17 +126,18 @@ def _log_kept(job_dir: Path, previous: dict[str, Any]) -> None:
     )
 
 
-def _build(run: Config, budget: int, previous: dict[str, Any]) -> tuple[Job, torch.device, ThreadChoice]:
-    """The job on its device, and the CPU threads it trains with (threads.py); the log says what trains where."""
+def _build(
+    run: Config, budget: int, previous: dict[str, Any]
+) -> tuple[Job, torch.device, ThreadChoice, Callable[[], None]]:
+    """The job on its device, and the CPU threads it trains with (threads.py); the log says what trains where. The
+    last item ends the watch of how busy the machine is (a line in the log when it is), which measures over the
+    job's first quarter of a second, beside its build and training."""
     device = resolve_device(run.device)
     torch.set_num_threads(run.threads or budget)  # until the choice below, which needs the model
-    cpus = cpu_sample()  # how busy the machine is, measured over the build
+    cpus = cpu_sample() if not run.threads and device.type == "cpu" else None
     job = build(run, device)
-    choice = _threads(run, budget, job.model, job.data.shape, device, previous, cpus)
+    choice = _threads(run, budget, job.model, job.data.shape, device, previous)
     torch.set_num_threads(choice.threads)
-    busy_line = describe(choice, available_cpus())
-    if busy_line:
-        log.info(busy_line)
     threads, data = choice.threads, job.data
     log.info(
         f"device {device} ({threads} CPU thread{'s' if threads > 1 else ''}, {describe_compute(job.compute)}) | "
@@ -139,29 +146,29 @@ def _build(run: Config, budget: int, previous: dict[str, Any]) -> tuple[Job, tor
         f"{len(data.test)} test images, {'x'.join(map(str, data.shape))}, {data.num_classes} classes | "
         f"{job.params} parameters"
     )
-    return job.to(device), device, choice
+
+    def say_busy(busy: float) -> None:
+        line = describe(replace(choice, busy=busy), available_cpus())
+        if line:
+            log.info(line)
+
+    return job.to(device), device, choice, watch_busy(cpus, say_busy)
 
 
 def _threads(
-    run: Config,
-    budget: int,
-    model: torch.nn.Module,
-    shape: tuple[int, ...],
-    device: torch.device,
-    previous: dict,
-    cpus: CpuSample | None,
+    run: Config, budget: int, model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, previous: dict
 ) -> ThreadChoice:
     """The job's CPU threads (threads.py). A job resumed with threads=0 keeps the count it started with: the rest of
     its epochs give the numbers they would have given, even on a node with more CPUs."""
     if run.threads or device.type != "cpu":
         return choose_threads(run.threads, budget, None)
     if previous.get("threads") and previous.get("epochs_completed"):
-        return ThreadChoice(int(previous["threads"]), "as before the resume", busy_since(cpus))
+        return ThreadChoice(int(previous["threads"]), "as before the resume")
     try:
         macs = step_macs(model, shape, run.batch_size)
     except Exception:  # a model that fails on blank images fails in training, with the error said there
         macs = None
-    return choose_threads(0, budget, macs, busy_since(cpus))
+    return choose_threads(0, budget, macs)
 
 
 def _provenance(
@@ -208,6 +215,12 @@ class _Progress:
     probe: Diagnostics | None
     trial: Trial | None = None
     trackers: Trackers = field(default_factory=lambda: Trackers({}))
+    metrics_file: CsvLog = field(init=False)
+    diagnostics_file: CsvLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics_file = CsvLog(self.job_dir / METRICS_FILE, METRIC_COLUMNS)
+        self.diagnostics_file = CsvLog(self.job_dir / DIAGNOSTICS_FILE, DIAGNOSTICS_COLUMNS)
 
     def mark(self, status: Status, epochs_completed: int) -> None:  # the summary of a job not (yet) finished
         summary = {"status": status, "epochs_completed": epochs_completed, "epochs": self.job.run.epochs}
@@ -216,11 +229,11 @@ class _Progress:
     def record(self, m: EpochMetrics, snapshot: Callable[[], dict[str, Any]]) -> None:
         """An epoch's files (train.fit's on_epoch): its diagnostics, its checkpoint, its row of metrics.csv."""
         if self.probe is not None:  # before the checkpoint: a resume from the one before drops this epoch's rows
-            write_diagnostics(self.job_dir, self.diagnostics_rows)
+            self.diagnostics_file.write(self.diagnostics_rows)
         if not m.diverged(self.job.diverge_loss):  # the checkpoint first: a kill between the two files loses nothing
             save_checkpoint(self.job_dir, snapshot())
         self.rows.append(asdict(m))
-        write_metrics(self.job_dir, self.rows)
+        self.metrics_file.write(self.rows)
         log.info(
             f"Epoch {m.epoch}/{self.job.run.epochs} train_loss {m.train_loss:.4f} train_acc {m.train_acc:.2f}% "
             f"val_loss {m.val_loss:.4f} val_acc {m.val_acc:.2f}% ({m.epoch_seconds:.2f} s, "

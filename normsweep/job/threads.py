@@ -11,7 +11,9 @@ with the same thread count, and gives the same numbers, whatever else the machin
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,31 @@ def busy_since(before: CpuSample | None, cpus: list[int] | None = None, at_least
     time.sleep(max(0.0, at_least - (time.monotonic() - before.at)))
     after = cpu_sample()
     return None if after is None else busy_between(before, after, cpus)
+
+
+def watch_busy(before: CpuSample | None, say: Callable[[float], None], seconds: float = 0.25) -> Callable[[], None]:
+    """Measure, `seconds` after `before`, how many of this process's CPUs other processes kept busy meanwhile, and
+    call `say(busy)` with it, from a timer thread: the job builds and trains in the meantime instead of sleeping
+    (busy_between leaves its own CPU time out). Returns the function that ends the watch, to call before the job
+    ends: it waits for a `say` under way, and a job that ended sooner says nothing."""
+    if before is None:
+        return lambda: None
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+    def measure() -> None:
+        after = cpu_sample()
+        if after is not None:
+            say(busy_between(before, after, cpus))
+
+    timer = threading.Timer(max(0.0, seconds - (time.monotonic() - before.at)), measure)
+    timer.daemon = True
+    timer.start()
+
+    def stop() -> None:
+        timer.cancel()
+        timer.join()
+
+    return stop
 
 
 def busy_between(before: CpuSample, after: CpuSample, cpus: list[int] | None = None) -> float:

@@ -17,7 +17,7 @@ import math
 import os
 import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -149,12 +149,33 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _write_csv(path: Path, columns: tuple[str, ...] | list[str], rows: list[dict[str, Any]]) -> None:
+def _csv_text(rows: Iterable[Iterable[Any]]) -> str:
     text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows([_cell(row.get(column)) for column in columns] for row in rows)
-    atomic_write(path, text.getvalue())
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return text.getvalue()
+
+
+def _write_csv(path: Path, columns: tuple[str, ...] | list[str], rows: list[dict[str, Any]]) -> None:
+    CsvLog(path, columns).write(rows)
+
+
+class CsvLog:
+    """A job's CSV file whose rows only grow as it trains (metrics.csv, diagnostics.csv), written whole and
+    atomically each time: the rows written before are kept formatted, so that an epoch formats only its own
+    (diagnostics.csv grows by a row per norm layer and metric every epoch)."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...] | list[str]) -> None:
+        self.path, self.columns = Path(path), tuple(columns)
+        self._header = _csv_text([self.columns])
+        self._text, self._rows = self._header, 0
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Write the file with `rows`: the same rows as the last write, and new ones after them."""
+        if len(rows) < self._rows:  # fewer than before: not a continuation, formatted again
+            self._text, self._rows = self._header, 0
+        text = self._text + _csv_text([_cell(row.get(c)) for c in self.columns] for row in rows[self._rows :])
+        atomic_write(self.path, text)
+        self._text, self._rows = text, len(rows)
 
 
 def write_metrics(job_dir: Path, rows: list[dict[str, Any]]) -> None:
