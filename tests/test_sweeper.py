@@ -4,6 +4,7 @@ that config instead of composing it a second time. Every config must be the one 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from hydra import initialize_config_dir
@@ -80,3 +81,92 @@ def test_the_launcher_trains_each_job_with_the_config_it_would_have_composed(tmp
 class _NoCallbacks:
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
+
+
+# Composed beside the first job's torch import: in a forked child of a process that has not imported torch (a new
+# interpreter, as `python -m normsweep -m ...` is); the configs it sends back must be the ones composed here.
+_BESIDE = r"""
+import os, sys
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from normsweep.config import hydra_compat
+from normsweep.config.schema import config_dir, register_configs
+from normsweep.sweep.compose import JobConfigs
+
+register_configs()
+stuck = sys.argv[1] == "stuck"  # the child never answers: the sweep composes here after the wait
+jobs = [o.split() for o in sys.argv[2:]]
+with initialize_config_dir(config_dir=config_dir(), **hydra_compat.version_base()):
+    loader = GlobalHydra.instance().config_loader()
+    if stuck:
+        import time
+        import normsweep.sweep.compose as compose
+        compose.BESIDE_WAIT_S, parent, real = 0.0, os.getpid(), type(loader).load_sweep_config
+        type(loader).load_sweep_config = lambda *a: time.sleep(600) if os.getpid() != parent else real(*a)
+    master = loader.load_configuration("config", ["epochs=1"], run_mode=RunMode.MULTIRUN)
+    beside, here = JobConfigs(loader, master), JobConfigs(loader, master)
+    meanwhile = []
+    beside.compose_beside(jobs, lambda: meanwhile.append(os.getpid()))
+    assert meanwhile == [os.getpid()] and "torch" not in sys.modules
+    print("sent back", len(beside.ready))
+    for job in jobs:
+        try:
+            got = OmegaConf.to_yaml(beside.compose(job))
+        except Exception as err:
+            print("refused", type(err).__name__, str(err).splitlines()[0])
+            try:
+                here.compose(job)
+            except Exception as same:
+                assert type(same) is type(err) and str(same) == str(err)
+            break
+        assert got == OmegaConf.to_yaml(here.compose(job)), job  # every key, hydra's too, in its order
+    assert beside.copies == here.copies
+    print("copies", beside.copies, "left", len(beside.ready))
+"""
+
+
+def _composed_beside(jobs: list[str], cwd: Path, stuck: bool = False) -> list[str]:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", _BESIDE, "stuck" if stuck else "-", *jobs]
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.splitlines()
+
+
+def test_a_forked_child_composes_the_jobs_while_the_first_one_imports_torch(tmp_path: Path) -> None:
+    jobs = ["norm=bn seed=0", "norm=gn seed=0", "norm=bn seed=1", "norm=ln optimizer.lr=0.1"]
+    # bn, gn and ln by Hydra in the child, the second bn job a copy of the first, here
+    assert _composed_beside(jobs, tmp_path) == ["sent back 3", "copies 1 left 0"]
+
+
+def test_a_child_that_does_not_answer_is_not_waited_for(tmp_path: Path) -> None:
+    started = time.monotonic()
+    assert _composed_beside(["norm=bn", "norm=gn"], tmp_path, stuck=True) == ["sent back 0", "copies 0 left 0"]
+    assert time.monotonic() - started < 60  # not the child's 600 s: killed after the wait, composed here
+
+
+def test_a_job_that_hydra_refuses_is_refused_as_without_the_child(tmp_path: Path) -> None:
+    said = _composed_beside(["norm=bn", "norm=gn", "norm=nonexistent", "norm=ln"], tmp_path)
+    assert said[0] == "sent back 2"  # the child stops at the job Hydra refuses: that one is composed here
+    assert said[1].startswith("refused ") and "nonexistent" in said[1]
+
+
+def test_with_torch_imported_the_jobs_are_composed_here() -> None:
+    import torch  # noqa: F401  (a test process has it: forking it would copy its threads)
+    from hydra.types import RunMode
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), **hydra_compat.version_base()):
+            loader = GlobalHydra.instance().config_loader()
+            master = loader.load_configuration("config", [], run_mode=RunMode.MULTIRUN)
+            configs, called = JobConfigs(loader, master), []
+            configs.compose_beside([["norm=bn"], ["norm=gn"]], lambda: called.append(True))
+    finally:
+        GlobalHydra.instance().clear()
+    assert called == [True] and configs.ready == {}

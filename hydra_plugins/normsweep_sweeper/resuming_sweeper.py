@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,6 +170,8 @@ class ResumingSweeper(BasicSweeper):
         assert self.hydra_context is not None and self.config is not None
         if self._configs is None:
             self._configs = JobConfigs(self.hydra_context.config_loader, self.config)
+        # The checks import torch: a forked child composes the jobs meanwhile (sweep/compose.py).
+        self._configs.compose_beside(jobs, lambda: importlib.import_module("normsweep.job.build"))
         mistakes: dict[str, list[list[str]]] = {}  # what a job's config is refused for -> the jobs' overrides
         checked = []
         for num, overrides in enumerate(jobs):

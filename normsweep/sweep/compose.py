@@ -2,11 +2,23 @@
 tenth of a second, so a 200-job grid took 16 s. Jobs of a grid differ mostly in plain values (`seed=1`,
 `optimizer.lr=0.01`): a job whose overrides differ from an earlier job's only in such values is a copy of that job's
 config with its values set the way Hydra sets them. Group choices (`norm=bn`), `+`, `++` and `~` overrides and
-`hydra.` keys are composed by Hydra, once per distinct set of them."""
+`hydra.` keys are composed by Hydra, once per distinct set of them.
+
+Those compositions run beside the first job's imports: a sweep checks every job before launch, and the first check
+imports torch (1.2-2 s); composing the jobs of the default sweep takes another 0.5 s. Both are Python holding the
+GIL, so a thread does not overlap them (tried): a forked child composes while this process imports, and sends the
+configs back pickled (a few milliseconds each)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import pickle
+import select
+import signal
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -19,6 +31,7 @@ from normsweep.sweep.files import override_key
 # The keys whose values differ between the jobs of the sweep being launched, comma-separated: a job's log lines are
 # tagged with those only (the launched processes inherit the environment).
 SWEPT_KEYS_ENV = "NORMSWEEP_SWEPT_KEYS"
+BESIDE_WAIT_S = 30.0  # how long compose_beside waits for its child after the imports (and half a second a config)
 
 
 def swept_keys(jobs: list[list[str]]) -> list[str]:
@@ -45,6 +58,7 @@ class JobConfigs:
         # when one of those keys turned out to be a config group there (then each such job is composed)
         self.composed: dict[tuple[str, ...], DictConfig | None] = {}
         self.copies = 0  # jobs made by copying: for the tests and the log
+        self.ready: dict[tuple[str, ...], DictConfig] = {}  # composed by compose_beside's child, by the overrides
 
     def _plain(self, override: Override) -> bool:
         return (
@@ -55,14 +69,71 @@ class JobConfigs:
             and override.key_or_group not in self.groups
         )
 
-    def compose(self, overrides: list[str]) -> DictConfig:
-        """The job's config, as `loader.load_sweep_config(master, overrides)` gives it."""
+    def _key(self, overrides: list[str]) -> tuple[list[Override], list[bool], tuple[str, ...]]:
+        """The overrides parsed, which of them are plain values, and the job's key: its other overrides, and the
+        keys of its plain ones."""
         parsed = self.parser.parse_overrides(overrides)
         plain = [self._plain(o) for o in parsed]
-        key = tuple(f"={o.key_or_group}" if p else str(o.input_line) for o, p in zip(parsed, plain))
+        return parsed, plain, tuple(f"={o.key_or_group}" if p else str(o.input_line) for o, p in zip(parsed, plain))
+
+    def compose_beside(self, jobs: list[list[str]], meanwhile: Callable[[], None]) -> None:
+        """Run `meanwhile()` here while a forked child composes, with Hydra, the jobs that compose() would give
+        Hydra (the first of each key); compose() then takes the configs it sent back. Nothing is taken where this
+        process cannot fork safely (not Linux, or torch imported already: its threads), for fewer than two such jobs,
+        or when the child fails: compose() composes them itself and says any mistake, as without this."""
+        firsts: dict[tuple[str, ...], list[str]] = {}
+        for overrides in jobs:
+            key = self._key(overrides)[2]
+            if key not in self.composed:
+                firsts.setdefault(key, list(overrides))
+        if len(firsts) < 2 or not sys.platform.startswith("linux") or "torch" in sys.modules:
+            meanwhile()
+            return
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: compose until the first job Hydra refuses (the parent composes it, and says why)
+            status = 0
+            try:
+                os.close(read)
+                ready = {}
+                for overrides in firsts.values():
+                    try:
+                        ready[tuple(overrides)] = self.loader.load_sweep_config(self.master, list(overrides))
+                    except Exception:
+                        break
+                with os.fdopen(write, "wb") as out:
+                    pickle.dump(ready, out, protocol=pickle.HIGHEST_PROTOCOL)
+            except BaseException:
+                status = 1
+            finally:
+                os._exit(status)  # nothing of the parent's: no exit handlers, no buffered output written twice
+        os.close(write)
+        try:
+            meanwhile()
+            # A child that has not answered in far longer than Hydra takes (a tenth of a second a config) is not
+            # waited for: its configs are composed here.
+            if select.select([read], [], [], BESIDE_WAIT_S + 0.5 * len(firsts))[0]:
+                with os.fdopen(read, "rb") as got:
+                    read = -1
+                    try:
+                        self.ready.update(pickle.load(got))
+                    except Exception:  # the child ended without sending them: composed here
+                        pass
+        finally:  # its work is done, or not needed (Ctrl-C, a failed import, no answer)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if read != -1:
+                os.close(read)
+            os.waitpid(pid, 0)
+
+    def compose(self, overrides: list[str]) -> DictConfig:
+        """The job's config, as `loader.load_sweep_config(master, overrides)` gives it."""
+        parsed, plain, key = self._key(overrides)
         template = self.composed.get(key)
         if template is None:
-            cfg = self.loader.load_sweep_config(self.master, list(overrides))
+            cfg = self.ready.pop(tuple(overrides), None)
+            if cfg is None:
+                cfg = self.loader.load_sweep_config(self.master, list(overrides))
             if key not in self.composed:
                 groups = set(cfg.hydra.runtime.choices)
                 derivable = not any(p and o.key_or_group in groups for o, p in zip(parsed, plain))
