@@ -170,7 +170,8 @@ def test_diagnostics_csv_is_written_and_cut_back_to_the_checkpoint_on_resume(
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / "diagnostics.csv"), whole)  # once, and equal
 
 
-def test_the_aggregator_draws_diagnostics_png_and_reports_its_numbers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("side_by_side", [False, True])  # True: report.md written while diagnostics.png is drawn
+def test_the_aggregator_draws_diagnostics_png_and_reports_its_numbers(tmp_path: Path, side_by_side: bool) -> None:
     for num, (norm, seed) in enumerate([("bn", 0), ("bn", 1), ("none", 0), ("none", 1)]):
         job = make_job(tmp_path, num, [f"norm={norm}", f"seed={seed}", "epochs=3"], 90.0 + num, seed)
         rows = [
@@ -182,7 +183,7 @@ def test_the_aggregator_draws_diagnostics_png_and_reports_its_numbers(tmp_path: 
         gap = {"layer": "model", "depth": 0, "metric": "train_eval_gap", "value": 0.1 * seed}
         rows += [{"epoch": e, **gap} for e in (1, 2, 3)]
         write_diagnostics(job, rows)
-    aggregate_report(tmp_path)
+    aggregate_report(tmp_path, side_by_side=side_by_side)
     assert (tmp_path / "diagnostics.png").stat().st_size > 10_000
     report = (tmp_path / "report.md").read_text()
     assert "![input std, gradient norm and update ratio" in report

@@ -504,9 +504,12 @@ def test_figures_drawn_side_by_side_are_both_written_and_a_failure_there_is_not_
 
     from normsweep.results.write import _draw
 
-    _draw([partial(_write_png, tmp_path / "curves.png"), partial(_write_png, tmp_path / "diagnostics.png")], True)
+    figures = [partial(_write_png, tmp_path / "curves.png"), partial(_write_png, tmp_path / "diagnostics.png")]
+    meanwhile: list[tuple[int, bool]] = []  # report.md's turn: here, while the other process may still draw
+    _draw(figures, True, lambda: meanwhile.append((os.getpid(), (tmp_path / "curves.png").is_file())))
     drawn_by = {(tmp_path / name).read_bytes().rsplit(b" ", 1)[1] for name in ("curves.png", "diagnostics.png")}
     assert str(os.getpid()).encode() in drawn_by and len(drawn_by) == 2  # the second one in a process of its own
+    assert meanwhile == [(os.getpid(), True)]  # after this process's own figures
     with pytest.raises(RuntimeError, match="drawing .*diagnostics.png failed"):
         _draw(
             [partial(_write_png, tmp_path / "curves.png"), partial(_fail_to_draw, tmp_path / "diagnostics.png")], True

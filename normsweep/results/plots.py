@@ -433,11 +433,12 @@ def plot_diagnostics(report: Report, table: pd.DataFrame, path: Path) -> None:
         shown = configs[matching(configs, block, code.panels)] if code.panels else configs
         where = f" ({_short_label(block, code.panels)})" if code.panels else ""
         drawn: dict[str, list[Any]] = {}
+        of_config = [(config, table[matching(table, config, report.keys)]) for _, config in shown.iterrows()]
         for i, (metric, when, title) in enumerate(panels):
             ax = axes[2 * b + i // columns, i % columns]
             drawn.setdefault(metric, []).append(ax)
-            for _, config in shown.iterrows():
-                rows = table[matching(table, config, report.keys) & (table["metric"] == metric)]
+            for config, rows in of_config:
+                rows = rows[rows["metric"] == metric]
                 rows = rows[rows["epoch"] == epochs[when]] if when else rows
                 x = "depth" if when else "epoch"
                 rows = rows.groupby(x)["value"].mean().sort_index()

@@ -202,9 +202,10 @@ def diagnostics_tables(report: Report, table: pd.DataFrame) -> tuple[pd.DataFram
     return pd.DataFrame(layers), pd.DataFrame(gaps)
 
 
-def diagnostics_section(report: Report, sweep_dir: Path) -> list[str]:
-    """report.md's diagnostics: the figure, how to read it, and its numbers; nothing when no job measured them."""
-    table = diagnostics(report, sweep_dir) if (Path(sweep_dir) / DIAGNOSTICS_FIGURE).is_file() else None
+def diagnostics_section(report: Report, sweep_dir: Path, drawn: bool) -> list[str]:
+    """report.md's diagnostics: the figure (`drawn`: diagnostics.png is written), how to read it, and its numbers;
+    nothing when no job measured them."""
+    table = diagnostics(report, sweep_dir) if drawn else None
     if table is None:
         return []
     layers, gaps = diagnostics_tables(report, table)
@@ -261,9 +262,9 @@ def stalled_section(report: Report, sweep_dir: Path) -> list[str]:
     ]
 
 
-def search_section(report: Report, sweep_dir: Path) -> list[str]:
+def search_section(report: Report, drawn: bool) -> list[str]:
     """report.md's search of a tuning sweep: per study its trials, pruned and completed ones and its best setting,
-    then search.png; nothing for a grid."""
+    then search.png (`drawn`: it is written); nothing for a grid."""
     tuning = report.tuning
     if tuning is None:
         return []
@@ -290,7 +291,7 @@ def search_section(report: Report, sweep_dir: Path) -> list[str]:
         ),
         "",
     ]
-    if (Path(sweep_dir) / SEARCH_FIGURE).is_file():
+    if drawn:
         out += [
             f"![each search trial's validation accuracy against the values it tried]({SEARCH_FIGURE})",
             "",
@@ -338,9 +339,11 @@ def results_text(report: Report) -> str:
     return " ".join(parts)
 
 
-def render(report: Report, sweep_dir: Path, command: str | None) -> str:
-    """report.md's text."""
+def render(report: Report, sweep_dir: Path, command: str | None, drawn: set[str] | None = None) -> str:
+    """report.md's text. `drawn`: the names of the figures written with it (default: those in the folder)."""
     sweep_dir = Path(sweep_dir).resolve()
+    if drawn is None:
+        drawn = {f.name for f in (sweep_dir / DIAGNOSTICS_FIGURE, sweep_dir / SEARCH_FIGURE) if f.is_file()}
     best, compare = report.best, report.compare
     finished = report.runs["status"].value_counts()
     counts = ", ".join(f"{n} {status}" for status, n in finished.items())
@@ -365,7 +368,7 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
     said += recipe_sentences(report.mixed)
     for line in [*resolution_notes(report), *(f"**{sentence}**" for sentence in said)]:
         out += [line, ""]
-    out += search_section(report, sweep_dir)
+    out += search_section(report, SEARCH_FIGURE in drawn)
     if best is not None and compare and report.tuning is None:  # a tuning sweep's is its search table
         tuned = tuned_columns(best, compare)
         out += [
@@ -403,12 +406,13 @@ def render(report: Report, sweep_dir: Path, command: str | None) -> str:
     for key in swept_numbers(report):
         bars = " ± 95% CI" if report.results["runs"].max() > 1 else ""
         out += [f"Test accuracy (%) by {key}{bars} (curves.png):", "", markdown(against_table(report, key)), ""]
-    out += diagnostics_section(report, sweep_dir)
+    out += diagnostics_section(report, sweep_dir, DIAGNOSTICS_FIGURE in drawn)
     return "\n".join(out)
 
 
-def write_report(report: Report, sweep_dir: Path, command: str | None = None) -> Path:
-    """Write report.md into the sweep folder; the command defaults to the one rebuilt from multirun.yaml."""
+def write_report(report: Report, sweep_dir: Path, command: str | None = None, drawn: set[str] | None = None) -> Path:
+    """Write report.md into the sweep folder; the command defaults to the one rebuilt from multirun.yaml. `drawn`:
+    the names of the figures the aggregation writes (it may still be drawing them); default: those in the folder."""
     path = Path(sweep_dir) / REPORT_FILE
-    atomic_write(path, render(report, sweep_dir, command or sweep_command(sweep_dir)))
+    atomic_write(path, render(report, sweep_dir, command or sweep_command(sweep_dir), drawn))
     return path

@@ -11,11 +11,12 @@ import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from normsweep.results.plots import plot_curves, plot_diagnostics, plot_search
-from normsweep.results.report import DIAGNOSTICS_FIGURE, SEARCH_FIGURE, sweep_command, write_report
+from normsweep.results.report import DIAGNOSTICS_FIGURE, REPORT_FILE, SEARCH_FIGURE, sweep_command, write_report
 from normsweep.results.tables import (
     Report,
     best_by,
@@ -31,13 +32,15 @@ from normsweep.sweep.files import ATTENTION, Status, atomic_write, disk_full, jo
 LOG = "normsweep.log"  # each job's log, as Hydra names it (hydra.job.name + .log)
 
 
-def aggregate(sweep_dir: Path, compare: str | None = "norm", side_by_side: bool = False) -> Report:
+def aggregate(
+    sweep_dir: Path, compare: str | None = "norm", side_by_side: bool = False, with_report: bool = False
+) -> Report:
     """Write runs.csv, results.csv, best_by_<compare>.csv (when something besides `compare` was swept or searched)
     and curves.png (and diagnostics.png, when the jobs wrote diagnostics.csv; search.png, for a tuning sweep) into
-    `sweep_dir`, and return what was aggregated.
+    `sweep_dir`, and return what was aggregated; `with_report`, report.md too.
 
     Raises ValueError, before writing anything, if `compare` names no key of the sweep (None: no best-by table).
-    `side_by_side` draws the last figure beside the others, at once (see _draw).
+    `side_by_side` draws the last figure beside the others, at once, and writes report.md meanwhile (see _draw).
     """
     sweep_dir = Path(sweep_dir)
     report = collect(sweep_dir)
@@ -55,23 +58,29 @@ def aggregate(sweep_dir: Path, compare: str | None = "norm", side_by_side: bool 
         figures.append(partial(plot_diagnostics, report, layers, sweep_dir / DIAGNOSTICS_FIGURE))
     if report.tuning is not None:
         figures.append(partial(plot_search, report, sweep_dir / SEARCH_FIGURE))
-    _draw(figures, side_by_side)
+    drawn = {draw.args[-1].name for draw in figures}
+    _draw(figures, side_by_side, partial(write_report, report, sweep_dir, drawn=drawn) if with_report else None)
     return report
 
 
-def _draw(figures: list[Callable[[], None]], side_by_side: bool) -> None:
-    """Draw the figures, the last one in a forked process beside this one when `side_by_side` (the warm
-    aggregation process, single-threaded, at the end of a sweep when the cores are free: each figure is about
-    half a second). A figure that fails there fails the aggregation too; its traceback is printed by it."""
-    if not (side_by_side and len(figures) > 1 and hasattr(os, "fork")):
+def _draw(figures: list[Callable[[], None]], side_by_side: bool, meanwhile: Callable[[], Any] | None = None) -> None:
+    """Draw the figures, then call `meanwhile`; when `side_by_side`, the last figure is drawn in a forked process
+    beside this one, while this one draws the others and calls `meanwhile` (the warm aggregation process,
+    single-threaded, at the end of a sweep when the cores are free: each figure is about half a second). A figure
+    that fails there fails the aggregation too; its traceback is printed by it."""
+    if not (side_by_side and (len(figures) > 1 or meanwhile and figures) and hasattr(os, "fork")):
         for draw in figures:
             draw()
+        if meanwhile is not None:
+            meanwhile()
         return
     other = multiprocessing.get_context("fork").Process(target=_draw_apart, args=(figures[-1],), daemon=True)
     other.start()
     try:
         for draw in figures[:-1]:
             draw()
+        if meanwhile is not None:
+            meanwhile()
     finally:
         other.join()
     path = figures[-1].args[-1]
@@ -95,9 +104,9 @@ def report(sweep_dir: Path, compare: str | None = "norm", side_by_side: bool = F
     """Aggregate `sweep_dir` and write its report.md; print the comparison table, the best-by table when there is
     one, where the files are, and a line per job in trouble. A `compare` naming no key of the sweep raises
     ValueError before any file is written."""
-    result = aggregate(sweep_dir, compare, side_by_side)
+    result = aggregate(sweep_dir, compare, side_by_side, with_report=True)
     best = result.best
-    written = write_report(result, sweep_dir)
+    written = Path(sweep_dir) / REPORT_FILE
     where = Path(sweep_dir).resolve()
     print(format_table(result), flush=True)
     if best is not None and compare:
