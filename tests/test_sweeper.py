@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from conftest import ROOT
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.plugins import Plugins
@@ -127,30 +128,30 @@ with initialize_config_dir(config_dir=config_dir(), **hydra_compat.version_base(
 """
 
 
-def _composed_beside(jobs: list[str], cwd: Path, stuck: bool = False) -> list[str]:
+def _composed_beside(jobs: list[str], stuck: bool = False) -> list[str]:
     import subprocess
     import sys
 
     command = [sys.executable, "-c", _BESIDE, "stuck" if stuck else "-", *jobs]
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)  # this checkout's normsweep
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.splitlines()
 
 
-def test_a_forked_child_composes_the_jobs_while_the_first_one_imports_torch(tmp_path: Path) -> None:
+def test_a_forked_child_composes_the_jobs_while_the_first_one_imports_torch() -> None:
     jobs = ["norm=bn seed=0", "norm=gn seed=0", "norm=bn seed=1", "norm=ln optimizer.lr=0.1"]
     # bn, gn and ln by Hydra in the child, the second bn job a copy of the first, here
-    assert _composed_beside(jobs, tmp_path) == ["sent back 3", "copies 1 left 0"]
+    assert _composed_beside(jobs) == ["sent back 3", "copies 1 left 0"]
 
 
-def test_a_child_that_does_not_answer_is_not_waited_for(tmp_path: Path) -> None:
+def test_a_child_that_does_not_answer_is_not_waited_for() -> None:
     started = time.monotonic()
-    assert _composed_beside(["norm=bn", "norm=gn"], tmp_path, stuck=True) == ["sent back 0", "copies 0 left 0"]
+    assert _composed_beside(["norm=bn", "norm=gn"], stuck=True) == ["sent back 0", "copies 0 left 0"]
     assert time.monotonic() - started < 60  # not the child's 600 s: killed after the wait, composed here
 
 
-def test_a_job_that_hydra_refuses_is_refused_as_without_the_child(tmp_path: Path) -> None:
-    said = _composed_beside(["norm=bn", "norm=gn", "norm=nonexistent", "norm=ln"], tmp_path)
+def test_a_job_that_hydra_refuses_is_refused_as_without_the_child() -> None:
+    said = _composed_beside(["norm=bn", "norm=gn", "norm=nonexistent", "norm=ln"])
     assert said[0] == "sent back 2"  # the child stops at the job Hydra refuses: that one is composed here
     assert said[1].startswith("refused ") and "nonexistent" in said[1]
 
