@@ -78,9 +78,10 @@ class JobConfigs:
 
     def compose_beside(self, jobs: list[list[str]], meanwhile: Callable[[], None]) -> None:
         """Run `meanwhile()` here while a forked child composes, with Hydra, the jobs that compose() would give
-        Hydra (the first of each key); compose() then takes the configs it sent back. Nothing is taken where this
-        process cannot fork safely (not Linux, or torch imported already: its threads), for fewer than two such jobs,
-        or when the child fails: compose() composes them itself and says any mistake, as without this."""
+        Hydra (the first of each key) but the first, composed here before; compose() then takes the configs. The
+        child composes nothing where this process cannot fork safely (not Linux, or torch imported already: its
+        threads), for fewer than two such jobs, or when it fails: compose() composes them here and says any mistake,
+        as without this."""
         firsts: dict[tuple[str, ...], list[str]] = {}
         for overrides in jobs:
             key = self._key(overrides)[2]
@@ -89,6 +90,9 @@ class JobConfigs:
         if len(firsts) < 2 or not sys.platform.startswith("linux") or "torch" in sys.modules:
             meanwhile()
             return
+        # The first here, before the imports: a mistake in it (norm=nonexistent,bn) is said in half a second.
+        first, *rest = firsts.values()
+        self.ready[tuple(first)] = self.loader.load_sweep_config(self.master, list(first))
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: compose until the first job Hydra refuses (the parent composes it, and says why)
@@ -96,7 +100,7 @@ class JobConfigs:
             try:
                 os.close(read)
                 ready = {}
-                for overrides in firsts.values():
+                for overrides in rest:
                     try:
                         ready[tuple(overrides)] = self.loader.load_sweep_config(self.master, list(overrides))
                     except Exception:
@@ -112,7 +116,7 @@ class JobConfigs:
             meanwhile()
             # A child that has not answered in far longer than Hydra takes (a tenth of a second a config) is not
             # waited for: its configs are composed here.
-            if select.select([read], [], [], BESIDE_WAIT_S + 0.5 * len(firsts))[0]:
+            if select.select([read], [], [], BESIDE_WAIT_S + 0.5 * len(rest))[0]:
                 with os.fdopen(read, "rb") as got:
                     read = -1
                     try:
