@@ -65,3 +65,10 @@ def test_digits_read_from_its_file_are_scikit_learns_digits() -> None:
     bunch = load_digits()
     assert images.shape == (1797, 8, 8) and np.array_equal(images, bunch.images)
     assert np.array_equal(labels, bunch.target)
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_first_job_hydra_refuses_imports_no_torch(tmp_path: Path) -> None:
+    # The sweep composes its other jobs beside torch's import (sweep/compose.py); the first one comes before it.
+    assert _imported(["-m", "norm=nonexistent,bn,gn", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path) == set()
+    assert not (tmp_path / "s").exists()
