@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -146,18 +147,21 @@ def _composed_beside(jobs: list[str], stuck: bool = False) -> list[str]:
     return done.stdout.splitlines()
 
 
+@pytest.mark.slow  # a new interpreter each
 def test_a_forked_child_composes_the_jobs_while_the_first_one_imports_torch() -> None:
     jobs = ["norm=bn seed=0", "norm=gn seed=0", "norm=bn seed=1", "norm=ln optimizer.lr=0.1"]
     # bn here, gn and ln by Hydra in the child, the second bn job a copy of the first
     assert _composed_beside(jobs) == ["taken 3", "copies 1 left 0"]
 
 
+@pytest.mark.slow  # a new interpreter each
 def test_a_child_that_does_not_answer_is_not_waited_for() -> None:
     started = time.monotonic()
     assert _composed_beside(["norm=bn", "norm=gn"], stuck=True) == ["taken 1", "copies 0 left 0"]  # bn, here
     assert time.monotonic() - started < 60  # not the child's 600 s: killed after the wait, composed here
 
 
+@pytest.mark.slow  # a new interpreter each
 def test_a_job_that_hydra_refuses_is_refused_as_without_the_child() -> None:
     first = _composed_beside(["norm=nonexistent", "norm=bn"])  # the first: here, before anything is imported
     assert first[0].startswith("refused MissingConfigException") and "nonexistent" in first[0]
