@@ -68,7 +68,7 @@ def _draw(figures: list[Callable[[], None]], side_by_side: bool, meanwhile: Call
     beside this one, while this one draws the others and calls `meanwhile` (the warm aggregation process,
     single-threaded, at the end of a sweep when the cores are free: each figure is about half a second). A figure
     that fails there fails the aggregation too; its traceback is printed by it."""
-    if not (side_by_side and (len(figures) > 1 or meanwhile and figures) and hasattr(os, "fork")):
+    if not (side_by_side and (len(figures) > 1 or (meanwhile is not None and figures)) and hasattr(os, "fork")):
         for draw in figures:
             draw()
         if meanwhile is not None:
