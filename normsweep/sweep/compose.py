@@ -59,6 +59,7 @@ class JobConfigs:
         self.composed: dict[tuple[str, ...], DictConfig | None] = {}
         self.copies = 0  # jobs made by copying: for the tests and the log
         self.ready: dict[tuple[str, ...], DictConfig] = {}  # composed by compose_beside's child, by the overrides
+        self._keys: dict[tuple[str, ...], tuple[list[Override], list[bool], tuple[str, ...]]] = {}  # _key's, kept
 
     def _plain(self, override: Override) -> bool:
         return (
@@ -71,10 +72,14 @@ class JobConfigs:
 
     def _key(self, overrides: list[str]) -> tuple[list[Override], list[bool], tuple[str, ...]]:
         """The overrides parsed, which of them are plain values, and the job's key: its other overrides, and the
-        keys of its plain ones."""
-        parsed = self.parser.parse_overrides(overrides)
-        plain = [self._plain(o) for o in parsed]
-        return parsed, plain, tuple(f"={o.key_or_group}" if p else str(o.input_line) for o, p in zip(parsed, plain))
+        keys of its plain ones. Kept: compose_beside and compose ask for each job's (a millisecond a parse)."""
+        known = self._keys.get(tuple(overrides))
+        if known is None:
+            parsed = self.parser.parse_overrides(overrides)
+            plain = [self._plain(o) for o in parsed]
+            key = tuple(f"={o.key_or_group}" if p else str(o.input_line) for o, p in zip(parsed, plain))
+            known = self._keys[tuple(overrides)] = (parsed, plain, key)
+        return known
 
     def compose_beside(self, jobs: list[list[str]], meanwhile: Callable[[], None]) -> None:
         """Run `meanwhile()` here while a forked child composes, with Hydra, the jobs that compose() would give
@@ -83,11 +88,12 @@ class JobConfigs:
         threads), for fewer than two such jobs, or when it fails: compose() composes them here and says any mistake,
         as without this."""
         firsts: dict[tuple[str, ...], list[str]] = {}
-        for overrides in jobs:
-            key = self._key(overrides)[2]
-            if key not in self.composed:
-                firsts.setdefault(key, list(overrides))
-        if len(firsts) < 2 or not sys.platform.startswith("linux") or "torch" in sys.modules:
+        if sys.platform.startswith("linux") and "torch" not in sys.modules:
+            for overrides in jobs:
+                key = self._key(overrides)[2]
+                if key not in self.composed:
+                    firsts.setdefault(key, list(overrides))
+        if len(firsts) < 2:
             meanwhile()
             return
         # The first here, before the imports: a mistake in it (norm=nonexistent,bn) is said in half a second.
