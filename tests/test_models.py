@@ -143,7 +143,7 @@ def test_a_conv_has_a_bias_only_without_a_norm(norm: str) -> None:
 def test_without_a_norm_every_block_starts_as_the_identity_and_its_gain_learns() -> None:
     torch.manual_seed(0)
     net = ResNet(3, (8, 8), 10, norm_factory(NORMS["none"](), "resnet20"), **TINY)
-    block = net.features[-3]  # stage 2, block 2: identity shortcut
+    block = net.features[-2]  # stage 2, block 2: identity shortcut (then the pool)
     x = torch.rand(4, 16, 4, 4)  # a block's input follows a ReLU: non-negative
     assert torch.equal(block(x), x)
     nn.functional.cross_entropy(net(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()

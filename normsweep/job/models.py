@@ -190,6 +190,15 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
+class GlobalAvgPool(nn.Module):
+    """Each channel's mean over its positions, (N, C, H, W) → (N, C): an adaptive average pool to 1x1 and a flatten
+    in one reduction that torch.func.vmap batches (the pool has no batching rule: in a packed step, job/pack.py, it
+    would run one member at a time)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
 class ResNet(nn.Module):
     """conv3x3 stem → norm → ReLU, stages of BasicBlocks (stride 2 from the second stage on), global average pool, fc.
 
@@ -216,7 +225,7 @@ class ResNet(nn.Module):
                 stride = 2 if s > 1 and b == 1 else 1
                 layers.append(BasicBlock(channels, width, stride, norm, f"stage{s}.block{b}", zero_init_residual))
                 channels = width
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(*layers, GlobalAvgPool())
         self.classifier = nn.Linear(channels, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):  # the paper's init (He et al. 2015), not PyTorch's smaller default
