@@ -1,0 +1,273 @@
+"""Jobs trained together: the models of several jobs that share an architecture, a data set's shapes, a batch size
+and a number of epochs, stacked into one set of tensors and trained by one vmapped step (torch.func).
+
+Each member keeps what makes it its own job: its model's weights drawn from its seed, its data split and batch
+order, its optimizer with its own state, rate and schedule, its history, its checkpoint and its end (a member that
+diverges or whose trial is pruned leaves the pack; the others go on with their numbers unchanged). A member's
+module stays an ordinary nn.Module: its parameters and buffers are views of one row of the pack's stacked tensors,
+so its optimizer steps them in place, its evaluation, diagnostics and state_dict work as for a job trained alone,
+and nothing is copied per step. No files, no Hydra: the caller's `on_epoch` writes each member's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from normsweep.job.build import Job
+from normsweep.job.data import crop_and_flip, normalize, pad_for_crops
+from normsweep.job.optim import build_optimizer, build_scheduler, last_lr, step_function, without_dynamo
+from normsweep.job.train import EpochMetrics, Steps, batch_slices, evaluate, prepare
+
+OnEpoch = Callable[[EpochMetrics, Callable[[], dict[str, Any]]], None]
+
+
+@dataclass
+class Member:
+    """One job of a pack: what `fit` takes for a job trained alone (its callbacks and the state it resumes from).
+    After packed training, `history` holds its epochs and `ended` what stopped it early (an exception its
+    `on_epoch` raised: a pruned trial, a full disk; None when it trained to its end or diverged)."""
+
+    job: Job
+    on_epoch: OnEpoch | None = None
+    state: dict[str, Any] | None = None
+    diagnose: Callable[[int], None] | None = None
+    history: list[EpochMetrics] = field(default_factory=list)
+    ended: BaseException | None = None
+
+
+def why_not_packed(jobs: list[Job]) -> str | None:
+    """Why these jobs cannot train as one pack (the first reason, in a user's words), or None when they can: the
+    same architecture (parameter and buffer names and shapes), the same number of training and validation images
+    of the same shape, augmentation, batch size, epochs, precision and device, and no compiled model."""
+    first = jobs[0]
+    shapes = _shapes(first.model)
+    for job in jobs[1:]:
+        run, other = job.run, first.run
+        if _shapes(job.model) != shapes:
+            return "their models differ in layers or shapes"
+        for key in ("batch_size", "epochs", "precision", "device"):
+            if getattr(run, key) != getattr(other, key):
+                return f"their {key} differs ({getattr(other, key)} and {getattr(run, key)})"
+        for split in ("train", "val"):
+            a, b = getattr(first.data, split).images, getattr(job.data, split).images
+            if a.shape != b.shape or a.dtype != b.dtype:
+                return f"their {split} splits differ in size or shape ({tuple(a.shape)} and {tuple(b.shape)})"
+        if (job.data.crop_padding, job.data.hflip) != (first.data.crop_padding, first.data.hflip):
+            return "their augmentation differs"
+    if any(job.compute.compile for job in jobs):
+        return "compile=true compiles each model alone"
+    return None
+
+
+def _shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [(name, tuple(t.shape), t.dtype) for name, t in named]
+
+
+class _Stack:
+    """The members' parameters and buffers as stacked tensors (one row per member), the members' own tensors
+    pointed at their rows. Parameters keep their identity (their optimizers hold them): their `.data` moves."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        self.models = models
+        self.params = {
+            name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_()
+            for name, _ in models[0].named_parameters()
+        }
+        self.buffers = {
+            name: torch.stack([dict(m.named_buffers())[name] for m in models]) for name, _ in models[0].named_buffers()
+        }
+        for row, model in enumerate(models):
+            for name, p in model.named_parameters():
+                p.data = self.params[name].detach()[row]
+            for name, _ in list(model.named_buffers()):
+                owner, attr = _owner(model, name)
+                owner._buffers[attr] = self.buffers[name][row]
+        self.members_params = [[(name, p) for name, p in m.named_parameters()] for m in models]
+
+    def grads_to_members(self) -> None:
+        for row, named in enumerate(self.members_params):
+            for name, p in named:
+                grad = self.params[name].grad
+                p.grad = None if grad is None else grad[row]
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def _stateless(model: nn.Module) -> nn.Module:
+    """The model's structure without its tensors, for functional_call to run with the stacked ones."""
+    return copy.deepcopy(model).to("meta")
+
+
+@dataclass
+class _Running:
+    """A member while it trains: its optimizer, schedule, batch order generator and global random state."""
+
+    member: Member
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    torch_rng: torch.Tensor
+    step: Callable[[], Any]
+    forward: nn.Module
+
+
+def fit_packed(
+    members: list[Member], watch: Callable[[Steps], contextlib.AbstractContextManager] | None = None
+) -> None:
+    """Train the members together, epoch by epoch, as `train.fit` trains each alone (the same order of batches,
+    crops and flips from each member's seed, the same optimizer and schedule steps), each member's `diagnose` and
+    `on_epoch` called after each epoch as `fit` calls them. Each epoch's `epoch_seconds` is the pack's (all its
+    members' training and validation); `images_per_second` is each member's own. A member leaves the pack after
+    the epoch in which it diverges or in which its `on_epoch` raises (kept in its `ended`); KeyboardInterrupt and
+    SystemExit end the whole pack. Every member resumes from its `state` (all at the same epoch) or none does."""
+    from torch.func import functional_call, vmap
+
+    epochs_done = {len(m.state["history"]) if m.state else 0 for m in members}
+    if len(epochs_done) > 1:
+        raise ValueError(f"members resume from different epochs ({sorted(epochs_done)}): pack those at one epoch")
+    first = members[0].job
+    run, data, compute = first.run, first.data, first.compute
+    if not compute.compile:
+        without_dynamo()
+    running = [_start(m) for m in members]
+    stack = _Stack([r.member.job.model for r in running])
+    base = _stateless(first.model)
+
+    def one(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(base, (params, buffers), (x,))
+
+    batched = vmap(one, in_dims=(0, 0, 0), randomness="different")
+    n = len(data.train)
+    per_step = run.optimizer.schedule_step == "step"
+    for epoch in range(epochs_done.pop() + 1, run.epochs + 1):
+        start = time.perf_counter()
+        steps = Steps(epoch=epoch, total=n)
+        with watch(steps) if watch is not None else contextlib.nullcontext():
+            losses, correct = _train_epoch(running, stack, batched, per_step, steps)
+        train_seconds = time.perf_counter() - start
+        ends: list[tuple[_Running, EpochMetrics]] = []
+        for r, loss, right in zip(running, losses, correct):
+            job = r.member.job
+            if not per_step:
+                r.scheduler.step()
+            val_loss, val_acc = evaluate(r.forward, job.data.val, job.data, job.compute)
+            if r.member.diagnose is not None:
+                r.member.diagnose(epoch)
+            rate = n / train_seconds
+            metrics = EpochMetrics(epoch, loss, 100.0 * right / n, val_loss, val_acc, last_lr(r.scheduler), 0.0, rate)
+            ends.append((r, metrics))
+        seconds = time.perf_counter() - start
+        leaving = []
+        for r, metrics in ends:
+            metrics.epoch_seconds = seconds
+            r.member.history.append(metrics)
+            if r.member.on_epoch is not None:
+                try:
+                    r.member.on_epoch(metrics, _snapshot(r))
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as err:  # this member ends here; the others go on
+                    r.member.ended = err
+                    leaving.append(r)
+                    continue
+            if metrics.diverged(r.member.job.diverge_loss):
+                leaving.append(r)
+        if leaving:
+            running = [r for r in running if r not in leaving]
+            if not running:
+                return
+            stack = _Stack([r.member.job.model for r in running])
+
+
+def _start(member: Member) -> _Running:
+    """A member ready to train: its optimizer and schedule built, and restored from its state when it has one."""
+    job, run = member.job, member.job.run
+    model = job.model
+    forward = prepare(model, job.compute)
+    model.train()
+    optimizer = build_optimizer(model.parameters(), run.optimizer)
+    steps = len(batch_slices(len(job.data.train), run.batch_size)) if run.optimizer.schedule_step == "step" else 1
+    scheduler = build_scheduler(optimizer, run.optimizer.schedule, run.epochs, run.optimizer.warmup_epochs, steps)
+    generator = torch.Generator(device=job.data.train.labels.device).manual_seed(run.seed)
+    torch_rng = torch.get_rng_state()
+    if member.state is not None:
+        state = member.state
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["rng"]["generator"])
+        torch_rng = state["rng"]["torch"]
+        member.history = [EpochMetrics(**m) for m in state["history"]]
+    return _Running(member, optimizer, scheduler, generator, torch_rng, step_function(optimizer), forward)
+
+
+def _snapshot(r: _Running) -> Callable[[], dict[str, Any]]:
+    def snapshot() -> dict[str, Any]:
+        return {
+            "epoch": len(r.member.history),
+            "model": {name: t.clone() for name, t in r.member.job.model.state_dict().items()},
+            "optimizer": r.optimizer.state_dict(),
+            "scheduler": r.scheduler.state_dict(),
+            "rng": {"generator": r.generator.get_state(), "torch": r.torch_rng},
+            "history": [asdict(m) for m in r.member.history],
+        }
+
+    return snapshot
+
+
+def _train_epoch(
+    running: list[_Running], stack: _Stack, batched: Callable[..., torch.Tensor], per_step: bool, steps: Steps
+) -> tuple[list[float], list[int]]:
+    """One epoch of every member, each over its own training split in its own seeded order; per member its mean
+    loss and correct count."""
+    first = running[0].member.job
+    data, compute, batch_size = first.data, first.compute, first.run.batch_size
+    device = data.train.labels.device
+    n = len(data.train)
+    k = len(running)
+    canvases, labels = [], []
+    for r in running:
+        train = r.member.job.data.train
+        order = torch.randperm(n, device=device, generator=r.generator)
+        canvases.append(pad_for_crops(train.images[order], data.crop_padding))
+        labels.append(train.labels[order])
+    ordered_labels = torch.stack(labels)
+    predictions = torch.empty(k, n, dtype=torch.int64, device=device)
+    loss_sums = torch.zeros(k, device=device)
+    for s in batch_slices(n, batch_size):
+        x = torch.stack(
+            [
+                normalize(crop_and_flip(canvas[s], data.crop_padding, data.hflip, r.generator), r.member.job.data)
+                for r, canvas in zip(running, canvases)
+            ]
+        )
+        y = ordered_labels[:, s]
+        with compute.autocast(device):
+            logits = batched(stack.params, stack.buffers, x)
+            losses = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+            losses = losses.view(k, -1).mean(1)
+        for p in stack.params.values():
+            p.grad = None
+        losses.sum().backward()
+        stack.grads_to_members()
+        for r in running:
+            r.step()
+            if per_step:
+                r.scheduler.step()
+        loss_sums += losses.detach() * (s.stop - s.start)
+        torch.argmax(logits.detach(), 2, out=predictions[:, s])
+        steps.images = s.stop
+    correct = (predictions == ordered_labels).sum(1)
+    return [v / n for v in loss_sums.tolist()], [int(c) for c in correct.tolist()]
