@@ -165,7 +165,8 @@ def test_a_killed_pack_resumes_to_the_numbers_of_one_never_stopped():
     for w, r in zip(whole, resumed):
         assert [m.epoch for m in r.history] == [1, 2, 3]
         for a, b in zip(w.history, r.history):
-            assert (b.train_loss, b.val_loss, b.val_acc) == pytest.approx((a.train_loss, a.val_loss, a.val_acc), rel=1e-6)
+            numbers = (a.train_loss, a.val_loss, a.val_acc)
+            assert (b.train_loss, b.val_loss, b.val_acc) == pytest.approx(numbers, rel=1e-6)
 
 
 def test_a_packed_members_checkpoint_is_a_job_alone_and_resumes_alone():
