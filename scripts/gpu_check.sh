@@ -10,6 +10,9 @@
 #   determinism  scripts/cudnn_determinism.py: what deterministic cuDNN costs, and whether it is needed
 #   compile      the benchmark again with --compile (deep_cnn, every norm, bf16 then fp32)
 #   suite        the whole test suite with CUDA available (no SLURM cluster there: those tests skip)
+#   packing      5 norms x 3 seeds on CIFAR-shaped synthetic images (50,000 train+val), resnet20 and deep_cnn:
+#                one job at a time, 4 at once (joblib), and packed (pack=true); packed against alone per job
+#                (scripts/compare_packed.py). Not in the default list (about 6 minutes): bash scripts/gpu_check.sh info packing
 #
 # Results go to $OUT (the device tool's output folder) or ./gpu_results: every log and CSV in results.tar.gz, and
 # each section's exit status and seconds in sections.txt, both rewritten after every section, so that a run stopped
@@ -100,6 +103,23 @@ run_compile() {
     done
 }
 
+run_packing() {
+    local data=(dataset=synthetic dataset.size=62500 "dataset.shape=[3,32,32]" "epochs=${PACK_EPOCHS:-2}" device=cuda)
+    local model how s extra
+    for model in ${PACK_MODELS:-resnet20 deep_cnn}; do
+        for how in packed alone joblib4; do
+            extra=(pack=false)
+            [[ $how == packed ]] && extra=(pack=true)
+            [[ $how == joblib4 ]] && extra=(pack=false hydra/launcher=joblib hydra.launcher.n_jobs=4)
+            s=$(ms)
+            $PY -m normsweep -m norm=none,bn,ln,in,gn seed=0,1,2 "model=$model" "${data[@]}" "${extra[@]}" \
+                "hydra.sweep.dir=$R/pack_${model}_$how" >"$R/pack_${model}_$how.log" 2>&1
+            echo "packing $model $how: exit $?, $(seconds "$s") s wall"
+        done
+        $PY scripts/compare_packed.py "$R/pack_${model}_alone" "$R/pack_${model}_packed"
+    done
+}
+
 run_suite() {
     # -v: each result on its own line as it comes, so a run stopped at its cap still names its failures
     $PY -m pytest -o addopts="" -p no:cacheprovider -n 12 -ra -v --durations=15 -m "not slurm" \
@@ -121,7 +141,7 @@ if ! $PY -c "import hydra, omegaconf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>
 fi
 SECTIONS=("$@")
 ((${#SECTIONS[@]})) || SECTIONS=(info tests sweeps bench determinism compile suite)
-declare -A CAP=([info]=30 [tests]=150 [sweeps]=120 [bench]=200 [determinism]=60 [compile]=200 [suite]=300)
+declare -A CAP=([info]=30 [tests]=150 [sweeps]=120 [bench]=200 [determinism]=60 [compile]=200 [suite]=300 [packing]=400)
 : >"$OUT/sections.txt"
 for name in "${SECTIONS[@]}"; do
     cap_var=CAP_$name

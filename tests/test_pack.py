@@ -13,10 +13,16 @@ and resnet20 members are held to 1e-2.
 
 from __future__ import annotations
 
+import json
+import signal
+import time
 import warnings
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from conftest import run_cli_here, start_cli
 
 from normsweep.config.checks import compose_run
 from normsweep.job.build import Job, build
@@ -202,3 +208,78 @@ def test_why_jobs_cannot_be_packed():
     assert "batch_size" in why_not_packed([jobs[0], *other_batch])
     other_norm = _jobs(DIGITS, (("norm=gn",),))  # same shapes, but no running statistics
     assert "layers or shapes" in why_not_packed([jobs[0], *other_norm])
+
+
+# A sweep with `pack`: what a user sees and finds in the sweep folder.
+SWEEP = ("epochs=3", "dataset.train_size=256", "optimizer=sgd", "device=cpu")
+
+
+def _metrics(job: Path) -> pd.DataFrame:
+    return pd.read_csv(job / "metrics.csv")[["epoch", "train_loss", "val_loss", "val_acc", "lr"]]
+
+
+def test_a_packed_sweep_leaves_each_job_as_alone(tmp_path: Path) -> None:
+    packed = run_cli_here(["-m", "pack=true", "seed=0,1,2", *SWEEP, f"hydra.sweep.dir={tmp_path / 'p'}"], tmp_path)
+    assert packed.returncode == 0, packed.stdout + packed.stderr
+    assert "pack: jobs 0, 1, 2 train together" in packed.stdout and "Launching 1 jobs" in packed.stdout
+    alone = run_cli_here(["-m", "pack=false", "seed=0,1,2", *SWEEP, f"hydra.sweep.dir={tmp_path / 'a'}"], tmp_path)
+    assert alone.returncode == 0 and "pack:" not in alone.stdout and "Launching 3 jobs" in alone.stdout
+    for job in ("0", "1", "2"):
+        p, a = tmp_path / "p" / job, tmp_path / "a" / job
+        files = {"summary.json", "metrics.csv", "diagnostics.csv", "checkpoint.pt", "predictions.npz", "normsweep.log"}
+        assert files <= {f.name for f in p.iterdir()} and (p / ".hydra" / "overrides.yaml").is_file()
+        pd.testing.assert_frame_equal(_metrics(p), _metrics(a), rtol=SGD_REL)
+        summary = json.loads((p / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["seed"] == int(job)
+        log = (p / "normsweep.log").read_text()  # each job's log holds its own lines
+        assert f"[job {job} seed={job}] Epoch 3/3" in log and "test_acc" in log
+        others = [f"[job {other} " in log for other in "012" if other != job]
+        # The host's log is the pack's: every member's lines, each under its tag; a guest's holds its own alone.
+        assert all(others) if job == "0" else not any(others)
+    runs = pd.read_csv(tmp_path / "p" / "runs.csv")
+    assert sorted(runs["seed"]) == [0, 1, 2] and set(runs["status"]) == {"completed"}
+
+
+def test_pack_auto_trains_each_job_alone_on_the_cpu_and_says_nothing(tmp_path: Path) -> None:
+    run = run_cli_here(
+        ["-m", "seed=0,1", "epochs=1", "dataset.train_size=64", f"hydra.sweep.dir={tmp_path}/s"], tmp_path
+    )
+    assert run.returncode == 0 and "Launching 2 jobs" in run.stdout and "pack:" not in run.stdout
+
+
+def test_jobs_that_differ_in_more_than_seed_and_optimizer_pack_apart(tmp_path: Path) -> None:
+    args = ["-m", "pack=true", "norm=bn,gn", "seed=0,1", "batch_size=32,64", "epochs=1", "dataset.train_size=64"]
+    run = run_cli_here([*args, f"hydra.sweep.dir={tmp_path}/s"], tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    packs = [line for line in run.stdout.splitlines() if "train together" in line]
+    assert len(packs) == 4 and "Launching 4 jobs" in run.stdout  # one per norm and batch size, each of 2 seeds
+    assert len(pd.read_csv(tmp_path / "s" / "runs.csv")) == 8
+
+
+def test_a_killed_packed_sweep_resumes_to_the_numbers_of_one_never_stopped(tmp_path: Path) -> None:
+    args = ["-m", "pack=true", "seed=0,1", "epochs=4", "batch_size=16", "device=cpu"]
+    sweep = tmp_path / "killed"
+    proc = start_cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    _wait_for_rows(sweep / "1" / "metrics.csv", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    said = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 143 and "To resume, run the same command" in said, said
+    stopped = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1")]
+    assert [s["status"] for s in stopped] == ["incomplete", "incomplete"]
+    assert 1 <= stopped[1]["epochs_completed"] < 4
+    resumed = run_cli_here([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert resumed.returncode == 0 and resumed.stdout.count("resuming from the checkpoint of epoch") == 2
+    whole = run_cli_here([*args, f"hydra.sweep.dir={tmp_path / 'whole'}"], tmp_path)
+    assert whole.returncode == 0
+    for job in ("0", "1"):
+        pd.testing.assert_frame_equal(_metrics(sweep / job), _metrics(tmp_path / "whole" / job), rtol=1e-6)
+
+
+def _wait_for_rows(path: Path, rows: int, proc, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) - 1 >= rows:
+            return
+        assert proc.poll() is None, proc.communicate()[0].decode()
+        time.sleep(0.005)
+    raise AssertionError(f"{path} never reached {rows} rows")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,16 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+log = logging.getLogger("normsweep")
+
 NUMBERED = "${hydra.job.num}"  # conf/hydra/default.yaml's subdir: then a new job takes the lowest free number
+
+
+def _guest(job_cfg: DictConfig, variables: dict[str, str], name: str) -> Any:
+    """A job trained by its pack's host (sweep/packing.py): its folder's name, number, config and task overrides."""
+    from normsweep.sweep.packing import Guest
+
+    return Guest(name, int(job_cfg.hydra.job.num), job_cfg, list(job_cfg.hydra.overrides.task))
 
 
 def _quoted(name: str) -> str:
@@ -133,17 +143,16 @@ class ResumingSweeper(BasicSweeper):
             configs = iter(self._checked(jobs))
             extra = iter(env or [{}] * len(jobs))
             for batch in batches:
-                placed.append([])
+                given_batch = []
                 for overrides in batch:
                     job_cfg, variables = next(configs), next(extra)
                     task = list(job_cfg.hydra.overrides.task)
                     name = folders.claim(
                         task_config(job_cfg), task, None if numbered else str(job_cfg.hydra.sweep.subdir)
                     )
-                    given = [f"++hydra.job.env_set.{k}={_quoted(v)}" for k, v in variables.items()]
-                    placed[-1].append([*overrides, *given, f"hydra.sweep.subdir={_quoted(name)}"])
                     self._planned[folders.sweep_dir / name] = int(job_cfg.epochs)
-                    self._hand_over(job_cfg, name, placed[-1][-1], variables, len(given) + 1)
+                    given_batch.append((list(overrides), job_cfg, dict(variables), name))
+                placed.append(self._launched(given_batch, folders.sweep_dir, packing=not env))
             # For the jobs' log tags, and the hparams every job of the sweep reports (trackers/).
             os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(jobs) if swept is None else swept)
         except ConfigError as err:
@@ -158,6 +167,35 @@ class ResumingSweeper(BasicSweeper):
             start_sweep(self.config.get("logger"), folders.sweep_dir)
             self._tracked = True
         return placed
+
+    def _launched(
+        self, batch: list[tuple[list[str], DictConfig, dict[str, str], str]], sweep_dir: Path, packing: bool
+    ) -> list[list[str]]:
+        """The overrides each job of a batch is launched with (its environment, then its folder, last). Where jobs
+        train together (sweep/packing.py; not the trials of a tuning sweep, each asked of its study alone), only a
+        pack's host is launched, told of the others by the environment variable that names its pack file."""
+        from normsweep.sweep.packing import PACK_ENV, plan, write_pack
+        from normsweep.sweep.resume import task_config
+
+        launched = []
+        packs = plan([task_config(job_cfg) for _, job_cfg, _, _ in batch]) if packing else None
+        if packs is not None and packs.packs:
+            for line in packs.lines([int(job_cfg.hydra.job.num) for _, job_cfg, _, _ in batch]):
+                log.info(line)
+            guests = {i for pack in packs.packs for i in pack[1:]}
+            hosts = {pack[0]: pack[1:] for pack in packs.packs}
+            for i, (_, _, variables, name) in enumerate(batch):
+                if i in hosts:
+                    members = [_guest(*batch[g][1:]) for g in hosts[i]]
+                    variables[PACK_ENV] = str(write_pack(sweep_dir, name, members))
+                else:
+                    variables[PACK_ENV] = ""
+            batch = [job for i, job in enumerate(batch) if i not in guests]
+        for overrides, job_cfg, variables, name in batch:
+            given = [f"++hydra.job.env_set.{k}={_quoted(v)}" for k, v in variables.items()]
+            launched.append([*overrides, *given, f"hydra.sweep.subdir={_quoted(name)}"])
+            self._hand_over(job_cfg, name, launched[-1], variables, len(given) + 1)
+        return launched
 
     def _checked(self, jobs: list[list[str]]) -> list[DictConfig]:
         """Each job's config, composed and given the checks a single run makes (config/checks.py); ConfigError with

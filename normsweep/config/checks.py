@@ -21,6 +21,7 @@ from normsweep.config.records import to_record
 from normsweep.config.schema import (
     COMPARE_METRICS,
     MODEL_ARGUMENTS,
+    PACK_SETTINGS,
     PRECISIONS,
     Config,
     DatasetConfig,
@@ -156,6 +157,10 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Config:
         f"precision={run.precision}: choose fp32, or bf16 (mixed precision on CUDA and on CPUs with native bf16)",
     )
     _check(run.threads >= 0, f"threads={run.threads}: give a thread count, or 0 for a fair share of the CPUs")
+    _check(
+        run.pack in PACK_SETTINGS,
+        f"pack={run.pack}: choose auto (jobs packed on CUDA), true (on any device) or false (each job alone)",
+    )
     _check(
         run.progress.after_s >= 0,
         f"progress.after_s={run.progress.after_s:g}: give the seconds an epoch trains before its progress is shown "

@@ -136,6 +136,9 @@ class Config:
     precision: str = "fp32"
     channels_last: Optional[bool] = None  # noqa: UP045 (OmegaConf reads the annotation at runtime: no `X | None`)
     compile: bool = False
+    # A sweep's jobs that differ only in seed or optimizer trained together, their models stacked (job/pack.py):
+    # auto (on when the jobs train on CUDA), true (on any device) or false. Read by the sweeper, before launch.
+    pack: Any = "auto"
     threads: int = 0
     compare: str = "norm"  # the axis best_by_<compare>.csv compares; only the aggregation reads it
     compare_metric: str = "val_acc"  # what results.csv sorts by and "best" means; only the aggregation reads it
@@ -149,6 +152,7 @@ class Config:
 
 MODEL_ARGUMENTS = ("in_channels", "image_size", "num_classes", "norm")  # what normsweep passes every model class
 PRECISIONS = ("fp32", "bf16")
+PACK_SETTINGS = ("auto", True, False)
 # compare_metric → what it is, in words (a runs.csv column): results.csv sorts by its mean; the best row tops it.
 COMPARE_METRICS = {
     "val_acc": "validation accuracy",

@@ -106,13 +106,18 @@ def run_job(
             progress.trackers.close()
     finally:
         end_watch()  # before the job's log lines end (a sweep's next job has its own tag)
+    log_test(summary)
+    return summary
+
+
+def log_test(summary: dict[str, Any]) -> None:
+    """The job's last line: its final model on the test split."""
     log.info(
         "test_acc %.2f%% test_loss %.4f (final model, %d test images)",
         summary["test_acc"],
         summary["test_loss"],
         summary["test_images"],
     )
-    return summary
 
 
 def _log_kept(job_dir: Path, previous: dict[str, Any]) -> None:

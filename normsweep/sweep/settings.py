@@ -15,9 +15,9 @@ from normsweep.config.targets import MOVED_MODULES
 from normsweep.sweep.files import FINISHED, SUMMARY_FILE
 
 # Keys that say where a job runs or finds its data, how the sweep is aggregated, what is measured beside the
-# training (diagnostics), which trackers a job reports to or how its progress is shown (every key below
-# WHERE_GROUPS), not what a job computes: a resumed job may change them.
-WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare", "compare_metric", "diagnostics")
+# training (diagnostics), whether it trains packed with others, which trackers a job reports to or how its progress
+# is shown (every key below WHERE_GROUPS), not what a job computes: a resumed job may change them.
+WHERE_KEYS = ("device", "dataset.root", "dataset.download", "compare", "compare_metric", "diagnostics", "pack")
 WHERE_GROUPS = ("logger", "progress")
 
 
@@ -51,11 +51,11 @@ ADDED_KEYS = {
 }
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict) and tree:
         flat: dict[str, Any] = {}
         for key, value in tree.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         return flat
     return {prefix.rstrip("."): tree}
 
@@ -78,7 +78,7 @@ def settings(config: dict[str, Any]) -> dict[str, Any]:
     key at the value that keeps the old behaviour (so a folder saved before the key existed is the same job)."""
     return {
         key: value
-        for key, value in ((k, _moved(v)) for k, v in _flatten(_upgraded(config)).items())
+        for key, value in ((k, _moved(v)) for k, v in flatten(_upgraded(config)).items())
         if not _where(key) and not (key in ADDED_KEYS and value == ADDED_KEYS[key])
     }
 
@@ -87,7 +87,7 @@ def recipe(config: dict[str, Any]) -> dict[str, Any]:
     """What a job computed with, flat: its config with every added key at the value it ran with (the old value
     where the config was saved without the key), without the where-keys. Two jobs with different recipes were not
     trained alike, whatever their overrides say."""
-    flat = {k: _moved(v) for k, v in _flatten(_upgraded(config)).items()}
+    flat = {k: _moved(v) for k, v in flatten(_upgraded(config)).items()}
     return {key: value for key, value in {**ADDED_KEYS, **flat}.items() if not _where(key)}
 
 
@@ -110,7 +110,7 @@ def saved_behaviour(config: dict[str, Any], lacking: Iterable[str], given: Itera
     lacks (`lacking`, see lacking_added_keys) that `config` has and the command does not give (`given`: the keys of
     its overrides). The values saved in the folder win over today's defaults; a key given on the command line is
     compared as it is."""
-    flat, given = _flatten(config), set(given)
+    flat, given = flatten(config), set(given)
     return {key: ADDED_KEYS[key] for key in lacking if key in flat and key not in given}
 
 

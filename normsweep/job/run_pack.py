@@ -1,0 +1,185 @@
+"""Several jobs of a sweep trained in one process as one pack (job/pack.py), each in its own folder exactly as
+job/run.py leaves a job trained alone: its metrics.csv, diagnostics.csv, checkpoint.pt, predictions and summary.json,
+its log lines under its own tag. A member already finished is kept; members that cannot train together (resumed
+from different epochs, or a model vmap cannot batch) train one after another instead, and the log says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from normsweep.config.schema import Config
+from normsweep.job.build import Job
+from normsweep.job.checkpoint import drop_previous
+from normsweep.job.pack import Member, fit_packed, why_not_packed
+from normsweep.job.progress import EpochProgress
+from normsweep.job.run import (
+    _build,
+    _log_kept,
+    _Progress,
+    _provenance,
+    _Pruned,
+    _restore,
+    _summarize,
+    _train,
+    log_test,
+)
+from normsweep.job.train import EpochMetrics
+from normsweep.sweep.files import FINISHED, Status, disk_full, write_summary
+from normsweep.sweep.liveness import load_summary
+from normsweep.trackers import JobInfo, open_trackers
+
+log = logging.getLogger("normsweep")
+
+
+@dataclass
+class PackedJob:
+    """A job of the pack as its caller knows it: what run_job takes, and the context in which its log lines are its
+    own (its tag; its folder's log)."""
+
+    run: Config
+    job_dir: Path
+    overrides: list[str]
+    config: dict[str, Any]
+    speaking: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+@dataclass
+class _Ready:
+    index: int
+    packed: PackedJob
+    job: Job
+    progress: _Progress
+    end_watch: Callable[[], None]
+
+
+def run_pack(
+    jobs: list[PackedJob], cpus: int, sweep_dir: Path | None = None, swept: tuple[str, ...] = ()
+) -> list[dict[str, Any] | BaseException]:
+    """Train the jobs as one pack where they can be, each in its folder; per job its summary, or the exception it
+    failed with (for the caller to record, as for a job alone). A full disk or an interruption stops them all,
+    each job marked incomplete, and is raised."""
+    started = time.perf_counter()
+    results: list[dict[str, Any] | BaseException | None] = [None] * len(jobs)
+    ready: list[_Ready] = []
+    try:
+        for i, packed in enumerate(jobs):
+            with packed.speaking():
+                try:
+                    prepared = _prepare(i, packed, cpus, sweep_dir, swept)
+                except Exception as err:
+                    if disk_full(err):
+                        raise
+                    results[i] = err
+                    continue
+            if isinstance(prepared, dict):
+                results[i] = prepared
+            else:
+                ready.append(prepared)
+        for group, why in _groups(ready):
+            if why:
+                log.info("pack: %s train one after another: %s", ", ".join(r.packed.job_dir.name for r in group), why)
+            if len(group) == 1 or why:
+                for r in group:
+                    with r.packed.speaking():
+                        results[r.index] = _finish(r, *_train(r.job, r.progress), started)
+            else:
+                _train_together(group, results, started)
+    finally:
+        for r in ready:
+            with contextlib.suppress(Exception):
+                r.progress.trackers.close()
+            r.end_watch()
+    return [r if r is not None else RuntimeError("not trained") for r in results]
+
+
+def _prepare(i: int, packed: PackedJob, cpus: int, sweep_dir: Path | None, swept: tuple[str, ...]) -> Any:
+    """The job built, restored from its checkpoint and marked running; or its summary, when it is finished."""
+    packed.job_dir.mkdir(parents=True, exist_ok=True)
+    previous = load_summary(packed.job_dir)
+    if previous["status"] in FINISHED:
+        _log_kept(packed.job_dir, previous)
+        return previous
+    job, device, choice, end_watch = _build(packed.run, cpus, previous)
+    try:
+        provenance = _provenance(job, device, choice, packed.overrides, packed.config)
+        progress = _restore(packed.job_dir, job, provenance)
+        info = (packed.job_dir, packed.config, packed.overrides, sweep_dir, swept, progress.resumed_from)
+        progress.trackers = open_trackers(packed.run.logger, JobInfo(*info, list(progress.rows)))
+    except BaseException:
+        end_watch()
+        raise
+    return _Ready(i, packed, job, progress, end_watch)
+
+
+def _groups(ready: list[_Ready]) -> Iterator[tuple[list[_Ready], str | None]]:
+    """The jobs that train together: those resumed from the same epoch, when vmap can batch their models (else
+    each alone, with the reason)."""
+    by_epoch: dict[int, list[_Ready]] = {}
+    for r in ready:
+        by_epoch.setdefault(r.progress.resumed_from, []).append(r)
+    if len(by_epoch) > 1:
+        log.info(
+            "pack: its jobs resume from different epochs (%s): those at the same epoch train together",
+            ", ".join(f"{r.packed.job_dir.name} from {r.progress.resumed_from}" for r in ready),
+        )
+    for group in by_epoch.values():
+        yield group, why_not_packed([r.job for r in group]) if len(group) > 1 else None
+
+
+def _train_together(group: list[_Ready], results: list[Any], started: float) -> None:
+    def speaking(r: _Ready, call: Callable[..., Any]) -> Callable[..., Any]:
+        def said(*args: Any) -> Any:
+            with r.packed.speaking():
+                return call(*args)
+
+        return said
+
+    members = [
+        Member(
+            r.job,
+            speaking(r, r.progress.record),
+            r.progress.state,
+            speaking(r, r.progress.diagnose) if r.progress.probe else None,
+        )
+        for r in group
+    ]
+    run = group[0].job.run
+    progress = EpochProgress(run.epochs, run.progress.after_s, run.progress.every_s)
+    try:
+        fit_packed(members, watch=progress.watch)
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt) or disk_full(err):
+            for r in group:
+                with contextlib.suppress(OSError):
+                    r.progress.mark(Status.INCOMPLETE, len(r.progress.rows))
+            raise
+        for r in group:  # the packed step itself failed: every member with it
+            results[r.index] = err
+        return
+    full = [m.ended for m in members if m.ended is not None and disk_full(m.ended)]
+    for r, member in zip(group, members):
+        with r.packed.speaking():
+            if member.ended is not None and not isinstance(member.ended, _Pruned):
+                results[r.index] = member.ended
+                continue
+            history = member.history or [EpochMetrics(**row) for row in r.progress.rows]
+            results[r.index] = _finish(r, history, isinstance(member.ended, _Pruned), started)
+    if full:
+        raise full[0]
+
+
+def _finish(r: _Ready, history: list[EpochMetrics], pruned: bool, started: float) -> dict[str, Any]:
+    """The job's summary written, as run_job ends a job: last, once every other file of the job is whole."""
+    summary = _summarize(r.job, r.progress, history, started, pruned)
+    write_summary(r.packed.job_dir, summary)
+    drop_previous(r.packed.job_dir)
+    r.progress.trackers.finish(summary)
+    log_test(summary)
+    return summary
