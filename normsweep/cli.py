@@ -51,7 +51,7 @@ from normsweep.sweep.files import (
     override_key,
     record_failure,
 )
-from normsweep.sweep.packing import PACK_ENV, Guest, read_pack
+from normsweep.sweep.packing import JOB_NUM_ENV, PACK_ENV, Guest, read_pack
 from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
 from normsweep.sweep.studies import JobTrial
 from normsweep.trackers import unchosen_tracker_key
@@ -163,7 +163,10 @@ def app(cfg: DictConfig) -> float | None:
     keep_saved_behaviour(job_dir, cfg, overrides)  # a folder saved before a key was added resumes the old way
     config = task_config(cfg)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    tag = JobTag(hydra_cfg.job.num, _telling_apart(overrides)) if in_sweep else None
+    # A sweep whose jobs train in packs launches fewer jobs than it has: its launcher numbers them in launch order,
+    # the sweeper says each one's own number (its position in the sweep, as its folder and its tag name it).
+    job_num = int(os.environ.get(JOB_NUM_ENV) or hydra_cfg.job.num) if in_sweep else 0  # a single run has none
+    tag = JobTag(job_num, _telling_apart(overrides)) if in_sweep else None
     if tag:
         tag.attach()
     trial = JobTrial.from_env(os.environ) if in_sweep else None  # a tuning sweep's trial (sweep/studies.py)
@@ -171,7 +174,6 @@ def app(cfg: DictConfig) -> float | None:
         hold_ctrl_c(False)  # a Ctrl-C held back while this (worker) process started up arrives here
         with stop_on_sigterm():
             check_resumable(job_dir, config)  # first: a folder that is refused must not be marked failed either
-            job_num = hydra_cfg.job.num if in_sweep else 0  # a single run has no job number
             choices = hydra_cfg.runtime.choices
             checked = validate(cfg, dict(choices))  # a mistake is named before torch is imported: in ~1 s, not ~4
             from normsweep.job.run import run_job  # torch: only once a job runs

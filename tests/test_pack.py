@@ -14,6 +14,7 @@ and resnet20 members are held to 1e-2.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 import warnings
@@ -254,6 +255,12 @@ def test_jobs_that_differ_in_more_than_seed_and_optimizer_pack_apart(tmp_path: P
     packs = [line for line in run.stdout.splitlines() if "train together" in line]
     assert len(packs) == 4 and "Launching 4 jobs" in run.stdout  # one per norm and batch size, each of 2 seeds
     assert len(pd.read_csv(tmp_path / "s" / "runs.csv")) == 8
+    # Each job's lines under its number in the sweep, as its folder is named (the launcher numbers the 4 it launched).
+    tested = {int(n): float(acc) for n, acc in re.findall(r"\[job (\d+) [^\]]*\] test_acc ([\d.]+)%", run.stdout)}
+    assert set(tested) == set(range(8))
+    for n, acc in tested.items():
+        summary = json.loads((tmp_path / "s" / str(n) / "summary.json").read_text())
+        assert summary["test_acc"] == pytest.approx(acc, abs=0.01)
 
 
 def test_a_killed_packed_sweep_resumes_to_the_numbers_of_one_never_stopped(tmp_path: Path) -> None:

@@ -174,7 +174,7 @@ class ResumingSweeper(BasicSweeper):
         """The overrides each job of a batch is launched with (its environment, then its folder, last). Where jobs
         train together (sweep/packing.py; not the trials of a tuning sweep, each asked of its study alone), only a
         pack's host is launched, told of the others by the environment variable that names its pack file."""
-        from normsweep.sweep.packing import PACK_ENV, plan, write_pack
+        from normsweep.sweep.packing import JOB_NUM_ENV, PACK_ENV, plan, write_pack
         from normsweep.sweep.resume import task_config
 
         launched = []
@@ -184,12 +184,11 @@ class ResumingSweeper(BasicSweeper):
                 log.info(line)
             guests = {i for pack in packs.packs for i in pack[1:]}
             hosts = {pack[0]: pack[1:] for pack in packs.packs}
-            for i, (_, _, variables, name) in enumerate(batch):
+            for i, (_, job_cfg, variables, name) in enumerate(batch):
+                variables[JOB_NUM_ENV] = str(job_cfg.hydra.job.num)  # the launcher numbers the launched jobs only
                 if i in hosts:
                     members = [_guest(*batch[g][1:]) for g in hosts[i]]
                     variables[PACK_ENV] = str(write_pack(sweep_dir, name, members))
-                else:
-                    variables[PACK_ENV] = ""
             batch = [job for i, job in enumerate(batch) if i not in guests]
         for overrides, job_cfg, variables, name in batch:
             given = [f"++hydra.job.env_set.{k}={_quoted(v)}" for k, v in variables.items()]

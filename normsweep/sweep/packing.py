@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 from normsweep.sweep.files import atomic_write
 from normsweep.sweep.settings import WHERE_KEYS, flatten, where_group
 
-PACK_ENV = "NORMSWEEP_PACK"  # the pack file of the job launched as a pack's host; empty for a job launched alone
+PACK_ENV = "NORMSWEEP_PACK"  # the pack file of the job launched as a pack's host
+JOB_NUM_ENV = "NORMSWEEP_JOB_NUM"  # a launched job's number in the sweep, where packs make it differ from the launch's
 PACK_DIR = ".packs"  # in the sweep folder: one file per pack, written at launch
 MEMBERS_KEPT = ("seed", "optimizer")  # the keys in which a pack's members may differ
 MAX_MEMBERS = 16  # a pack's size at most: each member holds its own copy of the data on the device
