@@ -183,7 +183,7 @@ def app(cfg: DictConfig) -> float | None:
             swept = _swept_keys(overrides, in_sweep)
             guests = read_pack(os.environ.get(PACK_ENV)) if in_sweep else []
             if guests:  # this job hosts a pack (sweep/packing.py): it trains the others with it
-                summary = _run_packed(run, cpus, job_dir, overrides, config, guests, tag, swept)
+                summary = _run_packed(run, cpus, job_dir, overrides, config, guests, tag, swept, trial)
             else:
                 summary = run_job(run, job_dir, overrides, config, cpus, trial, sweep_dir, swept)
     except KeyboardInterrupt as err:
@@ -230,6 +230,7 @@ def _run_packed(
     guests: list[Guest],
     host_tag: JobTag | None,
     swept: tuple[str, ...],
+    trial: JobTrial | None = None,
 ) -> dict:
     """Train this job and its pack's guests together (job/run_pack.py), each guest checked and given its folder as
     this job was (its Hydra files, its log); a guest that fails is recorded failed in its folder, as a job alone
@@ -237,7 +238,7 @@ def _run_packed(
     from normsweep.job.run_pack import PackedJob, run_pack
 
     sweep_dir = job_dir.parent
-    entries = [PackedJob(run, job_dir, overrides, config)]
+    entries = [PackedJob(run, job_dir, overrides, config, trial=trial)]
     choices, voices = [], []
     for guest in guests:
         cfg, guest_dir = copy.deepcopy(guest.config), sweep_dir / guest.name
@@ -250,7 +251,8 @@ def _run_packed(
         guest_run = dataclasses.replace(validate(cfg, choices[-1]), device=run.device, threads=run.threads)
         _hydra_files(guest_dir, cfg, hydra_node, guest.overrides)
         voices.append(_Voice(guest_dir / LOG_NAME, JobTag(guest.num, _telling_apart(guest.overrides)), host_tag))
-        entries.append(PackedJob(guest_run, guest_dir, guest.overrides, guest_config, voices[-1].speaking))
+        guest_trial = JobTrial.from_env(guest.env)  # a tuning sweep's trial: its study may prune it alone
+        entries.append(PackedJob(guest_run, guest_dir, guest.overrides, guest_config, voices[-1].speaking, guest_trial))
     try:
         results = run_pack(entries, cpus, sweep_dir, swept)
     finally:
@@ -259,7 +261,8 @@ def _run_packed(
     for entry, result, chosen in zip(entries[1:], results[1:], choices):
         if isinstance(result, BaseException):
             with entry.speaking():
-                record_failure(entry.job_dir, result, entry.overrides, entry.config, chosen)
+                recorded = {TRIAL_KEY: entry.trial.record} if entry.trial else {}  # still its study's trial
+                record_failure(entry.job_dir, result, entry.overrides, entry.config, chosen, **recorded)
                 shown = full_error() or not isinstance(result, ConfigError)
                 log.error("job failed: %s", result, exc_info=result if shown else None)
     if isinstance(results[0], BaseException):

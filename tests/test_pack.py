@@ -263,6 +263,28 @@ def test_jobs_that_differ_in_more_than_seed_and_optimizer_pack_apart(tmp_path: P
         assert summary["test_acc"] == pytest.approx(acc, abs=0.01)
 
 
+def test_a_tuning_sweeps_trials_train_packed_and_are_pruned_alone(tmp_path: Path) -> None:
+    searched = "optimizer.lr=tag(log, interval(1e-4, 1e-1))"
+    args = ["-m", "hydra/sweeper=tune", searched, "norm=bn,gn", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2"]
+    run = run_cli_here(
+        [*args, "pack=true", "epochs=3", "dataset.train_size=256", f"hydra.sweep.dir={tmp_path}/s"], tmp_path
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    # Two rounds of 2 trials per study: each round's trials of one study train together, numbered on across rounds.
+    assert [line.split("pack: ")[1][:12] for line in run.stdout.splitlines() if "train together" in line] == [
+        "jobs 0, 1 tr",
+        "jobs 2, 3 tr",
+        "jobs 4, 5 tr",
+        "jobs 6, 7 tr",
+    ]
+    summaries = [json.loads(f.read_text()) for f in (tmp_path / "s").glob("*/summary.json")]
+    trials = sorted((s["trial"]["study"], s["trial"]["number"]) for s in summaries)
+    assert trials == [(study, n) for study in ("norm=bn", "norm=gn") for n in range(4)]  # one folder per trial
+    statuses = {s["status"] for s in summaries}
+    assert statuses <= {"completed", "pruned"} and "pruned" in statuses  # a pruned trial ended alone
+    assert "4 of 4 trials done" in run.stdout
+
+
 def test_a_killed_packed_sweep_resumes_to_the_numbers_of_one_never_stopped(tmp_path: Path) -> None:
     args = ["-m", "pack=true", "seed=0,1", "epochs=4", "batch_size=16", "device=cpu"]
     sweep = tmp_path / "killed"

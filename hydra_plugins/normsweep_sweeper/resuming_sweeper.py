@@ -22,11 +22,12 @@ log = logging.getLogger("normsweep")
 NUMBERED = "${hydra.job.num}"  # conf/hydra/default.yaml's subdir: then a new job takes the lowest free number
 
 
-def _guest(job_cfg: DictConfig, variables: dict[str, str], name: str) -> Any:
-    """A job trained by its pack's host (sweep/packing.py): its folder's name, number, config and task overrides."""
-    from normsweep.sweep.packing import Guest
+class _Job:
+    """A job of a batch about to launch: its overrides, its composed config, the environment it runs with, its
+    folder's name and its number in the sweep. (Not a dataclass: Hydra imports this module outside sys.modules.)"""
 
-    return Guest(name, int(job_cfg.hydra.job.num), job_cfg, list(job_cfg.hydra.overrides.task))
+    def __init__(self, overrides: list[str], config: DictConfig, env: dict[str, str], folder: str, num: int) -> None:
+        self.overrides, self.config, self.env, self.folder, self.num = overrides, config, env, folder, num
 
 
 def _quoted(name: str) -> str:
@@ -79,6 +80,7 @@ class ResumingSweeper(BasicSweeper):
         self._planned: dict[Path, int] = {}  # each job's folder, given so far, and the epochs it trains
         self._at_once = 1  # how many jobs of the batch launched now run at the same time
         self._tracked = False  # whether the trackers have their record of the sweep (trackers.start_sweep)
+        self._folders: list[str] = []  # the folder of each job given one by the last _with_folders, launched or packed
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self._composed = _Composed(hydra_context.config_loader)
@@ -139,11 +141,13 @@ class ResumingSweeper(BasicSweeper):
         numbered = OmegaConf.to_container(self.config.hydra.sweep)["subdir"] == NUMBERED
         jobs = [list(o) for batch in batches for o in batch]
         placed: list[list[list[str]]] = []
+        self._folders = []
         try:
             configs = iter(self._checked(jobs))
             extra = iter(env or [{}] * len(jobs))
+            number = getattr(self, "job_idx", 0)  # the next job's number in the sweep (a tuning sweep's rounds)
             for batch in batches:
-                given_batch = []
+                given: list[_Job] = []
                 for overrides in batch:
                     job_cfg, variables = next(configs), next(extra)
                     task = list(job_cfg.hydra.overrides.task)
@@ -151,8 +155,10 @@ class ResumingSweeper(BasicSweeper):
                         task_config(job_cfg), task, None if numbered else str(job_cfg.hydra.sweep.subdir)
                     )
                     self._planned[folders.sweep_dir / name] = int(job_cfg.epochs)
-                    given_batch.append((list(overrides), job_cfg, dict(variables), name))
-                placed.append(self._launched(given_batch, folders.sweep_dir, packing=not env))
+                    given.append(_Job(list(overrides), job_cfg, dict(variables), name, number))
+                    number += 1
+                self._folders.extend(job.folder for job in given)
+                placed.append(self._launched(given, folders.sweep_dir))
             # For the jobs' log tags, and the hparams every job of the sweep reports (trackers/).
             os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(jobs) if swept is None else swept)
         except ConfigError as err:
@@ -168,32 +174,29 @@ class ResumingSweeper(BasicSweeper):
             self._tracked = True
         return placed
 
-    def _launched(
-        self, batch: list[tuple[list[str], DictConfig, dict[str, str], str]], sweep_dir: Path, packing: bool
-    ) -> list[list[str]]:
+    def _launched(self, batch: list[_Job], sweep_dir: Path) -> list[list[str]]:
         """The overrides each job of a batch is launched with (its environment, then its folder, last). Where jobs
-        train together (sweep/packing.py; not the trials of a tuning sweep, each asked of its study alone), only a
-        pack's host is launched, told of the others by the environment variable that names its pack file."""
-        from normsweep.sweep.packing import JOB_NUM_ENV, PACK_ENV, plan, write_pack
+        train together (sweep/packing.py), only a pack's host is launched, told of the others (their configs and
+        environments: a tuning sweep's trial each) by the environment variable that names its pack file."""
+        from normsweep.sweep.packing import JOB_NUM_ENV, PACK_ENV, Guest, plan, write_pack
         from normsweep.sweep.resume import task_config
 
-        launched = []
-        packs = plan([task_config(job_cfg) for _, job_cfg, _, _ in batch]) if packing else None
-        if packs is not None and packs.packs:
-            for line in packs.lines([int(job_cfg.hydra.job.num) for _, job_cfg, _, _ in batch]):
+        packs = plan([task_config(job.config) for job in batch])
+        if packs.packs:
+            for line in packs.lines([job.num for job in batch]):
                 log.info(line)
-            guests = {i for pack in packs.packs for i in pack[1:]}
-            hosts = {pack[0]: pack[1:] for pack in packs.packs}
-            for i, (_, job_cfg, variables, name) in enumerate(batch):
-                variables[JOB_NUM_ENV] = str(job_cfg.hydra.job.num)  # the launcher numbers the launched jobs only
-                if i in hosts:
-                    members = [_guest(*batch[g][1:]) for g in hosts[i]]
-                    variables[PACK_ENV] = str(write_pack(sweep_dir, name, members))
-            batch = [job for i, job in enumerate(batch) if i not in guests]
-        for overrides, job_cfg, variables, name in batch:
-            given = [f"++hydra.job.env_set.{k}={_quoted(v)}" for k, v in variables.items()]
-            launched.append([*overrides, *given, f"hydra.sweep.subdir={_quoted(name)}"])
-            self._hand_over(job_cfg, name, launched[-1], variables, len(given) + 1)
+            for pack in packs.packs:
+                host, guests = batch[pack[0]], [batch[i] for i in pack[1:]]
+                members = [Guest(g.folder, g.num, g.config, list(g.config.hydra.overrides.task), g.env) for g in guests]
+                host.env[PACK_ENV] = str(write_pack(sweep_dir, host.folder, members))
+            for job in batch:  # the launcher numbers only the jobs it launches: each is told its number in the sweep
+                job.env[JOB_NUM_ENV] = str(job.num)
+            batch = [job for i, job in enumerate(batch) if not any(i in pack[1:] for pack in packs.packs)]
+        launched = []
+        for job in batch:
+            given = [f"++hydra.job.env_set.{k}={_quoted(v)}" for k, v in job.env.items()]
+            launched.append([*job.overrides, *given, f"hydra.sweep.subdir={_quoted(job.folder)}"])
+            self._hand_over(job.config, job.folder, launched[-1], job.env, len(given) + 1)
         return launched
 
     def _checked(self, jobs: list[list[str]]) -> list[DictConfig]:

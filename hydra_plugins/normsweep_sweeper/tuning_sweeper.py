@@ -153,16 +153,8 @@ class TuningSweeper(ResumingSweeper):
         placed = self._with_folders([[job.overrides for job in jobs]], [job.env() for job in jobs], self._swept)[0]
         self.validate_batch_is_legal(placed)
         results = self.launcher.launch(placed, initial_job_idx=self.job_idx)
-        self.job_idx += len(placed)
-        return results, [_subdir(overrides[-1]) for overrides in placed]
-
-
-def _subdir(override: str) -> str:
-    """The folder name of a `hydra.sweep.subdir='…'` override, as ResumingSweeper quoted it."""
-    value = override.split("=", 1)[1]
-    if value.startswith("'") and value.endswith("'"):
-        value = value[1:-1].replace("\\'", "'").replace("\\${", "${")
-    return value
+        self.job_idx += len(self._folders)  # every job of the round, launched or trained in a pack by its host
+        return results, list(self._folders)  # every job's, those trained in a pack by its host included
 
 
 def _summary(job_dir: Path) -> dict[str, Any]:

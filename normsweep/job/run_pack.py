@@ -20,6 +20,7 @@ from normsweep.job.checkpoint import drop_previous
 from normsweep.job.pack import Member, fit_packed, why_not_packed
 from normsweep.job.progress import EpochProgress
 from normsweep.job.run import (
+    Trial,
     _build,
     _log_kept,
     _Progress,
@@ -31,7 +32,7 @@ from normsweep.job.run import (
     log_test,
 )
 from normsweep.job.train import EpochMetrics
-from normsweep.sweep.files import FINISHED, Status, disk_full, write_summary
+from normsweep.sweep.files import FINISHED, TRIAL_KEY, Status, disk_full, write_summary
 from normsweep.sweep.liveness import load_summary
 from normsweep.trackers import JobInfo, open_trackers
 
@@ -48,6 +49,7 @@ class PackedJob:
     overrides: list[str]
     config: dict[str, Any]
     speaking: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    trial: Trial | None = None  # a tuning sweep's trial, whose study may stop this job alone (pruned)
 
 
 @dataclass
@@ -109,7 +111,9 @@ def _prepare(i: int, packed: PackedJob, cpus: int, sweep_dir: Path | None, swept
     job, device, choice, end_watch = _build(packed.run, cpus, previous)
     try:
         provenance = _provenance(job, device, choice, packed.overrides, packed.config)
-        progress = _restore(packed.job_dir, job, provenance)
+        if packed.trial is not None:
+            provenance[TRIAL_KEY] = packed.trial.record
+        progress = _restore(packed.job_dir, job, provenance, packed.trial)
         info = (packed.job_dir, packed.config, packed.overrides, sweep_dir, swept, progress.resumed_from)
         progress.trackers = open_trackers(packed.run.logger, JobInfo(*info, list(progress.rows)))
     except BaseException:

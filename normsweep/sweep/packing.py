@@ -107,12 +107,14 @@ def plan(configs: Sequence[dict[str, Any]]) -> Plan:
 @dataclass
 class Guest:
     """A member of a pack other than its host, as the host's process needs it: its folder's name in the sweep
-    folder, its job number, its config as the sweeper composed it (Hydra's node included) and its task overrides."""
+    folder, its job number, its config as the sweeper composed it (Hydra's node included), its task overrides and
+    the environment variables it would have been launched with (a tuning sweep's trial)."""
 
     name: str
     num: int
     config: DictConfig
     overrides: list[str]
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def write_pack(sweep_dir: Path, host: str, guests: list[Guest]) -> Path:
