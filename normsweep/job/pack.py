@@ -24,7 +24,7 @@ from torch import nn
 from normsweep.job.build import Job
 from normsweep.job.data import crop_and_flip, normalize, pad_for_crops
 from normsweep.job.optim import build_optimizer, build_scheduler, last_lr, step_function, without_dynamo
-from normsweep.job.train import EpochMetrics, Steps, batch_slices, evaluate, prepare
+from normsweep.job.train import EVAL_BATCH, EpochMetrics, Steps, batch_slices, prepare
 
 OnEpoch = Callable[[EpochMetrics, Callable[[], dict[str, Any]]], None]
 
@@ -73,31 +73,33 @@ def _shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
 
 
 class _Stack:
-    """The members' parameters and buffers as stacked tensors (one row per member), the members' own tensors
-    pointed at their rows. Parameters keep their identity (their optimizers hold them): their `.data` moves."""
+    """The members' parameters, their gradients and buffers as stacked tensors (one row per member), the members'
+    own tensors pointed at their rows. Parameters keep their identity (their optimizers hold them): their `.data`
+    moves. The stacked gradients stay in place (zeroed before each backward, which adds into them), so each
+    member's `.grad`, a view of its row, is set once."""
 
     def __init__(self, models: list[nn.Module]) -> None:
-        self.models = models
-        self.params = {
-            name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_()
-            for name, _ in models[0].named_parameters()
-        }
+        named = [dict(m.named_parameters()) for m in models]
+        self.params = {name: torch.stack([p[name].detach() for p in named]).requires_grad_() for name in named[0]}
+        self.grads = {name: torch.zeros_like(stacked) for name, stacked in self.params.items()}
         self.buffers = {
             name: torch.stack([dict(m.named_buffers())[name] for m in models]) for name, _ in models[0].named_buffers()
         }
+        for name, stacked in self.params.items():
+            stacked.grad = self.grads[name]
         for row, model in enumerate(models):
             for name, p in model.named_parameters():
                 p.data = self.params[name].detach()[row]
+                p.grad = self.grads[name][row]
             for name, _ in list(model.named_buffers()):
                 owner, attr = _owner(model, name)
                 owner._buffers[attr] = self.buffers[name][row]
-        self.members_params = [[(name, p) for name, p in m.named_parameters()] for m in models]
 
-    def grads_to_members(self) -> None:
-        for row, named in enumerate(self.members_params):
-            for name, p in named:
-                grad = self.params[name].grad
-                p.grad = None if grad is None else grad[row]
+    def zero_grads(self) -> None:
+        torch._foreach_zero_(list(self.grads.values()))
+
+    def accumulated_in_place(self) -> bool:
+        return all(stacked.grad is self.grads[name] for name, stacked in self.params.items())
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -120,7 +122,6 @@ class _Running:
     generator: torch.Generator
     torch_rng: torch.Tensor
     step: Callable[[], Any]
-    forward: nn.Module
 
 
 def fit_packed(
@@ -157,12 +158,12 @@ def fit_packed(
         with watch(steps) if watch is not None else contextlib.nullcontext():
             losses, correct = _train_epoch(running, stack, batched, per_step, steps)
         train_seconds = time.perf_counter() - start
-        ends: list[tuple[_Running, EpochMetrics]] = []
-        for r, loss, right in zip(running, losses, correct):
-            job = r.member.job
+        for r in running:
             if not per_step:
                 r.scheduler.step()
-            val_loss, val_acc = evaluate(r.forward, job.data.val, job.data, job.compute)
+        validation = _evaluate(running, stack, base, batched)
+        ends: list[tuple[_Running, EpochMetrics]] = []
+        for r, loss, right, (val_loss, val_acc) in zip(running, losses, correct, validation):
             if r.member.diagnose is not None:
                 r.member.diagnose(epoch)
             rate = n / train_seconds
@@ -191,11 +192,38 @@ def fit_packed(
             stack = _Stack([r.member.job.model for r in running])
 
 
+@torch.inference_mode()
+def _evaluate(
+    running: list[_Running], stack: _Stack, base: nn.Module, batched: Callable[..., torch.Tensor]
+) -> list[tuple[float, float]]:
+    """Each member's mean loss and accuracy (percent) on its own validation split, in one vmapped pass per batch
+    (train.evaluate's for each member alone, with the model in eval mode: BatchNorm's running statistics)."""
+    jobs = [r.member.job for r in running]
+    device, compute = jobs[0].data.val.labels.device, jobs[0].compute
+    labels = torch.stack([job.data.val.labels for job in jobs])
+    k, n = labels.shape
+    loss_sums = torch.zeros(k, device=device)
+    predicted = torch.empty_like(labels)
+    base.eval()
+    try:
+        for s in batch_slices(n, EVAL_BATCH):
+            x = torch.stack([normalize(job.data.val.images[s], job.data) for job in jobs])
+            with compute.autocast(device):
+                logits = batched(stack.params, stack.buffers, x)
+            losses = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, s].flatten(), reduction="none")
+            loss_sums += losses.view(k, -1).sum(1)
+            predicted[:, s] = logits.argmax(2)
+    finally:
+        base.train()
+    right = (predicted == labels).sum(1)
+    return [(loss / n, 100.0 * int(c) / n) for loss, c in zip(loss_sums.tolist(), right.tolist())]
+
+
 def _start(member: Member) -> _Running:
     """A member ready to train: its optimizer and schedule built, and restored from its state when it has one."""
     job, run = member.job, member.job.run
     model = job.model
-    forward = prepare(model, job.compute)
+    prepare(model, job.compute)  # its layout and cuDNN's settings, as fit's; never compiled (why_not_packed)
     model.train()
     optimizer = build_optimizer(model.parameters(), run.optimizer)
     steps = len(batch_slices(len(job.data.train), run.batch_size)) if run.optimizer.schedule_step == "step" else 1
@@ -210,7 +238,7 @@ def _start(member: Member) -> _Running:
         generator.set_state(state["rng"]["generator"])
         torch_rng = state["rng"]["torch"]
         member.history = [EpochMetrics(**m) for m in state["history"]]
-    return _Running(member, optimizer, scheduler, generator, torch_rng, step_function(optimizer), forward)
+    return _Running(member, optimizer, scheduler, generator, torch_rng, step_function(optimizer))
 
 
 def _snapshot(r: _Running) -> Callable[[], dict[str, Any]]:
@@ -258,10 +286,10 @@ def _train_epoch(
             logits = batched(stack.params, stack.buffers, x)
             losses = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
             losses = losses.view(k, -1).mean(1)
-        for p in stack.params.values():
-            p.grad = None
+        stack.zero_grads()
         losses.sum().backward()
-        stack.grads_to_members()
+        if not stack.accumulated_in_place():  # the members' .grad would be stale views: never train on those
+            raise RuntimeError("the packed backward replaced the stacked gradients instead of adding into them")
         for r in running:
             r.step()
             if per_step:
