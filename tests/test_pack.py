@@ -13,6 +13,7 @@ and resnet20 members are held to 1e-2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -312,3 +313,21 @@ def _wait_for_rows(path: Path, rows: int, proc, timeout: float = 120) -> None:
         assert proc.poll() is None, proc.communicate()[0].decode()
         time.sleep(0.005)
     raise AssertionError(f"{path} never reached {rows} rows")
+
+
+class _ReadsAScalar(torch.nn.Module):
+    """A user's model that reads a value out of its input mid-forward: vmap cannot batch that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().max().item()
+        return self.fc(x.flatten(1)) / max(scale, 1.0)
+
+
+def test_a_model_vmap_cannot_batch_is_not_packed_and_says_why():
+    jobs = [dataclasses.replace(job, model=_ReadsAScalar()) for job in _jobs(DIGITS, TWO)]
+    why = why_not_packed(jobs)
+    assert why is not None and why.startswith("torch.func.vmap cannot batch model=simple_cnn (") and ".item()" in why

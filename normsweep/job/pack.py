@@ -64,6 +64,31 @@ def why_not_packed(jobs: list[Job]) -> str | None:
             return "their augmentation differs"
     if any(job.compute.compile for job in jobs):
         return "compile=true compiles each model alone"
+    return _unbatched(first)
+
+
+def _unbatched(job: Job) -> str | None:
+    """Why torch.func.vmap cannot run the job's model for a pack (an operation with no batching rule that cannot
+    fall back, `.item()` in its forward, an in-place change of its input), tried on two copies and two images, in
+    training and in evaluation; None when it can."""
+    from torch.func import functional_call, vmap
+
+    model = copy.deepcopy(job.model)
+    params = {name: torch.stack([p.detach()] * 2).requires_grad_() for name, p in model.named_parameters()}
+    buffers = {name: torch.stack([b] * 2) for name, b in model.named_buffers()}
+    base = _stateless(model)
+    x = normalize(job.data.train.images[:2], job.data)
+    try:
+        for training in (True, False):
+            base.train(training)
+            out = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), randomness="different")(
+                params, buffers, torch.stack([x, x])
+            )
+            if training:
+                out.sum().backward()
+    except Exception as err:  # whatever the model does that vmap refuses
+        said = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+        return f"torch.func.vmap cannot batch model={job.run.model['name']} ({said[:200]})"
     return None
 
 
