@@ -331,3 +331,18 @@ def test_a_model_vmap_cannot_batch_is_not_packed_and_says_why():
     jobs = [dataclasses.replace(job, model=_ReadsAScalar()) for job in _jobs(DIGITS, TWO)]
     why = why_not_packed(jobs)
     assert why is not None and why.startswith("torch.func.vmap cannot batch model=simple_cnn (") and ".item()" in why
+
+
+@pytest.mark.parametrize("padding, hflip", [(2, True), (0, True), (2, False), (0, False)])
+def test_a_packed_batch_is_each_members_batch_alone_bit_for_bit(padding, hflip):
+    from normsweep.job.data import crop_and_flip, normalize, pad_for_crops
+    from normsweep.job.pack import _crops, _Scale
+
+    datas = [job.data for job in _jobs(DIGITS, TWO)]
+    canvas = torch.stack([pad_for_crops(d.train.images[:16], padding) for d in datas])
+    seeds = [torch.Generator().manual_seed(i) for i in (3, 4)]
+    alone = [torch.Generator().manual_seed(i) for i in (3, 4)]
+    for _ in range(2):  # the generators go on as they would alone, batch after batch
+        packed = _Scale(datas)(_crops(canvas, padding, hflip, seeds))
+        each = [normalize(crop_and_flip(c, padding, hflip, g), d) for c, g, d in zip(canvas, alone, datas)]
+        assert torch.equal(packed, torch.stack(each))

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from normsweep.config.errors import ConfigError
 from normsweep.config.schema import USER_DATASET_KEYS, DatasetConfig, SyntheticConfig, UserDataset
@@ -421,17 +422,30 @@ def crop_and_flip(padded: torch.Tensor, padding: int, hflip: bool, generator: to
     offsets and the flips from `generator` (only those that apply)."""
     if not padding and not hflip:
         return padded
+    return cut_crops(padded, padding, *draw_crops(len(padded), padding, hflip, generator, padded.device))
+
+
+Draws = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def draw_crops(n: int, padding: int, hflip: bool, generator: torch.Generator, device: torch.device) -> Draws:
+    """What crop_and_flip draws for `n` images: each one's row offset, column offset (0..2·padding) and whether it
+    is mirrored, in that order from `generator`; None for what does not apply."""
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator) if padding else None
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator) if padding else None
+    flip = torch.rand(n, 1, device=device, generator=generator) < 0.5 if hflip else None
+    return dy, dx, flip
+
+
+def cut_crops(padded: torch.Tensor, padding: int, dy: Tensor | None, dx: Tensor | None, flip: Tensor | None) -> Tensor:
+    """Each image's crop and flip as drawn (draw_crops), cut from the padded batch in one gather."""
     n, c, ph, pw = padded.shape
     h, w = ph - 2 * padding, pw - 2 * padding
-    device = padded.device
-    batch, chans, rows, cols, mirrored = _grids(n, c, h, w, device)
-    if padding:
-        dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
+    batch, chans, rows, cols, mirrored = _grids(n, c, h, w, padded.device)
+    if dy is not None:
         rows = dy + rows
-    if hflip:
-        flip = torch.rand(n, 1, device=device, generator=generator) < 0.5
+    if flip is not None:
         cols = torch.where(flip, mirrored, cols)  # a mirrored image reads its window's columns right to left
-    if padding:
+    if dx is not None:
         cols = dx + cols
     return padded[batch, chans, rows.view(-1, 1, h, 1), cols.view(-1, 1, 1, w)]

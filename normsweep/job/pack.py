@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from normsweep.job.build import Job
-from normsweep.job.data import crop_and_flip, normalize, pad_for_crops
+from normsweep.job.data import Data, cut_crops, draw_crops, normalize, pad_for_crops
 from normsweep.job.optim import build_optimizer, build_scheduler, last_lr, step_function, without_dynamo
 from normsweep.job.train import EVAL_BATCH, EpochMetrics, Steps, batch_slices, prepare
 
@@ -227,12 +227,13 @@ def _evaluate(
     device, compute = jobs[0].data.val.labels.device, jobs[0].compute
     labels = torch.stack([job.data.val.labels for job in jobs])
     k, n = labels.shape
+    images, scale = torch.stack([job.data.val.images for job in jobs]), _Scale([job.data for job in jobs])
     loss_sums = torch.zeros(k, device=device)
     predicted = torch.empty_like(labels)
     base.eval()
     try:
         for s in batch_slices(n, EVAL_BATCH):
-            x = torch.stack([normalize(job.data.val.images[s], job.data) for job in jobs])
+            x = scale(images[:, s])
             with compute.autocast(device):
                 logits = batched(stack.params, stack.buffers, x)
             losses = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, s].flatten(), reduction="none")
@@ -280,6 +281,31 @@ def _snapshot(r: _Running) -> Callable[[], dict[str, Any]]:
     return snapshot
 
 
+def _crops(padded: torch.Tensor, padding: int, hflip: bool, generators: list[torch.Generator]) -> torch.Tensor:
+    """Every member's batch (K, B, C, H, W) cropped and flipped as data.crop_and_flip would cut it alone (each
+    member's draws from its own generator, in its order), in one gather for all of them."""
+    if not padding and not hflip:
+        return padded
+    k, b = padded.shape[:2]
+    draws = [draw_crops(b, padding, hflip, g, padded.device) for g in generators]
+    joined = [torch.cat(column) if column[0] is not None else None for column in zip(*draws)]
+    return cut_crops(padded.flatten(0, 1), padding, *joined).unflatten(0, (k, b))
+
+
+class _Scale:
+    """data.normalize for the members' stacked batches, each with its own training split's statistics."""
+
+    def __init__(self, datas: list[Data]) -> None:
+        self.mean = torch.stack([d.mean for d in datas]).view(len(datas), 1, -1, 1, 1)
+        self.std = torch.stack([d.std for d in datas]).view(len(datas), 1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(torch.float32, copy=True)
+        if images.dtype == torch.uint8:
+            x.div_(255)
+        return x.sub_(self.mean).div_(self.std)
+
+
 def _train_epoch(
     running: list[_Running], stack: _Stack, batched: Callable[..., torch.Tensor], per_step: bool, steps: Steps
 ) -> tuple[list[float], list[int]]:
@@ -296,16 +322,13 @@ def _train_epoch(
         order = torch.randperm(n, device=device, generator=r.generator)
         canvases.append(pad_for_crops(train.images[order], data.crop_padding))
         labels.append(train.labels[order])
-    ordered_labels = torch.stack(labels)
+    canvas, ordered_labels = torch.stack(canvases), torch.stack(labels)
+    del canvases
+    scale = _Scale([r.member.job.data for r in running])
     predictions = torch.empty(k, n, dtype=torch.int64, device=device)
     loss_sums = torch.zeros(k, device=device)
     for s in batch_slices(n, batch_size):
-        x = torch.stack(
-            [
-                normalize(crop_and_flip(canvas[s], data.crop_padding, data.hflip, r.generator), r.member.job.data)
-                for r, canvas in zip(running, canvases)
-            ]
-        )
+        x = scale(_crops(canvas[:, s], data.crop_padding, data.hflip, [r.generator for r in running]))
         y = ordered_labels[:, s]
         with compute.autocast(device):
             logits = batched(stack.params, stack.buffers, x)
