@@ -200,3 +200,29 @@ def test_killed_on_cuda_and_resumed_gives_the_uninterrupted_numbers(tmp_path: Pa
     assert 3 <= _summary(killed)["resumed_from_epoch"] < 8
     diagnostics = pd.read_csv(killed / "diagnostics.csv")
     pd.testing.assert_frame_equal(diagnostics, pd.read_csv(tmp_path / "ref" / "diagnostics.csv"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["simple_cnn", "resnet20"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_packed_jobs_on_cuda_train_as_alone(model: str, precision: str) -> None:
+    """job/pack.py on the GPU: cuDNN's batch norm and grouped convolutions under vmap, fused optimizers on the
+    members' views; each member's numbers those of the job alone, within the CPU tests' tolerance for SGD (bf16:
+    ten times it, its rounding being coarser)."""
+    from normsweep.job.pack import Member, fit_packed, why_not_packed
+
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip(f"{torch.cuda.get_device_name(0)} has no bf16")
+    common = [f"model={model}", "optimizer=sgd", f"precision={precision}", "epochs=2", "dataset.train_size=512"]
+    settings = [["seed=0", "optimizer.lr=0.02"], ["seed=1", "optimizer.lr=0.01"], ["seed=2", "optimizer.lr=0.02"]]
+    alone = [_setup([*common, *own]).train() for own in settings]
+    jobs = [_setup([*common, *own]) for own in settings]
+    assert why_not_packed(jobs) is None
+    members = [Member(job) for job in jobs]
+    fit_packed(members)
+    rel = 1e-2 if precision == "fp32" else 1e-1
+    for a, member in zip(alone, members):
+        assert member.ended is None and len(member.history) == 2
+        for x, y in zip(a, member.history):
+            assert y.train_loss == pytest.approx(x.train_loss, rel=rel)
+            assert y.val_loss == pytest.approx(x.val_loss, rel=rel)
