@@ -346,3 +346,23 @@ def test_a_packed_batch_is_each_members_batch_alone_bit_for_bit(padding, hflip):
         packed = _Scale(datas)(_crops(canvas, padding, hflip, seeds))
         each = [normalize(crop_and_flip(c, padding, hflip, g), d) for c, g, d in zip(canvas, alone, datas)]
         assert torch.equal(packed, torch.stack(each))
+
+
+def test_a_packed_job_that_fails_is_recorded_failed_and_the_others_finish(tmp_path: Path, monkeypatch) -> None:
+    from normsweep.job import run
+
+    record = run._Progress.record
+
+    def failing(self, metrics, snapshot):
+        if self.job_dir.name == "1" and metrics.epoch == 2:
+            raise RuntimeError("the tracker of job 1 broke")
+        return record(self, metrics, snapshot)
+
+    monkeypatch.setattr(run._Progress, "record", failing)
+    done = run_cli_here(["-m", "pack=true", "seed=0,1,2", *SWEEP, f"hydra.sweep.dir={tmp_path}/s"], tmp_path)
+    assert done.returncode == 1 and "1 of 3 jobs failed" in done.stdout + done.stderr
+    summaries = {job: json.loads((tmp_path / "s" / job / "summary.json").read_text()) for job in "012"}
+    assert summaries["1"]["status"] == "failed" and "the tracker of job 1 broke" in summaries["1"]["error"]
+    assert summaries["0"]["status"] == summaries["2"]["status"] == "completed"
+    assert summaries["0"]["epochs_completed"] == summaries["2"]["epochs_completed"] == 3
+    assert len(pd.read_csv(tmp_path / "s" / "1" / "metrics.csv")) == 1  # its epochs before the failure, kept

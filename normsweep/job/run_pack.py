@@ -90,9 +90,16 @@ def run_pack(
             if len(group) == 1 or why:
                 for r in group:
                     with r.packed.speaking():
-                        results[r.index] = _finish(r, *_train(r.job, r.progress), started)
+                        results[r.index] = _alone(r, started)
             else:
                 _train_together(group, results, started)
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt) or disk_full(err):  # every job not ended yet resumes from its checkpoint
+            for r in ready:
+                if results[r.index] is None:
+                    with contextlib.suppress(OSError):
+                        r.progress.mark(Status.INCOMPLETE, len(r.progress.rows))
+        raise
     finally:
         for r in ready:
             with contextlib.suppress(Exception):
@@ -158,13 +165,10 @@ def _train_together(group: list[_Ready], results: list[Any], started: float) -> 
     progress = EpochProgress(run.epochs, run.progress.after_s, run.progress.every_s)
     try:
         fit_packed(members, watch=progress.watch)
-    except BaseException as err:
-        if isinstance(err, KeyboardInterrupt) or disk_full(err):
-            for r in group:
-                with contextlib.suppress(OSError):
-                    r.progress.mark(Status.INCOMPLETE, len(r.progress.rows))
+    except Exception as err:  # the packed step itself failed: every member with it (an interruption: run_pack)
+        if disk_full(err):
             raise
-        for r in group:  # the packed step itself failed: every member with it
+        for r in group:
             results[r.index] = err
         return
     full = [m.ended for m in members if m.ended is not None and disk_full(m.ended)]
@@ -174,9 +178,24 @@ def _train_together(group: list[_Ready], results: list[Any], started: float) -> 
                 results[r.index] = member.ended
                 continue
             history = member.history or [EpochMetrics(**row) for row in r.progress.rows]
-            results[r.index] = _finish(r, history, isinstance(member.ended, _Pruned), started)
+            try:
+                results[r.index] = _finish(r, history, isinstance(member.ended, _Pruned), started)
+            except Exception as err:  # its test evaluation or its files: this job fails, the others end as they did
+                if disk_full(err):
+                    raise
+                results[r.index] = err
     if full:
         raise full[0]
+
+
+def _alone(r: _Ready, started: float) -> dict[str, Any] | BaseException:
+    """A job of the pack trained by itself: its summary, or what it failed with (the others go on)."""
+    try:
+        return _finish(r, *_train(r.job, r.progress), started)
+    except Exception as err:
+        if disk_full(err):
+            raise
+        return err
 
 
 def _finish(r: _Ready, history: list[EpochMetrics], pruned: bool, started: float) -> dict[str, Any]:
