@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import copy
 import dataclasses
 import logging
 import multiprocessing
@@ -25,7 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from normsweep.config import hydra_compat
@@ -41,62 +40,23 @@ from normsweep.job.signals import (
     stopped_by,
 )
 from normsweep.sweep.callbacks import ResumeCheck
-from normsweep.sweep.compose import SWEPT_KEYS_ENV
 from normsweep.sweep.files import (
     TRIAL_KEY,
     DiskFull,
-    atomic_write,
     disk_full,
     full_disk_line,
     override_key,
     record_failure,
 )
-from normsweep.sweep.packing import JOB_NUM_ENV, PACK_ENV, Guest, read_pack
+from normsweep.sweep.hosting import run_packed
+from normsweep.sweep.packing import JOB_NUM_ENV, PACK_ENV, read_pack
 from normsweep.sweep.resume import ResumeConflict, check_resumable, keep_saved_behaviour, refuse, task_config
 from normsweep.sweep.studies import JobTrial
+from normsweep.sweep.tags import JobTag, job_swept_keys, telling_apart
 from normsweep.trackers import unchosen_tracker_key
 
 log = logging.getLogger("normsweep")
 register_configs()
-
-
-class JobTag(logging.Filter):
-    """Puts `[job N overrides]` before every log line of a sweep's job, so that the lines of jobs run side by
-    side (joblib) tell which job they come from. On the root logger's handlers, for as long as the job runs."""
-
-    def __init__(self, num: int, overrides: list[str]) -> None:
-        super().__init__()
-        self.tag = f"[job {num}{''.join(' ' + o for o in overrides)}]"
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        # Once, though it passes through several handlers; a line of the sweep's own (sweep/progress.py) is given an
-        # empty tag, and stays as it is.
-        if getattr(record, "job_tag", None) is None:
-            with contextlib.suppress(Exception):  # a malformed message stays as it is, for logging to report
-                record.msg, record.args, record.job_tag = f"{self.tag} {record.getMessage()}", (), self.tag
-        return True
-
-    def attach(self) -> None:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(self)
-
-    def detach(self) -> None:
-        for handler in logging.getLogger().handlers:
-            handler.removeFilter(self)
-
-
-def _swept_keys(overrides: list[str], in_sweep: bool) -> tuple[str, ...]:
-    """The keys the job's sweep varies (what its launcher said, sweep/compose.py); those of all its overrides when
-    not said (a job launched otherwise) or for a single run (which a sweep's environment does not describe)."""
-    swept = os.environ.get(SWEPT_KEYS_ENV) if in_sweep else None
-    keys = [override_key(o) for o in overrides] if swept is None else swept.split(",")
-    return tuple(sorted(set(keys) - {""}))
-
-
-def _telling_apart(overrides: list[str]) -> list[str]:
-    """A job's overrides of the keys its sweep varies: what tells its log lines from the other jobs'."""
-    keys = set(_swept_keys(overrides, in_sweep=True))  # only a sweep's jobs are tagged
-    return [o for o in overrides if override_key(o) in keys]
 
 
 def discard_unused_run_dir(job_dir: Path, log_name: str) -> bool:
@@ -166,7 +126,7 @@ def app(cfg: DictConfig) -> float | None:
     # A sweep whose jobs train in packs launches fewer jobs than it has: its launcher numbers them in launch order,
     # the sweeper says each one's own number (its position in the sweep, as its folder and its tag name it).
     job_num = int(os.environ.get(JOB_NUM_ENV) or hydra_cfg.job.num) if in_sweep else 0  # a single run has none
-    tag = JobTag(job_num, _telling_apart(overrides)) if in_sweep else None
+    tag = JobTag(job_num, telling_apart(overrides)) if in_sweep else None
     if tag:
         tag.attach()
     trial = JobTrial.from_env(os.environ) if in_sweep else None  # a tuning sweep's trial (sweep/studies.py)
@@ -180,10 +140,10 @@ def app(cfg: DictConfig) -> float | None:
 
             run, cpus = place(checked, job_num, in_sweep)
             sweep_dir = Path(hydra_cfg.sweep.dir) if in_sweep else None
-            swept = _swept_keys(overrides, in_sweep)
+            swept = job_swept_keys(overrides, in_sweep)
             guests = read_pack(os.environ.get(PACK_ENV)) if in_sweep else []
             if guests:  # this job hosts a pack (sweep/packing.py): it trains the others with it
-                summary = _run_packed(run, cpus, job_dir, overrides, config, guests, tag, swept, trial)
+                summary = run_packed(run, cpus, job_dir, overrides, config, guests, tag, swept, trial)
             else:
                 summary = run_job(run, job_dir, overrides, config, cpus, trial, sweep_dir, swept)
     except KeyboardInterrupt as err:
@@ -219,98 +179,6 @@ def app(cfg: DictConfig) -> float | None:
     if not in_sweep:
         report_single_run(job_dir, hydra_cfg, cfg)
     return summary.get("final_val_acc")
-
-
-def _run_packed(
-    run: Config,
-    cpus: int,
-    job_dir: Path,
-    overrides: list[str],
-    config: dict,
-    guests: list[Guest],
-    host_tag: JobTag | None,
-    swept: tuple[str, ...],
-    trial: JobTrial | None = None,
-) -> dict:
-    """Train this job and its pack's guests together (job/run_pack.py), each guest checked and given its folder as
-    this job was (its Hydra files, its log); a guest that fails is recorded failed in its folder, as a job alone
-    would be. Returns this job's summary, or raises what it failed with."""
-    from normsweep.job.run_pack import PackedJob, run_pack
-
-    sweep_dir = job_dir.parent
-    entries = [PackedJob(run, job_dir, overrides, config, trial=trial)]
-    choices, voices = [], []
-    for guest in guests:
-        cfg, guest_dir = copy.deepcopy(guest.config), sweep_dir / guest.name
-        with open_dict(cfg):
-            hydra_node = cfg.pop("hydra")
-        keep_saved_behaviour(guest_dir, cfg, guest.overrides)
-        guest_config = task_config(cfg)
-        check_resumable(guest_dir, guest_config)
-        choices.append(dict(hydra_node.runtime.choices))
-        guest_run = dataclasses.replace(validate(cfg, choices[-1]), device=run.device, threads=run.threads)
-        _hydra_files(guest_dir, cfg, hydra_node, guest.overrides)
-        voices.append(_Voice(guest_dir / LOG_NAME, JobTag(guest.num, _telling_apart(guest.overrides)), host_tag))
-        guest_trial = JobTrial.from_env(guest.env)  # a tuning sweep's trial: its study may prune it alone
-        entries.append(PackedJob(guest_run, guest_dir, guest.overrides, guest_config, voices[-1].speaking, guest_trial))
-    try:
-        results = run_pack(entries, cpus, sweep_dir, swept)
-    finally:
-        for voice in voices:
-            voice.close()
-    for entry, result, chosen in zip(entries[1:], results[1:], choices):
-        if isinstance(result, BaseException):
-            with entry.speaking():
-                recorded = {TRIAL_KEY: entry.trial.record} if entry.trial else {}  # still its study's trial
-                record_failure(entry.job_dir, result, entry.overrides, entry.config, chosen, **recorded)
-                shown = full_error() or not isinstance(result, ConfigError)
-                log.error("job failed: %s", result, exc_info=result if shown else None)
-    if isinstance(results[0], BaseException):
-        raise results[0]
-    return results[0]
-
-
-LOG_NAME = "normsweep.log"  # a job's log in its folder, as Hydra names it (hydra.job.name + .log)
-
-
-class _Voice:
-    """A guest's log lines: under its own tag (instead of its host's), and into its folder's log as well."""
-
-    def __init__(self, path: Path, tag: JobTag, host_tag: JobTag | None) -> None:
-        self.tag, self.host_tag = tag, host_tag
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.handler = logging.FileHandler(path, delay=True)
-        files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-        if files and files[0].formatter is not None:
-            self.handler.setFormatter(files[0].formatter)
-
-    @contextlib.contextmanager
-    def speaking(self):
-        root = logging.getLogger()
-        if self.host_tag:
-            self.host_tag.detach()
-        self.tag.attach()
-        root.addHandler(self.handler)
-        self.handler.addFilter(self.tag)
-        try:
-            yield
-        finally:
-            root.removeHandler(self.handler)
-            self.tag.detach()
-            if self.host_tag:
-                self.host_tag.attach()
-
-    def close(self) -> None:
-        self.handler.close()
-
-
-def _hydra_files(job_dir: Path, cfg: DictConfig, hydra_node: DictConfig, overrides: list[str]) -> None:
-    """A guest's .hydra/ folder, as Hydra writes a launched job's: its config, Hydra's node and its overrides."""
-    folder = job_dir / ".hydra"
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "config.yaml", OmegaConf.to_yaml(cfg))
-    atomic_write(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_node})))
-    atomic_write(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
 def main() -> None:
