@@ -12,7 +12,9 @@
 #   suite        the whole test suite with CUDA available (no SLURM cluster there: those tests skip)
 #   packing      5 norms x 3 seeds on CIFAR-shaped synthetic images (50,000 train+val), resnet20 and deep_cnn:
 #                one job at a time, 4 at once (joblib), and packed (pack=true); packed against alone per job
-#                (scripts/compare_packed.py). Not in the default list (about 6 minutes): bash scripts/gpu_check.sh info packing
+#                (scripts/compare_packed.py). Not in the default list (estimated 6-9 minutes on an H100/H200):
+#                GPU_CHECK_SECONDS=560 bash scripts/gpu_check.sh info packing   (PACK_EPOCHS, PACK_MODELS, PACK_SIZE narrow it;
+#                PACK_DEVICE=cpu tries it here)
 #
 # Results go to $OUT (the device tool's output folder) or ./gpu_results: every log and CSV in results.tar.gz, and
 # each section's exit status and seconds in sections.txt, both rewritten after every section, so that a run stopped
@@ -104,7 +106,8 @@ run_compile() {
 }
 
 run_packing() {
-    local data=(dataset=synthetic dataset.size=62500 "dataset.shape=[3,32,32]" "epochs=${PACK_EPOCHS:-2}" device=cuda)
+    local data=(dataset=synthetic "dataset.size=${PACK_SIZE:-62500}" "dataset.shape=[3,32,32]" "epochs=${PACK_EPOCHS:-2}"
+        "device=${PACK_DEVICE:-cuda}")
     local model how s extra
     for model in ${PACK_MODELS:-resnet20 deep_cnn}; do
         for how in packed alone joblib4; do
@@ -141,7 +144,7 @@ if ! $PY -c "import hydra, omegaconf" 2>/dev/null && ls .whl/*.whl >/dev/null 2>
 fi
 SECTIONS=("$@")
 ((${#SECTIONS[@]})) || SECTIONS=(info tests sweeps bench determinism compile suite)
-declare -A CAP=([info]=30 [tests]=150 [sweeps]=120 [bench]=200 [determinism]=60 [compile]=200 [suite]=300 [packing]=400)
+declare -A CAP=([info]=30 [tests]=150 [sweeps]=120 [bench]=200 [determinism]=60 [compile]=200 [suite]=300 [packing]=520)
 : >"$OUT/sections.txt"
 for name in "${SECTIONS[@]}"; do
     cap_var=CAP_$name
