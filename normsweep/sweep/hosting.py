@@ -77,28 +77,38 @@ LOG_NAME = "normsweep.log"  # a job's log in its folder, as Hydra names it (hydr
 
 
 class _Voice:
-    """A guest's log lines: under its own tag (instead of its host's), and into its folder's log as well."""
+    """A guest's log lines: under its own tag (instead of its host's), into its folder's log and not its host's
+    (the console shows every job's lines, as for jobs run one after another)."""
 
     def __init__(self, path: Path, tag: JobTag, host_tag: JobTag | None) -> None:
         self.tag, self.host_tag = tag, host_tag
         path.parent.mkdir(parents=True, exist_ok=True)
         self.handler = logging.FileHandler(path, delay=True)
+        self.handler.addFilter(tag)
         files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
         if files and files[0].formatter is not None:
             self.handler.setFormatter(files[0].formatter)
 
+    @staticmethod
+    def _elsewhere(record: logging.LogRecord) -> bool:
+        return False  # a guest's line, kept out of the host's log file
+
     @contextlib.contextmanager
     def speaking(self):
         root = logging.getLogger()
+        hosts = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
         if self.host_tag:
             self.host_tag.detach()
         self.tag.attach()
+        for handler in hosts:
+            handler.addFilter(self._elsewhere)
         root.addHandler(self.handler)
-        self.handler.addFilter(self.tag)
         try:
             yield
         finally:
             root.removeHandler(self.handler)
+            for handler in hosts:
+                handler.removeFilter(self._elsewhere)
             self.tag.detach()
             if self.host_tag:
                 self.host_tag.attach()

@@ -18,7 +18,7 @@ from normsweep.sweep.liveness import process_alive
 log = logging.getLogger("normsweep")
 
 POLL_S = 2.0  # how often the watcher reads the folders: a job's end is said within this
-SWEEP_LINE = {"job_tag": ""}  # a log record's `extra` that marks it the sweep's own: sweep/tags.JobTag leaves it untagged
+SWEEP_LINE = {"job_tag": ""}  # a log record's `extra` marking it the sweep's own: sweep/tags.JobTag leaves it as it is
 
 
 @dataclass(frozen=True)
