@@ -2,7 +2,8 @@
 
 The tolerance, and why it is not zero: a packed step runs the members' convolutions as one grouped convolution,
 which sums in another order than a job's own, so each step differs from the job's by float rounding (about 1e-7
-relative). With SGD that stays small: every loss within 1e-3 relative after the epochs tested here. Adam and AdamW
+relative). Over a few steps at a stable rate that stays small for every norm, model and optimizer: every loss within
+1e-3 relative (measured: at most 4e-4). Over epochs, with SGD it stays small on simple_cnn. Adam and AdamW
 divide each gradient by its running size, so a parameter whose true gradient is zero (a convolution's bias before
 BatchNorm, whose mean the norm removes) takes full-size steps driven by rounding alone, and the run drifts: a job
 alone drifts as far when only its memory layout changes (channels_last true against false, bn, 3 epochs: 1.0e-2
@@ -75,13 +76,28 @@ def _assert_same(alone: list[EpochMetrics], packed: list[EpochMetrics], rel: flo
             assert abs(b.val_acc - a.val_acc) <= 100 / 64 + 1e-9
 
 
-@pytest.mark.parametrize("norm", ["none", "bn", "ln", "in", "gn", "ln2d", "rms", "ws_gn", "frn"])
-def test_every_norm_packed_trains_as_alone(norm):
-    common = (*DIGITS, f"norm={norm}")
-    alone, packed = _alone(common, TWO), _packed(common, TWO)
-    for a, member in zip(alone, packed):
+NORMS = ["none", "bn", "ln", "in", "gn", "ln2d", "rms", "ws_gn", "frn"]
+# Rates in the stable regime of each optimizer: a short run whose numbers rounding cannot yet have moved apart.
+SMALL_LR = {"sgd": ("0.005", "0.002"), "adam": ("0.0003", "0.0001"), "adamw": ("0.0003", "0.0001")}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("model", ["simple_cnn", "deep_cnn", "resnet20"])
+def test_every_norm_model_and_optimizer_packed_trains_as_alone(model, optimizer, norm):
+    """Every combination, for a few steps (measured: all within 4e-4 relative, most within 1e-5); the tests below
+    follow fewer of them for longer, where rounding has had time to move runs apart."""
+    common = ("dataset.train_size=96", "epochs=1", "batch_size=32", f"model={model}", f"optimizer={optimizer}")
+    runs = [
+        compose_run([*common, f"norm={norm}", f"seed={i}", f"optimizer.lr={lr}"])
+        for i, lr in enumerate(SMALL_LR[optimizer])
+    ]
+    alone = [build(run, CPU).train() for run in runs]
+    members = [Member(build(run, CPU)) for run in runs]
+    fit_packed(members)
+    for a, member in zip(alone, members):
         assert member.ended is None
-        _assert_same(a, member.history, SGD_REL, 256)
+        _assert_same(a, member.history, SGD_REL, 96)
 
 
 @pytest.mark.parametrize("model", ["deep_cnn", "resnet20"])
