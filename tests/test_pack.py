@@ -29,7 +29,7 @@ from conftest import run_cli_here, start_cli
 
 from normsweep.config.checks import compose_run
 from normsweep.job.build import Job, build
-from normsweep.job.pack import Member, fit_packed, why_not_packed
+from normsweep.job.pack import Member, _shapes, fit_packed, why_not_packed
 from normsweep.job.train import EpochMetrics, Steps, fit
 
 pytestmark = pytest.mark.slow  # each trains a few jobs twice, for seconds
@@ -224,8 +224,13 @@ def test_why_jobs_cannot_be_packed():
     assert why_not_packed(jobs) is None
     other_batch = _jobs(DIGITS, (("batch_size=32",),))
     assert "batch_size" in why_not_packed([jobs[0], *other_batch])
-    other_norm = _jobs(DIGITS, (("norm=gn",),))  # same shapes, but no running statistics
-    assert "layers or shapes" in why_not_packed([jobs[0], *other_norm])
+    other_norm = _jobs(DIGITS, (("norm=gn",),))  # no running statistics: other buffers
+    assert "differ in layers" in why_not_packed([jobs[0], *other_norm])
+    # The same shapes, parameter for parameter, but other layers or other settings of a layer.
+    gn, ln2d, gn_eps = _jobs(DIGITS, (("norm=gn",), ("norm=ln2d",), ("norm=gn", "norm.eps=0.001")))
+    assert _shapes(gn.model) == _shapes(ln2d.model) == _shapes(gn_eps.model)
+    assert "differ in layers" in why_not_packed([gn, ln2d])
+    assert "differ in layers" in why_not_packed([gn, gn_eps])
 
 
 # A sweep with `pack`: what a user sees and finds in the sweep folder.

@@ -45,14 +45,15 @@ class Member:
 
 def why_not_packed(jobs: list[Job]) -> str | None:
     """Why these jobs cannot train as one pack (the first reason, in a user's words), or None when they can: the
-    same architecture (parameter and buffer names and shapes), the same number of training and validation images
-    of the same shape, augmentation, batch size, epochs, precision and device, and no compiled model."""
+    same architecture (its modules and their settings, parameter and buffer names and shapes), the same number of
+    training and validation images of the same shape, augmentation, batch size, epochs, precision and device, no
+    compiled model, and a model torch.func.vmap can batch."""
     first = jobs[0]
-    shapes = _shapes(first.model)
+    shapes, layers = _shapes(first.model), str(first.model)  # one stateless model runs them all: the same modules
     for job in jobs[1:]:
         run, other = job.run, first.run
-        if _shapes(job.model) != shapes:
-            return "their models differ in layers or shapes"
+        if _shapes(job.model) != shapes or str(job.model) != layers:
+            return "their models differ in layers, shapes or settings"
         for key in ("batch_size", "epochs", "precision", "device"):
             if getattr(run, key) != getattr(other, key):
                 return f"their {key} differs ({getattr(other, key)} and {getattr(run, key)})"
