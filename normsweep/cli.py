@@ -143,7 +143,9 @@ def app(cfg: DictConfig) -> float | None:
             swept = job_swept_keys(overrides, in_sweep)
             guests = read_pack(os.environ.get(PACK_ENV)) if in_sweep else []
             if guests:  # this job hosts a pack (sweep/packing.py): it trains the others with it
-                summary = run_packed(run, cpus, job_dir, overrides, config, guests, tag, swept, trial)
+                summary = run_packed(
+                    run, cpus, Path(hydra_cfg.sweep.dir), job_dir, overrides, config, guests, tag, swept, trial
+                )
             else:
                 summary = run_job(run, job_dir, overrides, config, cpus, trial, sweep_dir, swept)
     except KeyboardInterrupt as err:

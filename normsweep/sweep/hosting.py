@@ -27,6 +27,7 @@ log = logging.getLogger("normsweep")
 def run_packed(
     run: Config,
     cpus: int,
+    sweep_dir: Path,
     job_dir: Path,
     overrides: list[str],
     config: dict,
@@ -40,7 +41,6 @@ def run_packed(
     would be. Returns this job's summary, or raises what it failed with."""
     from normsweep.job.run_pack import PackedJob, run_pack
 
-    sweep_dir = job_dir.parent
     entries = [PackedJob(run, job_dir, overrides, config, trial=trial)]
     choices, voices = [], []
     for guest in guests:
@@ -58,16 +58,16 @@ def run_packed(
         entries.append(PackedJob(guest_run, guest_dir, guest.overrides, guest_config, voices[-1].speaking, guest_trial))
     try:
         results = run_pack(entries, cpus, sweep_dir, swept)
+        for entry, result, chosen in zip(entries[1:], results[1:], choices):
+            if isinstance(result, BaseException):
+                with entry.speaking():
+                    recorded = {TRIAL_KEY: entry.trial.record} if entry.trial else {}  # still its study's trial
+                    record_failure(entry.job_dir, result, entry.overrides, entry.config, chosen, **recorded)
+                    shown = full_error() or not isinstance(result, ConfigError)
+                    log.error("job failed: %s", result, exc_info=result if shown else None)
     finally:
         for voice in voices:
             voice.close()
-    for entry, result, chosen in zip(entries[1:], results[1:], choices):
-        if isinstance(result, BaseException):
-            with entry.speaking():
-                recorded = {TRIAL_KEY: entry.trial.record} if entry.trial else {}  # still its study's trial
-                record_failure(entry.job_dir, result, entry.overrides, entry.config, chosen, **recorded)
-                shown = full_error() or not isinstance(result, ConfigError)
-                log.error("job failed: %s", result, exc_info=result if shown else None)
     if isinstance(results[0], BaseException):
         raise results[0]
     return results[0]
