@@ -82,13 +82,51 @@ def run_job(
     same folder must bring the same one (the caller checks the folder first, with resume.check_resumable).
     """
     started = time.perf_counter()
+    begun = start_job(run, job_dir, overrides, config, cpus or available_cpus(), trial, sweep_dir, swept)
+    if isinstance(begun, dict):
+        return begun
+    try:
+        summary = finish_job(begun, *_train(begun.job, begun.progress), started)
+    finally:
+        begun.close()  # before the job's log lines end (a sweep's next job has its own tag)
+    log_test(summary)
+    return summary
+
+
+@dataclass
+class Begun:
+    """A job built, restored from its checkpoint, marked running and reporting to its trackers: ready to train."""
+
+    job: Job
+    progress: _Progress
+    end_watch: Callable[[], None]
+
+    def close(self) -> None:
+        """Its trackers closed and the watch of how busy the machine is ended (trained or not)."""
+        try:
+            self.progress.trackers.close()
+        finally:
+            self.end_watch()
+
+
+def start_job(
+    run: Config,
+    job_dir: Path,
+    overrides: list[str],
+    config: dict[str, Any],
+    cpus: int,
+    trial: Trial | None = None,
+    sweep_dir: Path | None = None,
+    swept: tuple[str, ...] = (),
+) -> Begun | dict[str, Any]:
+    """The job in `job_dir` ready to train (run_job's arguments), or its summary when it has finished before."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     previous = load_summary(job_dir)
     if previous["status"] in FINISHED:
         _log_kept(job_dir, previous)
         return previous
-    job, device, choice, end_watch = _build(run, cpus or available_cpus(), previous)
+    job, device, choice, end_watch = _build(run, cpus, previous)
     try:
         provenance = _provenance(job, device, choice, overrides, config)
         if trial is not None:
@@ -96,17 +134,19 @@ def run_job(
         progress = _restore(job_dir, job, provenance, trial)
         info = JobInfo(job_dir, config, overrides, sweep_dir, swept, progress.resumed_from, list(progress.rows))
         progress.trackers = open_trackers(run.logger, info)
-        try:
-            history, pruned = _train(job, progress)
-            summary = _summarize(job, progress, history, started, pruned)
-            write_summary(job_dir, summary)  # last: a folder whose summary says finished holds every file of the job
-            drop_previous(job_dir)
-            progress.trackers.finish(summary)
-        finally:
-            progress.trackers.close()
-    finally:
-        end_watch()  # before the job's log lines end (a sweep's next job has its own tag)
-    log_test(summary)
+    except BaseException:
+        end_watch()
+        raise
+    return Begun(job, progress, end_watch)
+
+
+def finish_job(begun: Begun, history: list[EpochMetrics], pruned: bool, started: float) -> dict[str, Any]:
+    """The trained job's summary written (last: a folder whose summary says finished holds every file of the job),
+    the checkpoint before its last dropped, its trackers told; returns the summary."""
+    summary = _summarize(begun.job, begun.progress, history, started, pruned)
+    write_summary(begun.progress.job_dir, summary)
+    drop_previous(begun.progress.job_dir)
+    begun.progress.trackers.finish(summary)
     return summary
 
 

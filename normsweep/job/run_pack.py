@@ -16,25 +16,11 @@ from typing import Any
 
 from normsweep.config.schema import Config
 from normsweep.job.build import Job
-from normsweep.job.checkpoint import drop_previous
 from normsweep.job.pack import Member, fit_packed, why_not_packed
 from normsweep.job.progress import EpochProgress
-from normsweep.job.run import (
-    Trial,
-    _build,
-    _log_kept,
-    _Progress,
-    _provenance,
-    _Pruned,
-    _restore,
-    _summarize,
-    _train,
-    log_test,
-)
+from normsweep.job.run import Begun, Trial, _Progress, _Pruned, _train, finish_job, log_test, start_job
 from normsweep.job.train import EpochMetrics
-from normsweep.sweep.files import FINISHED, TRIAL_KEY, Status, disk_full, write_summary
-from normsweep.sweep.liveness import load_summary
-from normsweep.trackers import JobInfo, open_trackers
+from normsweep.sweep.files import Status, disk_full
 
 log = logging.getLogger("normsweep")
 
@@ -54,11 +40,19 @@ class PackedJob:
 
 @dataclass
 class _Ready:
+    """A job of the pack ready to train (run.start_job), and where it stands in the pack's list."""
+
     index: int
     packed: PackedJob
-    job: Job
-    progress: _Progress
-    end_watch: Callable[[], None]
+    begun: Begun
+
+    @property
+    def job(self) -> Job:
+        return self.begun.job
+
+    @property
+    def progress(self) -> _Progress:
+        return self.begun.progress
 
 
 def run_pack(
@@ -103,30 +97,14 @@ def run_pack(
     finally:
         for r in ready:
             with contextlib.suppress(Exception):
-                r.progress.trackers.close()
-            r.end_watch()
+                r.begun.close()
     return [r if r is not None else RuntimeError("not trained") for r in results]
 
 
 def _prepare(i: int, packed: PackedJob, cpus: int, sweep_dir: Path | None, swept: tuple[str, ...]) -> Any:
-    """The job built, restored from its checkpoint and marked running; or its summary, when it is finished."""
-    packed.job_dir.mkdir(parents=True, exist_ok=True)
-    previous = load_summary(packed.job_dir)
-    if previous["status"] in FINISHED:
-        _log_kept(packed.job_dir, previous)
-        return previous
-    job, device, choice, end_watch = _build(packed.run, cpus, previous)
-    try:
-        provenance = _provenance(job, device, choice, packed.overrides, packed.config)
-        if packed.trial is not None:
-            provenance[TRIAL_KEY] = packed.trial.record
-        progress = _restore(packed.job_dir, job, provenance, packed.trial)
-        info = (packed.job_dir, packed.config, packed.overrides, sweep_dir, swept, progress.resumed_from)
-        progress.trackers = open_trackers(packed.run.logger, JobInfo(*info, list(progress.rows)))
-    except BaseException:
-        end_watch()
-        raise
-    return _Ready(i, packed, job, progress, end_watch)
+    """The job ready to train, as run_job starts one; or its summary, when it is finished."""
+    begun = start_job(packed.run, packed.job_dir, packed.overrides, packed.config, cpus, packed.trial, sweep_dir, swept)
+    return begun if isinstance(begun, dict) else _Ready(i, packed, begun)
 
 
 def _groups(ready: list[_Ready]) -> Iterator[tuple[list[_Ready], str | None]]:
@@ -199,10 +177,7 @@ def _alone(r: _Ready, started: float) -> dict[str, Any] | BaseException:
 
 
 def _finish(r: _Ready, history: list[EpochMetrics], pruned: bool, started: float) -> dict[str, Any]:
-    """The job's summary written, as run_job ends a job: last, once every other file of the job is whole."""
-    summary = _summarize(r.job, r.progress, history, started, pruned)
-    write_summary(r.packed.job_dir, summary)
-    drop_previous(r.packed.job_dir)
-    r.progress.trackers.finish(summary)
+    """The job ended as run_job ends one (run.finish_job), and its last line said."""
+    summary = finish_job(r.begun, history, pruned, started)
     log_test(summary)
     return summary
