@@ -18,7 +18,6 @@ import dataclasses
 import json
 import re
 import signal
-import time
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import run_cli_here, start_cli
+from test_faults import _wait_for_rows
 
 from normsweep.config.checks import compose_run
 from normsweep.job.build import Job, build
@@ -334,16 +334,6 @@ def test_a_killed_packed_sweep_resumes_to_the_numbers_of_one_never_stopped(tmp_p
         pd.testing.assert_frame_equal(_metrics(sweep / job), _metrics(tmp_path / "whole" / job), rtol=1e-6)
 
 
-def _wait_for_rows(path: Path, rows: int, proc, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and len(path.read_text().splitlines()) - 1 >= rows:
-            return
-        assert proc.poll() is None, proc.communicate()[0].decode()
-        time.sleep(0.005)
-    raise AssertionError(f"{path} never reached {rows} rows")
-
-
 class _ReadsAScalar(torch.nn.Module):
     """A user's model that reads a value out of its input mid-forward: vmap cannot batch that."""
 
@@ -365,14 +355,14 @@ def test_a_model_vmap_cannot_batch_is_not_packed_and_says_why():
 @pytest.mark.parametrize("padding, hflip", [(2, True), (0, True), (2, False), (0, False)])
 def test_a_packed_batch_is_each_members_batch_alone_bit_for_bit(padding, hflip):
     from normsweep.job.data import crop_and_flip, normalize, pad_for_crops
-    from normsweep.job.pack import _crops, _Scale
+    from normsweep.job.pack import _crops, _Splits
 
     datas = [job.data for job in _jobs(DIGITS, TWO)]
     canvas = torch.stack([pad_for_crops(d.train.images[:16], padding) for d in datas])
     seeds = [torch.Generator().manual_seed(i) for i in (3, 4)]
     alone = [torch.Generator().manual_seed(i) for i in (3, 4)]
     for _ in range(2):  # the generators go on as they would alone, batch after batch
-        packed = _Scale(datas)(_crops(canvas, padding, hflip, seeds))
+        packed = _Splits.of(datas).scale(_crops(canvas, padding, hflip, seeds))
         each = [normalize(crop_and_flip(c, padding, hflip, g), d) for c, g, d in zip(canvas, alone, datas)]
         assert torch.equal(packed, torch.stack(each))
 

@@ -380,10 +380,21 @@ def normalize(
 ) -> torch.Tensor:
     """Images (N, C, H, W) → a new float32 tensor in `memory_format`, standardized per channel with the training
     statistics (uint8 first brought to 0..1)."""
+    return standardize(images, data.mean.view(1, -1, 1, 1), data.std.view(1, -1, 1, 1), memory_format)
+
+
+def standardize(
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """normalize's arithmetic with `mean` and `std` given as tensors that broadcast against the images (a pack's
+    stacked batches, each member with its own statistics: job/pack.py)."""
     x = images.to(torch.float32, memory_format=memory_format, copy=True)
     if images.dtype == torch.uint8:
         x.div_(255)
-    return x.sub_(data.mean.view(1, -1, 1, 1)).div_(data.std.view(1, -1, 1, 1))
+    return x.sub_(mean).div_(std)
 
 
 def augment(images: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:

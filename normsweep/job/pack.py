@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from normsweep.job.build import Job
-from normsweep.job.data import Data, cut_crops, draw_crops, normalize, pad_for_crops
+from normsweep.job.data import Data, cut_crops, draw_crops, normalize, pad_for_crops, standardize
 from normsweep.job.optim import build_optimizer, build_scheduler, last_lr, step_function, without_dynamo
 from normsweep.job.train import EVAL_BATCH, EpochMetrics, Steps, batch_slices, prepare
 
@@ -170,6 +170,7 @@ def fit_packed(
         without_dynamo()
     running = [_start(m) for m in members]
     stack = _Stack([r.member.job.model for r in running])
+    splits = _Splits.of([r.member.job.data for r in running])
     base = _stateless(first.model)
 
     def one(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -182,12 +183,12 @@ def fit_packed(
         start = time.perf_counter()
         steps = Steps(epoch=epoch, total=n)
         with watch(steps) if watch is not None else contextlib.nullcontext():
-            losses, correct = _train_epoch(running, stack, batched, per_step, steps)
+            losses, correct = _train_epoch(running, stack, splits, batched, per_step, steps)
         train_seconds = time.perf_counter() - start
         for r in running:
             if not per_step:
                 r.scheduler.step()
-        validation = _evaluate(running, stack, base, batched)
+        validation = _evaluate(running, stack, splits, base, batched)
         ends: list[tuple[_Running, EpochMetrics]] = []
         for r, loss, right, (val_loss, val_acc) in zip(running, losses, correct, validation):
             if r.member.diagnose is not None:
@@ -216,27 +217,24 @@ def fit_packed(
             if not running:
                 return
             stack = _Stack([r.member.job.model for r in running])
+            splits = _Splits.of([r.member.job.data for r in running])
 
 
 @torch.inference_mode()
 def _evaluate(
-    running: list[_Running], stack: _Stack, base: nn.Module, batched: Callable[..., torch.Tensor]
+    running: list[_Running], stack: _Stack, splits: _Splits, base: nn.Module, batched: Callable[..., torch.Tensor]
 ) -> list[tuple[float, float]]:
     """Each member's mean loss and accuracy (percent) on its own validation split, in one vmapped pass per batch
     (train.evaluate's for each member alone, with the model in eval mode: BatchNorm's running statistics)."""
-    jobs = [r.member.job for r in running]
-    device, compute = jobs[0].data.val.labels.device, jobs[0].compute
-    labels = torch.stack([job.data.val.labels for job in jobs])
+    compute, labels = running[0].member.job.compute, splits.val_labels
     k, n = labels.shape
-    images, scale = torch.stack([job.data.val.images for job in jobs]), _Scale([job.data for job in jobs])
-    loss_sums = torch.zeros(k, device=device)
+    loss_sums = torch.zeros(k, device=labels.device)
     predicted = torch.empty_like(labels)
     base.eval()
     try:
         for s in batch_slices(n, EVAL_BATCH):
-            x = scale(images[:, s])
-            with compute.autocast(device):
-                logits = batched(stack.params, stack.buffers, x)
+            with compute.autocast(labels.device):
+                logits = batched(stack.params, stack.buffers, splits.scale(splits.val_images[:, s]))
             losses = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, s].flatten(), reduction="none")
             loss_sums += losses.view(k, -1).sum(1)
             predicted[:, s] = logits.argmax(2)
@@ -293,22 +291,38 @@ def _crops(padded: torch.Tensor, padding: int, hflip: bool, generators: list[tor
     return cut_crops(padded.flatten(0, 1), padding, *joined).unflatten(0, (k, b))
 
 
-class _Scale:
-    """data.normalize for the members' stacked batches, each with its own training split's statistics."""
+@dataclass
+class _Splits:
+    """What the running members' data stacks into, made once and again only when a member leaves: the training
+    statistics of each (K, 1, C, 1, 1), and the validation images and labels of all (K, N, ...)."""
 
-    def __init__(self, datas: list[Data]) -> None:
-        self.mean = torch.stack([d.mean for d in datas]).view(len(datas), 1, -1, 1, 1)
-        self.std = torch.stack([d.std for d in datas]).view(len(datas), 1, -1, 1, 1)
+    mean: torch.Tensor
+    std: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float32, copy=True)
-        if images.dtype == torch.uint8:
-            x.div_(255)
-        return x.sub_(self.mean).div_(self.std)
+    @classmethod
+    def of(cls, datas: list[Data]) -> _Splits:
+        shape = (len(datas), 1, -1, 1, 1)
+        return cls(
+            torch.stack([d.mean for d in datas]).view(shape),
+            torch.stack([d.std for d in datas]).view(shape),
+            torch.stack([d.val.images for d in datas]),
+            torch.stack([d.val.labels for d in datas]),
+        )
+
+    def scale(self, images: torch.Tensor) -> torch.Tensor:
+        """data.normalize of every member's batch (K, B, C, H, W) with its own statistics."""
+        return standardize(images, self.mean, self.std)
 
 
 def _train_epoch(
-    running: list[_Running], stack: _Stack, batched: Callable[..., torch.Tensor], per_step: bool, steps: Steps
+    running: list[_Running],
+    stack: _Stack,
+    splits: _Splits,
+    batched: Callable[..., torch.Tensor],
+    per_step: bool,
+    steps: Steps,
 ) -> tuple[list[float], list[int]]:
     """One epoch of every member, each over its own training split in its own seeded order; per member its mean
     loss and correct count."""
@@ -325,11 +339,10 @@ def _train_epoch(
         labels.append(train.labels[order])
     canvas, ordered_labels = torch.stack(canvases), torch.stack(labels)
     del canvases
-    scale = _Scale([r.member.job.data for r in running])
     predictions = torch.empty(k, n, dtype=torch.int64, device=device)
     loss_sums = torch.zeros(k, device=device)
     for s in batch_slices(n, batch_size):
-        x = scale(_crops(canvas[:, s], data.crop_padding, data.hflip, [r.generator for r in running]))
+        x = splits.scale(_crops(canvas[:, s], data.crop_padding, data.hflip, [r.generator for r in running]))
         y = ordered_labels[:, s]
         with compute.autocast(device):
             logits = batched(stack.params, stack.buffers, x)
