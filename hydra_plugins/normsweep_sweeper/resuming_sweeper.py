@@ -23,11 +23,15 @@ NUMBERED = "${hydra.job.num}"  # conf/hydra/default.yaml's subdir: then a new jo
 
 
 class _Job:
-    """A job of a batch about to launch: its overrides, its composed config, the environment it runs with, its
-    folder's name and its number in the sweep. (Not a dataclass: Hydra imports this module outside sys.modules.)"""
+    """A job of a batch about to launch: its overrides, its composed config and its own part (resume.task_config),
+    the environment it runs with, its folder's name and its number in the sweep. (Not a dataclass: Hydra imports
+    this module outside sys.modules.)"""
 
-    def __init__(self, overrides: list[str], config: DictConfig, env: dict[str, str], folder: str, num: int) -> None:
-        self.overrides, self.config, self.env, self.folder, self.num = overrides, config, env, folder, num
+    def __init__(
+        self, overrides: list[str], config: DictConfig, own: dict, env: dict[str, str], folder: str, num: int
+    ) -> None:
+        self.overrides, self.config, self.own = overrides, config, own
+        self.env, self.folder, self.num = env, folder, num
 
 
 def _quoted(name: str) -> str:
@@ -151,11 +155,10 @@ class ResumingSweeper(BasicSweeper):
                 for overrides in batch:
                     job_cfg, variables = next(configs), next(extra)
                     task = list(job_cfg.hydra.overrides.task)
-                    name = folders.claim(
-                        task_config(job_cfg), task, None if numbered else str(job_cfg.hydra.sweep.subdir)
-                    )
+                    own = task_config(job_cfg)
+                    name = folders.claim(own, task, None if numbered else str(job_cfg.hydra.sweep.subdir))
                     self._planned[folders.sweep_dir / name] = int(job_cfg.epochs)
-                    given.append(_Job(list(overrides), job_cfg, dict(variables), name, number))
+                    given.append(_Job(list(overrides), job_cfg, own, dict(variables), name, number))
                     number += 1
                 self._folders.extend(job.folder for job in given)
                 placed.append(self._launched(given, folders.sweep_dir))
@@ -179,9 +182,8 @@ class ResumingSweeper(BasicSweeper):
         train together (sweep/packing.py), only a pack's host is launched, told of the others (their configs and
         environments: a tuning sweep's trial each) by the environment variable that names its pack file."""
         from normsweep.sweep.packing import JOB_NUM_ENV, PACK_ENV, Guest, plan, write_pack
-        from normsweep.sweep.resume import task_config
 
-        packs = plan([task_config(job.config) for job in batch])
+        packs = plan([job.own for job in batch])
         if packs.packs:
             for line in packs.lines([job.num for job in batch]):
                 log.info(line)
