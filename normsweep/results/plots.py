@@ -192,11 +192,11 @@ def plot_curves(report: Report, path: Path) -> None:
     atomic_write(path, image.getvalue())
 
 
-def _suptitle(fig: Any, lines: list[str]) -> None:
+def _suptitle(fig: Any, lines: list[str]) -> Any:
     """The figure's title, each line wrapped to the figure's width (a long "same in every run" list was cut off at
-    both edges): about 12 characters of the medium font per inch."""
+    both edges): about 12 characters of the medium font per inch. Returns it (a Text)."""
     width = max(40, int(fig.get_figwidth() * 12))
-    fig.suptitle("\n".join(textwrap.fill(line, width) for line in lines), fontsize="medium")
+    return fig.suptitle("\n".join(textwrap.fill(line, width) for line in lines), fontsize="medium")
 
 
 def _one_row(plt: Any, numbers: int) -> tuple[Any, list[Any], list[Any], list[Any]]:
@@ -422,13 +422,12 @@ def plot_diagnostics(report: Report, table: pd.DataFrame, path: Path) -> None:
     # One epoch: its first is its last, drawn once (two panels a row, not the same picture twice).
     panels = [panel for panel in DIAGNOSTIC_PANELS if first < last or panel[1] != "first"]
     columns = len(panels) // 2
+    # A fixed layout (_fixed_margins), not constrained: its extra drawing pass was a third of this figure's time,
+    # and this figure is the last thing a sweep waits for.
     fig, axes = plt.subplots(
-        2 * len(shown_blocks),
-        columns,
-        figsize=(5 * columns, 7.2 * len(shown_blocks) + 0.8),
-        layout="constrained",
-        squeeze=False,
+        2 * len(shown_blocks), columns, figsize=(5 * columns, 7.2 * len(shown_blocks) + 0.8), squeeze=False
     )
+    title_lines = 1  # of the panels' titles, wrapped to about the panel's width and the gap beside it
     for b, (_, block) in enumerate(shown_blocks.iterrows()):
         shown = configs[matching(configs, block, code.panels)] if code.panels else configs
         where = f" ({_short_label(block, code.panels)})" if code.panels else ""
@@ -444,7 +443,9 @@ def plot_diagnostics(report: Report, table: pd.DataFrame, path: Path) -> None:
                 rows = rows.groupby(x)["value"].mean().sort_index()
                 style = {"color": code.colour_of(config), "ls": code.style_of(config), "lw": 1.8}
                 ax.plot(rows.index, rows.values, marker="o", markersize=3.5, **style)
-            ax.set_title(title.format(first=first, last=last) + where, fontsize="medium")
+            text = textwrap.fill(title.format(first=first, last=last) + where, TITLE_CHARS)
+            title_lines = max(title_lines, text.count("\n") + 1)
+            ax.set_title(text, fontsize="medium")
             ax.grid(alpha=0.3)
             ax.margins(x=0.06)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -459,9 +460,11 @@ def plot_diagnostics(report: Report, table: pd.DataFrame, path: Path) -> None:
         drawn["grad_norm"][0].set_ylabel("‖∂loss/∂input‖ (0: no gradient)")
         drawn["update_ratio"][0].set_ylabel("‖Δw‖ / ‖w‖ over the epoch")
         _log_if_wide(drawn["update_ratio"][0])
+    legend_rows = 0
     if code.legend:
         handles = [Line2D([], [], color=c, ls=s, lw=2.2, label=label) for label, c, s in code.legend]
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 9), frameon=False)
+        legend_rows = math.ceil(len(handles) / 9)
+        fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 9), frameon=False)
     n_seeds = runs_compared(report)["seed"].nunique()
     title = [settings_text(report.fixed)] if report.fixed else []
     title.append(
@@ -473,11 +476,42 @@ def plot_diagnostics(report: Report, table: pd.DataFrame, path: Path) -> None:
             f"the rows of {len(shown_blocks)} of the {len(blocks)} settings of {', '.join(code.panels)}, evenly spread "
             "(report.md lists them all)"
         )
-    _suptitle(fig, title)
+    _fixed_margins(fig, axes.shape, _suptitle(fig, title), legend_rows, title_lines)
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=90)
     plt.close(fig)
     atomic_write(path, image.getvalue())
+
+
+# diagnostics.png's margins, in inches: every panel (5 inches a column, margins included) has a title of a line or
+# two above it, tick labels (the depth axis's in two lines) and an x label below, and y labels of at most about 30
+# characters of the default font beside it. A title may reach into the gap beside its panel: TITLE_CHARS at about
+# 12 characters of the medium font an inch.
+PANEL_BOTTOM, PANEL_LEFT, PANEL_RIGHT = 0.72, 0.88, 0.2
+TEXT_LINE, LEGEND_ROW = 0.2, 0.3
+TITLE_CHARS = int((5 - PANEL_LEFT - PANEL_RIGHT + 0.9) * 12)
+
+
+def _fixed_margins(fig: Any, shape: tuple[int, int], title: Any, legend_rows: int, title_lines: int) -> None:
+    """Place a grid of panels by fixed margins around each (their titles of up to `title_lines` lines), the
+    figure's `title` (a Text) above them and its legend (of `legend_rows` rows) below."""
+    width, height = fig.get_size_inches()
+    rows, columns = shape
+    title.set(y=1 - 0.08 / height, verticalalignment="top")
+    panel_top = 0.12 + TEXT_LINE * title_lines
+    top = 0.12 + TEXT_LINE * (title.get_text().count("\n") + 1) + panel_top
+    bottom = PANEL_BOTTOM + LEGEND_ROW * legend_rows
+    gap_x, gap_y = PANEL_LEFT + PANEL_RIGHT, panel_top + PANEL_BOTTOM
+    panel_w = (width - PANEL_LEFT - PANEL_RIGHT - gap_x * (columns - 1)) / columns
+    panel_h = (height - top - bottom - gap_y * (rows - 1)) / rows
+    fig.subplots_adjust(
+        left=PANEL_LEFT / width,
+        right=1 - PANEL_RIGHT / width,
+        top=1 - top / height,
+        bottom=bottom / height,
+        wspace=gap_x / panel_w,
+        hspace=gap_y / panel_h,
+    )
 
 
 def _depth_axis(ax: Any, table: pd.DataFrame) -> None:
