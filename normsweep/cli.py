@@ -27,6 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from normsweep import startup
 from normsweep.config import hydra_compat
 from normsweep.config.checks import unknown_key, unknown_model_key, unknown_option_key, validate
 from normsweep.config.errors import USER_FULL_ERROR, ConfigError, full_error
@@ -137,6 +138,8 @@ def app(cfg: DictConfig) -> float | None:
             choices = hydra_cfg.runtime.choices
             checked = validate(cfg, dict(choices))  # a mistake is named before torch is imported: in ~1 s, not ~4
             from normsweep.job.run import run_job  # torch: only once a job runs
+
+            startup.settle()
 
             run, cpus = place(checked, job_num, in_sweep)
             sweep_dir = Path(hydra_cfg.sweep.dir) if in_sweep else None
@@ -299,9 +302,12 @@ def console() -> None:
         os._exit(status[0])
 
     atexit.register(end_now)
+    startup.hold()
     try:
         main()
         status[0] = 0
     except SystemExit as exit_:
         status[0] = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
         raise
+    finally:
+        startup.release()

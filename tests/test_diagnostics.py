@@ -155,10 +155,12 @@ def test_diagnostics_csv_is_written_and_cut_back_to_the_checkpoint_on_resume(
 
     real_save = job_module.save_checkpoint
 
-    def killed_in_epoch_3(job_dir: Path, state: dict) -> None:  # after epoch 3's diagnostics, before its checkpoint
+    def killed_in_epoch_3(
+        job_dir: Path, state: dict, write=None
+    ) -> None:  # after epoch 3's diagnostics, before its checkpoint
         if state["epoch"] == 3:
             raise KeyboardInterrupt
-        real_save(job_dir, state)
+        real_save(job_dir, state, write)
 
     monkeypatch.setattr(job_module, "save_checkpoint", killed_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):

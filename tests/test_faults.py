@@ -268,21 +268,22 @@ def _full_disk_line(folder: Path, sweep: bool) -> str:
 @pytest.mark.parametrize("sweep", [True, False])
 def test_a_full_disk_stops_in_one_line_and_the_same_command_resumes(tmp_path: Path, monkeypatch, sweep) -> None:
     # The disk fills as job 0 writes its second checkpoint (the test below fills a real one, where mounting is allowed).
-    import normsweep.job.checkpoint
+    import normsweep.sweep.files
 
-    real_write = normsweep.job.checkpoint.atomic_write
+    real_write = normsweep.sweep.files.atomic_write
     written: list[Path] = []
 
     def full_after_one(path: Path, data: bytes, previous: Path | None = None) -> None:
-        if written:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))  # as atomic_write raises it
-        written.append(path)
+        if Path(path).name == "checkpoint.pt":
+            if written:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))  # as atomic_write raises it
+            written.append(path)
         real_write(path, data, previous)
 
     folder = tmp_path / "s"
     args = ["-m", "norm=bn,gn"] if sweep else ["norm=bn"]
     args = [*args, "epochs=3", f"hydra.{'sweep' if sweep else 'run'}.dir={folder}"]
-    monkeypatch.setattr(normsweep.job.checkpoint, "atomic_write", full_after_one)
+    monkeypatch.setattr(normsweep.sweep.files, "atomic_write", full_after_one)
     proc = run_cli_here(args, tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 75, output
@@ -292,7 +293,7 @@ def test_a_full_disk_stops_in_one_line_and_the_same_command_resumes(tmp_path: Pa
     assert _summary(job)["status"] == "incomplete" and _summary(job)["epochs_completed"] == 1
     assert not (folder / "1").exists()  # the sweep stopped: the next job did not start, nor was it marked failed
 
-    monkeypatch.setattr(normsweep.job.checkpoint, "atomic_write", real_write)  # space again
+    monkeypatch.setattr(normsweep.sweep.files, "atomic_write", real_write)  # space again
     resumed = run_cli_here(args, tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming from the checkpoint of epoch 1/3" in resumed.stdout
@@ -349,10 +350,10 @@ def test_a_checkpoint_cut_in_half_resumes_from_the_one_before_with_the_same_numb
 
     real_save = normsweep.job.run.save_checkpoint
 
-    def stopped_in_epoch_3(job_dir: Path, state: dict) -> None:
+    def stopped_in_epoch_3(job_dir: Path, state: dict, write=None) -> None:
         if state["epoch"] == 3:
             raise KeyboardInterrupt
-        real_save(job_dir, state)
+        real_save(job_dir, state, write)
 
     run = tmp_path / "r"
     monkeypatch.setattr(normsweep.job.run, "save_checkpoint", stopped_in_epoch_3)

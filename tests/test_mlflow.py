@@ -174,10 +174,10 @@ def test_a_tracking_server_gets_a_sweep_and_one_that_stops_mid_sweep_costs_the_s
 def test_a_resumed_job_continues_its_own_run(tmp_path: Path, monkeypatch) -> None:
     real_save = job_module.save_checkpoint
 
-    def stopped_in_epoch_3(job_dir: Path, state: dict) -> None:
+    def stopped_in_epoch_3(job_dir: Path, state: dict, write=None) -> None:
         if state["epoch"] == 3:
             raise KeyboardInterrupt
-        real_save(job_dir, state)
+        real_save(job_dir, state, write)
 
     sweep = tmp_path / "sweep"
     args = ["-m", "norm=bn", "epochs=4", "batch_size=128", "logger=mlflow", f"hydra.sweep.dir={sweep}"]

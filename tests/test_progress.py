@@ -208,3 +208,42 @@ def test_a_growing_csv_is_written_whole_each_time_and_a_failed_write_loses_no_ro
     assert (tmp_path / "metrics.csv").read_text() == (tmp_path / "whole" / "metrics.csv").read_text()
     log.write(rows[:2])  # fewer rows (a resume): the file holds those only
     assert pd.read_csv(tmp_path / "metrics.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_files_written_behind_keep_their_order_and_a_failed_write_drops_what_follows(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import errno
+    import threading
+
+    import normsweep.sweep.files as files
+
+    real_write, order = files.atomic_write, []
+    may_write = threading.Event()
+
+    def slow(path: Path, data: str, previous: Path | None = None) -> None:
+        may_write.wait()  # the caller goes on meanwhile
+        if path.name == "full.txt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        order.append(path.name)
+        real_write(path, data, previous)
+
+    monkeypatch.setattr(files, "atomic_write", slow)
+    writer = files.WriteBehind()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        writer.write(tmp_path / name, name)
+    writer.then(lambda: order.append("then"))
+    assert order == [] and not (tmp_path / "a.txt").exists()  # queued, not written: the caller did not wait
+    may_write.set()
+    writer.flush()
+    assert order == ["a.txt", "b.txt", "c.txt", "then"] and (tmp_path / "c.txt").read_text() == "c.txt"
+
+    writer.write(tmp_path / "full.txt", "x")
+    writer.write(tmp_path / "after.txt", "x")  # queued after the failure: dropped with it
+    with pytest.raises(OSError, match="No space left"):
+        writer.flush()
+    assert not (tmp_path / "after.txt").exists() and not list(tmp_path.glob(".*.tmp"))
+    writer.write(tmp_path / "d.txt", "d")  # the error was said once; writing goes on
+    writer.close()
+    threads = [t.name for t in threading.enumerate()]
+    assert (tmp_path / "d.txt").read_text() == "d" and "normsweep write-behind" not in threads

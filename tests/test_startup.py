@@ -72,3 +72,52 @@ def test_a_sweep_whose_first_job_hydra_refuses_imports_no_torch(tmp_path: Path) 
     # The sweep composes its other jobs beside torch's import (sweep/compose.py); the first one comes before it.
     assert _imported(["-m", "norm=nonexistent,bn,gn", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path) == set()
     assert not (tmp_path / "s").exists()
+
+
+def test_the_collector_waits_for_the_imports_and_runs_again_for_the_jobs(tmp_path: Path) -> None:
+    # A fresh `python -m normsweep` process: the collector is off while it starts, and on (with what start-up made
+    # frozen) when the job trains; a refused run turns it back on too.
+    script = """
+import gc, json, sys
+sys.argv = ["normsweep", *json.loads(sys.argv[1])]
+import normsweep.job.train as train
+real_fit = train.fit
+def fit(*args, **kwargs):
+    print("GC=" + json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}), flush=True)
+    return real_fit(*args, **kwargs)
+train.fit = fit
+import runpy
+runpy.run_module("normsweep", run_name="__main__")
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(["epochs=1", "dataset.train_size=200", f"hydra.run.dir={tmp_path}"])],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    seen = json.loads(run.stdout.rsplit("GC=", 1)[1].splitlines()[0])
+    assert run.returncode == 0 and seen["enabled"] and seen["frozen"] > 10_000, run.stderr
+
+
+def test_the_collector_is_held_until_settled_and_released_if_never_settled() -> None:
+    import gc
+
+    from normsweep import startup
+
+    assert gc.isenabled()
+    try:
+        startup.hold()
+        assert not gc.isenabled()
+        startup.settle()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        gc.unfreeze()
+        startup.hold()
+        startup.release()  # never settled (a refused command): on again, nothing frozen
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+        gc.disable()  # off by someone else: not turned on by settle
+        startup.hold()
+        startup.settle()
+        assert not gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()

@@ -145,9 +145,9 @@ def test_a_resumed_job_has_each_epoch_once(tmp_path: Path, monkeypatch: pytest.M
 
     real_save, real_epoch = normsweep.job.run.save_checkpoint, JobRun.epoch
 
-    def no_checkpoint_of_epoch_3(job_dir: Path, state: dict) -> None:
+    def no_checkpoint_of_epoch_3(job_dir: Path, state: dict, write=None) -> None:
         if state["epoch"] != 3:
-            real_save(job_dir, state)
+            real_save(job_dir, state, write)
 
     def stopped_after_epoch_3(self: JobRun, metrics: dict, diagnostics: list) -> None:
         real_epoch(self, metrics, diagnostics)

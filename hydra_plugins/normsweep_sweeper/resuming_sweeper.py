@@ -204,6 +204,7 @@ class ResumingSweeper(BasicSweeper):
     def _checked(self, jobs: list[list[str]]) -> list[DictConfig]:
         """Each job's config, composed and given the checks a single run makes (config/checks.py); ConfigError with
         one line per distinct mistake, naming the jobs that make it when not all do."""
+        from normsweep import startup
         from normsweep.config.checks import check_job
         from normsweep.config.errors import ConfigError
         from normsweep.sweep.compose import JobConfigs
@@ -214,6 +215,7 @@ class ResumingSweeper(BasicSweeper):
             self._configs = JobConfigs(self.hydra_context.config_loader, self.config)
         # The checks import torch: a forked child composes the jobs meanwhile (sweep/compose.py).
         self._configs.compose_beside(jobs, lambda: importlib.import_module("normsweep.job.build"))
+        startup.settle()  # the imports are done (normsweep/startup.py)
         mistakes: dict[str, list[list[str]]] = {}  # what a job's config is refused for -> the jobs' overrides
         checked = []
         for num, overrides in enumerate(jobs):

@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,14 @@ from normsweep.sweep.files import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, ato
 log = logging.getLogger("normsweep")
 
 
-def save_checkpoint(job_dir: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(job_dir: Path, state: dict[str, Any], write: Callable[..., None] | None = None) -> None:
     """checkpoint.pt, and the one it replaces kept as checkpoint.prev.pt: renamed, not written again. At every instant
-    one of the two is whole; metrics.csv, written after, never holds an epoch that neither has."""
+    one of the two is whole; metrics.csv, written after, never holds an epoch that neither has. `write`: atomic_write
+    or a WriteBehind's (files.py), which keeps that order."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     job_dir = Path(job_dir)
-    atomic_write(job_dir / CHECKPOINT_FILE, buffer.getvalue(), previous=job_dir / PREVIOUS_CHECKPOINT_FILE)
+    (write or atomic_write)(job_dir / CHECKPOINT_FILE, buffer.getvalue(), previous=job_dir / PREVIOUS_CHECKPOINT_FILE)
 
 
 def load_checkpoint(job_dir: Path) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ from normsweep.sweep.files import (
     TRIAL_KEY,
     CsvLog,
     Status,
+    WriteBehind,
     disk_full,
     read_diagnostics,
     write_diagnostics,
@@ -102,11 +104,16 @@ class Begun:
     end_watch: Callable[[], None]
 
     def close(self) -> None:
-        """Its trackers closed and the watch of how busy the machine is ended (trained or not)."""
+        """Its trackers closed, its epoch files' writer ended, and the watch of how busy the machine is ended (trained
+        or not: a write that failed was raised while it trained, or the job failed before it)."""
         try:
             self.progress.trackers.close()
         finally:
-            self.end_watch()
+            try:
+                with contextlib.suppress(OSError):
+                    self.progress.writer.close()
+            finally:
+                self.end_watch()
 
 
 def start_job(
@@ -260,25 +267,30 @@ class _Progress:
     probe: Diagnostics | None
     trial: Trial | None = None
     trackers: Trackers = field(default_factory=lambda: Trackers({}))
+    writer: WriteBehind = field(default_factory=WriteBehind)  # the epoch files, written while the next one trains
     metrics_file: CsvLog = field(init=False)
     diagnostics_file: CsvLog = field(init=False)
+    written: int = field(init=False)  # the epochs whose files are all written (the others may be queued)
 
     def __post_init__(self) -> None:
-        self.metrics_file = CsvLog(self.job_dir / METRICS_FILE, METRIC_COLUMNS)
-        self.diagnostics_file = CsvLog(self.job_dir / DIAGNOSTICS_FILE, DIAGNOSTICS_COLUMNS)
+        self.written = len(self.rows)
+        self.metrics_file = CsvLog(self.job_dir / METRICS_FILE, METRIC_COLUMNS, self.writer.write)
+        self.diagnostics_file = CsvLog(self.job_dir / DIAGNOSTICS_FILE, DIAGNOSTICS_COLUMNS, self.writer.write)
 
     def mark(self, status: Status, epochs_completed: int) -> None:  # the summary of a job not (yet) finished
         summary = {"status": status, "epochs_completed": epochs_completed, "epochs": self.job.run.epochs}
         write_summary(self.job_dir, {**summary, **self.provenance})
 
     def record(self, m: EpochMetrics, snapshot: Callable[[], dict[str, Any]]) -> None:
-        """An epoch's files (train.fit's on_epoch): its diagnostics, its checkpoint, its row of metrics.csv."""
+        """An epoch's files (train.fit's on_epoch): its diagnostics, its checkpoint, its row of metrics.csv, queued
+        in that order (written while the next epoch trains: `flush` waits for them)."""
         if self.probe is not None:  # before the checkpoint: a resume from the one before drops this epoch's rows
             self.diagnostics_file.write(self.diagnostics_rows)
         if not m.diverged(self.job.diverge_loss):  # the checkpoint first: a kill between the two files loses nothing
-            save_checkpoint(self.job_dir, snapshot())
+            save_checkpoint(self.job_dir, snapshot(), self.writer.write)
         self.rows.append(asdict(m))
         self.metrics_file.write(self.rows)
+        self.writer.then(partial(setattr, self, "written", len(self.rows)))
         log.info(
             f"Epoch {m.epoch}/{self.job.run.epochs} train_loss {m.train_loss:.4f} train_acc {m.train_acc:.2f}% "
             f"val_loss {m.val_loss:.4f} val_acc {m.val_acc:.2f}% ({m.epoch_seconds:.2f} s, "
@@ -291,6 +303,10 @@ class _Progress:
 
     def diagnose(self, epoch: int) -> None:
         self.diagnostics_rows.extend(self.probe.measure(epoch))
+
+    def flush(self) -> None:
+        """Every epoch's files written (a failed write raised here, if no later epoch raised it)."""
+        self.writer.flush()
 
 
 def _restore(job_dir: Path, job: Job, provenance: dict[str, Any], trial: Trial | None = None) -> _Progress:
@@ -317,13 +333,19 @@ def _train(job: Job, progress: _Progress) -> tuple[list[EpochMetrics], bool]:
     early (pruned); interrupted, or stopped by a full disk, it is incomplete (on a disk still full, its summary stays
     `running`: incomplete once its process ends)."""
     try:
-        return job.train(progress.record, progress.state, progress.diagnose if progress.probe else None), False
-    except _Pruned:
-        return [EpochMetrics(**row) for row in progress.rows], True
+        try:
+            history = job.train(progress.record, progress.state, progress.diagnose if progress.probe else None)
+            pruned = False
+        except _Pruned:
+            history, pruned = [EpochMetrics(**row) for row in progress.rows], True
+        progress.flush()  # the last epoch's files
+        return history, pruned
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt) or disk_full(err):
             with contextlib.suppress(OSError):
-                progress.mark(Status.INCOMPLETE, len(progress.rows))
+                progress.flush()  # what the epochs before wrote, before the summary says how far they got
+            with contextlib.suppress(OSError):
+                progress.mark(Status.INCOMPLETE, progress.written)
         raise
 
 

@@ -92,7 +92,9 @@ def run_pack(
             for r in ready:
                 if results[r.index] is None:
                     with contextlib.suppress(OSError):
-                        r.progress.mark(Status.INCOMPLETE, len(r.progress.rows))
+                        r.progress.flush()
+                    with contextlib.suppress(OSError):
+                        r.progress.mark(Status.INCOMPLETE, r.progress.written)
         raise
     finally:
         for r in ready:
@@ -149,6 +151,12 @@ def _train_together(group: list[_Ready], results: list[Any], started: float) -> 
         for r in group:
             results[r.index] = err
         return
+    for r, member in zip(group, members):  # each member's last epoch's files (job/run.py: _Progress.flush)
+        try:
+            r.progress.flush()
+        except Exception as err:
+            if member.ended is None or isinstance(member.ended, _Pruned):
+                member.ended = err
     full = [m.ended for m in members if m.ended is not None and disk_full(m.ended)]
     for r, member in zip(group, members):
         with r.packed.speaking():

@@ -17,7 +17,8 @@ import math
 import os
 import socket
 import tempfile
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,79 @@ def atomic_write(path: Path, data: str | bytes, previous: Path | None = None) ->
         raise
 
 
+class WriteBehind:
+    """atomic_write done in order by a thread of its own: a job's per-epoch files (checkpoint, metrics.csv,
+    diagnostics.csv) are written while its next epoch trains, instead of the job waiting for each file's flush to
+    disk (three an epoch: a twentieth of a small model's epoch). The order is kept: a file is renamed into place only
+    after every file queued before it, so metrics.csv never holds an epoch whose checkpoint is not written; `then`
+    queues a call made once the files queued before it are written.
+
+    A failed write (a full disk) drops what was queued after it and is raised by the next `write` or by `flush`,
+    which waits until everything queued is done; `close` ends the thread."""
+
+    def __init__(self) -> None:
+        self._queue: list[Callable[[], None]] = []
+        self._ready = threading.Condition()
+        self._busy = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def write(self, path: Path, data: str | bytes, previous: Path | None = None) -> None:
+        self.then(lambda: atomic_write(path, data, previous))
+
+    def then(self, call: Callable[[], None]) -> None:
+        with self._ready:
+            self._raise()
+            self._queue.append(call)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="normsweep write-behind", daemon=True)
+                self._thread.start()
+            self._ready.notify_all()
+
+    def flush(self) -> None:
+        """Wait until everything queued is done; raise the error of a write that failed."""
+        with self._ready:
+            self._ready.wait_for(lambda: not self._queue and not self._busy)
+            self._raise()
+
+    def close(self) -> None:
+        """Flush, then end the thread (a later `write` starts another)."""
+        try:
+            self.flush()
+        finally:
+            with self._ready:
+                self._closed = True
+                self._ready.notify_all()
+            if self._thread is not None:
+                self._thread.join()
+            self._thread, self._closed = None, False
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: bool(self._queue) or self._closed)
+                if not self._queue:
+                    return
+                call = self._queue.pop(0)
+                self._busy = True
+            try:
+                call()
+            except BaseException as err:  # raised in the job's thread; what was queued after it is dropped
+                with self._ready:
+                    self._error = err
+                    self._queue.clear()
+            finally:
+                with self._ready:
+                    self._busy = False
+                    self._ready.notify_all()
+
+
 def disk_full(err: BaseException) -> bool:
     """Whether an error is a write that found its disk full, or the user's disk quota used up."""
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -164,8 +238,11 @@ class CsvLog:
     atomically each time: the rows written before are kept formatted, so that an epoch formats only its own
     (diagnostics.csv grows by a row per norm layer and metric every epoch)."""
 
-    def __init__(self, path: Path, columns: tuple[str, ...] | list[str]) -> None:
-        self.path, self.columns = Path(path), tuple(columns)
+    def __init__(
+        self, path: Path, columns: tuple[str, ...] | list[str], write: Callable[[Path, str], None] | None = None
+    ) -> None:
+        """`write`: atomic_write (None) or a WriteBehind's."""
+        self.path, self.columns, self._write = Path(path), tuple(columns), write
         self._header = _csv_text([self.columns])
         self._text, self._rows = self._header, 0
 
@@ -174,7 +251,7 @@ class CsvLog:
         if len(rows) < self._rows:  # fewer than before: not a continuation, formatted again
             self._text, self._rows = self._header, 0
         text = self._text + _csv_text([_cell(row.get(c)) for c in self.columns] for row in rows[self._rows :])
-        atomic_write(self.path, text)
+        (self._write or atomic_write)(self.path, text)
         self._text, self._rows = text, len(rows)
 
 
