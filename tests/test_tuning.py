@@ -268,6 +268,25 @@ def test_a_job_far_behind_the_studys_better_trials_is_stopped_and_one_ahead_goes
     assert not good.should_stop(1, 95.0)
 
 
+def test_a_trial_at_chance_is_stopped_once_another_trial_of_its_study_learned(tmp_path: Path) -> None:
+    # Hyperband's brackets wait up to 3 of 5 epochs before their first cut; a trial no better than naming the largest
+    # class (the floor the job passes) is stopped after min_epochs, but only where another trial did better there.
+    studies = _studies(tmp_path, _plan("norm=bn,gn", LR), n_trials=3)
+    first = [_job_trial(studies, job) for job in studies.next_round()]  # one trial of each study
+    assert not first[0].should_stop(1, 9.0, floor=12.0)  # at chance, but nothing in its study learned: goes on
+    assert not first[1].should_stop(1, 60.0, floor=12.0)
+    jobs = studies.next_round()
+    again = {job.study: _job_trial(studies, job) for job in jobs}
+    stopped = again["norm=gn"]
+    assert stopped.should_stop(1, 11.0, floor=12.0) and "no better than naming the largest class" in stopped.why
+    assert not again["norm=bn"].should_stop(1, 11.0, floor=12.0)  # its study's other trial was at chance too
+    assert not again["norm=bn"].should_stop(2, 30.0, floor=12.0)  # and above the floor: the pruner decides
+    (tmp_path / "off").mkdir()
+    off = _studies(tmp_path / "off", _plan("norm=bn", LR), n_trials=2, pruner="none")
+    _job_trial(off, off.next_round()[0]).should_stop(1, 60.0, floor=12.0)
+    assert not _job_trial(off, off.next_round()[0]).should_stop(1, 5.0, floor=12.0)  # pruner=none: every epoch
+
+
 def test_a_resumed_job_reports_each_epoch_once_and_the_last_epoch_is_never_pruned(tmp_path: Path) -> None:
     studies = _studies(tmp_path, _plan("norm=bn", LR), n_trials=2)
     job = studies.next_round()[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -32,6 +33,12 @@ class Job:
     @property
     def params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @cached_property
+    def chance_acc(self) -> float:
+        """The validation accuracy of a model that learned nothing, in percent: always naming the split's largest
+        class scores its share (where `stalled` is judged, and a search's trial at chance: job/run.py)."""
+        return 100.0 * torch.bincount(self.data.val.labels).max().item() / len(self.data.val)
 
     @property
     def diverge_loss(self) -> float | None:

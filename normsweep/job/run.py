@@ -28,7 +28,14 @@ from normsweep.job.diagnostics import Diagnostics
 from normsweep.job.optim import no_decay
 from normsweep.job.placement import available_cpus
 from normsweep.job.threads import ThreadChoice, choose_threads, cpu_sample, describe, step_macs, watch_busy
-from normsweep.job.train import STALL_MIN_STEPS, EpochMetrics, describe_hardware, predict, resolve_device
+from normsweep.job.train import (
+    STALL_ACC_FACTOR,
+    STALL_MIN_STEPS,
+    EpochMetrics,
+    describe_hardware,
+    predict,
+    resolve_device,
+)
 from normsweep.sweep.files import (
     DIAGNOSTICS_COLUMNS,
     DIAGNOSTICS_FILE,
@@ -57,8 +64,9 @@ class Trial(Protocol):
     whether its study stops the job after an epoch."""
 
     record: dict[str, Any]
+    why: str | None  # after should_stop said stop: its reason, when not the pruner's (None)
 
-    def should_stop(self, epoch: int, val_acc: float, final: bool) -> bool: ...
+    def should_stop(self, epoch: int, val_acc: float, final: bool, floor: float | None) -> bool: ...
 
 
 class _Pruned(Exception):
@@ -298,7 +306,10 @@ class _Progress:
         )
         self.trackers.epoch(self.rows[-1], [row for row in self.diagnostics_rows if row["epoch"] == m.epoch])
         if self.trial is not None and not m.diverged(self.job.diverge_loss):
-            if self.trial.should_stop(m.epoch, m.val_acc, final=m.epoch >= self.job.run.epochs):
+            floor = STALL_ACC_FACTOR * self.job.chance_acc  # what a model that learned nothing scores
+            if self.trial.should_stop(m.epoch, m.val_acc, final=m.epoch >= self.job.run.epochs, floor=floor):
+                if self.trial.why:
+                    log.info(self.trial.why)
                 raise _Pruned
 
     def diagnose(self, epoch: int) -> None:
@@ -392,8 +403,8 @@ def _summarize(
 
 def _ending(job: Job, last: EpochMetrics, pruned: bool = False) -> tuple[Status, float]:
     """How the finished training ended (completed, diverged, stalled or pruned: the log says why), and the
-    validation accuracy of a model that learned nothing: always naming the split's largest class scores its share."""
-    chance_acc = 100.0 * torch.bincount(job.data.val.labels).max().item() / len(job.data.val)
+    validation accuracy of a model that learned nothing (Job.chance_acc)."""
+    chance_acc = job.chance_acc
     if pruned:
         log.info(
             "pruned after epoch %d/%d: val_acc %.2f%% cannot catch up with the study's better trials at this epoch; "

@@ -342,6 +342,7 @@ class JobTrial:
         self._trial: Any = None
         self._reported: set[int] = set()  # the epochs the study holds a value of (a resumed job's earlier ones)
         self._best = -math.inf  # the best value so far, for compare_metric=best_val_acc
+        self.why: str | None = None  # why should_stop stopped the job, when not the pruner's own reason
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> JobTrial | None:
@@ -363,14 +364,37 @@ class JobTrial:
             self._trial = optuna.Trial(study, trial_id)
         return self._trial
 
-    def should_stop(self, epoch: int, val_acc: float, final: bool = False) -> bool:
+    def should_stop(self, epoch: int, val_acc: float, final: bool = False, floor: float | None = None) -> bool:
         """Report the epoch's value (once: a resumed job skips the epochs it reported before); whether to stop there
-        (never after the `final` epoch: the trial has completed)."""
+        (never after the `final` epoch: the trial has completed). `floor`: the accuracy of a model that learned
+        nothing (the job's own bound for `stalled`); a trial no better than it, where another trial of its study did
+        better at the same epoch, is stopped whatever the pruner's brackets wait for (`learned_nothing`)."""
         if self._given.get("phase") != SEARCH or not math.isfinite(val_acc):
             return False  # a confirmation run is never stopped; a diverged one stops as diverged, not pruned
         trial = self._open()
         self._best = max(self._best, val_acc)
+        value = self._best if self._given.get("metric") == "best_val_acc" else val_acc
         if epoch not in self._reported:
-            trial.report(self._best if self._given.get("metric") == "best_val_acc" else val_acc, epoch)
+            trial.report(value, epoch)
             self._reported.add(epoch)
-        return not final and bool(trial.should_prune())
+        if final:
+            return False
+        self.why = None
+        if floor is not None and self.learned_nothing(trial, epoch, value, floor):
+            self.why = (
+                f"pruned: {value:.2f}% after epoch {epoch} is no better than naming the largest class "
+                f"({floor:.2f}% at most), where another trial of the study learned"
+            )
+            return True
+        return bool(trial.should_prune())
+
+    def learned_nothing(self, trial: Any, epoch: int, value: float, floor: float) -> bool:
+        """Whether the trial is at chance (`value` at most `floor`) after the pruner's first `min_epochs`, while
+        another trial of its study reported more than `floor` at this epoch. Such a trial cannot become its study's
+        best: in experiment=lr_range on digits, 16 of 45 runs were at chance after their first epoch, and the 3 of
+        them that learned later ended at 40-53% against their norm's 97-99% (docs/tuning.md). No pruner: never."""
+        spec = self._given.get("pruner") or {}
+        if spec.get("name", "none") == "none" or epoch < int(spec.get("min_epochs", 1)) or value > floor:
+            return False
+        others = trial.study.get_trials(deepcopy=False)
+        return any(t.number != trial.number and t.intermediate_values.get(epoch, -math.inf) > floor for t in others)
