@@ -310,4 +310,4 @@ def console() -> None:
         status[0] = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
         raise
     finally:
-        startup.release()
+        startup.settle(freeze=False)

@@ -4,36 +4,30 @@ freed 0 to 15 objects). The collector still ran over them: 4 full collections be
 second, 20-90 ms each as their number grew, about a quarter of a second of the default sweep (docs/performance.md).
 
 So the collector is held from the entry until the job's modules are imported (`hold`), and `settle` then freezes
-what exists (gc.freeze: never scanned again) and lets it run again for what the jobs allocate. Where settle is not
-reached (`--help`, a refused config), `release` turns it back on at the end."""
+what exists (gc.freeze: never scanned again) and lets it run again for what the jobs allocate. Where the job is not
+reached (`--help`, a refused config), the command line's end turns it back on (`settle(freeze=False)`)."""
 
 from __future__ import annotations
 
 import gc
 
-_held = False  # whether hold() turned the collector off, and settle() or release() has not turned it back on
+_held = False  # whether hold() turned the collector off, and settle() has not turned it back on yet
 
 
 def hold() -> None:
-    """No garbage collection until settle() (or release()); nothing when the collector is off already."""
+    """No garbage collection until settle(); nothing when the collector is off already."""
     global _held
     if gc.isenabled():
         gc.disable()
         _held = True
 
 
-def settle() -> None:
-    """The objects made so far frozen, and the collector on again, if hold() turned it off."""
+def settle(freeze: bool = True) -> None:
+    """The collector on again, if hold() turned it off; with `freeze`, the objects made so far frozen first (a
+    command that ends before its job, such as `--help` or a refused config, only turns it on)."""
     global _held
     if _held:
-        gc.freeze()
-        gc.enable()
-        _held = False
-
-
-def release() -> None:
-    """The collector on again, if hold() turned it off (nothing frozen)."""
-    global _held
-    if _held:
+        if freeze:
+            gc.freeze()
         gc.enable()
         _held = False

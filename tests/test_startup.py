@@ -99,7 +99,7 @@ runpy.run_module("normsweep", run_name="__main__")
     assert run.returncode == 0 and seen["enabled"] and seen["frozen"] > 10_000, run.stderr
 
 
-def test_the_collector_is_held_until_settled_and_released_if_never_settled() -> None:
+def test_the_collector_is_held_until_settled_and_turned_on_unfrozen_if_no_job_ran() -> None:
     import gc
 
     from normsweep import startup
@@ -112,7 +112,7 @@ def test_the_collector_is_held_until_settled_and_released_if_never_settled() -> 
         assert gc.isenabled() and gc.get_freeze_count() > 0
         gc.unfreeze()
         startup.hold()
-        startup.release()  # never settled (a refused command): on again, nothing frozen
+        startup.settle(freeze=False)  # never settled (a refused command): on again, nothing frozen
         assert gc.isenabled() and gc.get_freeze_count() == 0
         gc.disable()  # off by someone else: not turned on by settle
         startup.hold()
