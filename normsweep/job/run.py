@@ -319,6 +319,15 @@ class _Progress:
         """Every epoch's files written (a failed write raised here, if no later epoch raised it)."""
         self.writer.flush()
 
+    def mark_incomplete(self) -> None:
+        """A job stopped before its end (interrupted, or by a full disk): what its epochs queued is written first,
+        then its summary says how many epochs' files are all written; a write that fails here (the disk still full)
+        leaves it `running`, incomplete once its process ends."""
+        with contextlib.suppress(OSError):
+            self.flush()
+        with contextlib.suppress(OSError):
+            self.mark(Status.INCOMPLETE, self.written)
+
 
 def _restore(job_dir: Path, job: Job, provenance: dict[str, Any], trial: Trial | None = None) -> _Progress:
     """The job's files as of its last checkpoint (or its start), and summary.json marked running."""
@@ -353,10 +362,7 @@ def _train(job: Job, progress: _Progress) -> tuple[list[EpochMetrics], bool]:
         return history, pruned
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt) or disk_full(err):
-            with contextlib.suppress(OSError):
-                progress.flush()  # what the epochs before wrote, before the summary says how far they got
-            with contextlib.suppress(OSError):
-                progress.mark(Status.INCOMPLETE, progress.written)
+            progress.mark_incomplete()
         raise
 
 

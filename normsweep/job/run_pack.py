@@ -20,7 +20,7 @@ from normsweep.job.pack import Member, fit_packed, why_not_packed
 from normsweep.job.progress import EpochProgress
 from normsweep.job.run import Begun, Trial, _Progress, _Pruned, _train, finish_job, log_test, start_job
 from normsweep.job.train import EpochMetrics
-from normsweep.sweep.files import Status, disk_full
+from normsweep.sweep.files import disk_full
 
 log = logging.getLogger("normsweep")
 
@@ -91,10 +91,7 @@ def run_pack(
         if isinstance(err, KeyboardInterrupt) or disk_full(err):  # every job not ended yet resumes from its checkpoint
             for r in ready:
                 if results[r.index] is None:
-                    with contextlib.suppress(OSError):
-                        r.progress.flush()
-                    with contextlib.suppress(OSError):
-                        r.progress.mark(Status.INCOMPLETE, r.progress.written)
+                    r.progress.mark_incomplete()
         raise
     finally:
         for r in ready:
