@@ -29,6 +29,16 @@ from normsweep.config.schema import config_dir, register_configs
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as a terminal delivers it, whatever started the suite. A shell without job control (a script, a CI
+    step) starts a command put in the background with `&` with SIGINT ignored, an ignored signal stays ignored in
+    every process started from it, and Python then installs no Ctrl-C handler: the tests that press Ctrl-C on a
+    sweep would see it trained to the end. With a handler here (in pytest and in each xdist worker), the processes
+    the tests start get SIGINT's default, as a user's terminal gives it."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test that runs normsweep's command line (run_cli, run_cli_here, subprocess), or whose fixtures do, is
