@@ -5,6 +5,7 @@ them (resumed after a kill, on joblib, refused before launch for each mistake)."
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -189,6 +190,25 @@ def test_the_sampler_is_seeded_so_the_same_command_proposes_the_same_values(tmp_
                 )
         proposed.append(values)
     assert proposed[0] == proposed[1] and len(set(proposed[0])) == 6
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_studys_first_trials_cover_the_range_one_in_each_part(tmp_path: Path, seed: int) -> None:
+    # Four spread trials over 1e-4..1 (log): one learning rate in each decade, whatever the seed; two: one in each
+    # half. Drawn at random instead, two of four often fall in one decade and leave another untried.
+    for count in (2, 4):
+        folder = tmp_path / str(count)
+        folder.mkdir()
+        hidden, warmup = "model.hidden=tag(log, int(interval(8, 64)))", "optimizer.warmup_epochs=choice(0, 1)"
+        the_plan = _plan("norm=bn", LR, hidden, warmup)
+        facts = [{"seed": seed, "epochs": 4, "metric": "val_acc"}]
+        studies = Studies(folder, the_plan, _settings(n_trials=count, startup_trials=count, n_jobs=count), facts)
+        params = [job.params for job in studies.next_round()]
+        parts = sorted(int((math.log10(p["optimizer.lr"]) + 4) / 4 * count) for p in params)
+        assert parts == list(range(count)), [p["optimizer.lr"] for p in params]
+        widths = sorted(p["model.hidden"] for p in params)  # integers: one below the range's middle, one above
+        assert len(set(widths)) == count and 8 <= widths[0] <= 22 < widths[-1] <= 64, widths
+        assert sorted(p["optimizer.warmup_epochs"] for p in params) == sorted([0, 1] * (count // 2))
 
 
 def test_a_resumed_sweep_reruns_the_trials_left_running_and_counts_the_ended_ones(tmp_path: Path) -> None:
