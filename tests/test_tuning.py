@@ -192,6 +192,12 @@ def test_the_sampler_is_seeded_so_the_same_command_proposes_the_same_values(tmp_
     assert proposed[0] == proposed[1] and len(set(proposed[0])) == 6
 
 
+def test_a_small_budget_is_spread_whole_and_a_larger_one_spreads_four_before_tpe() -> None:
+    # TPE modelling two results extrapolates to the range's end (docs/tuning.md): four spread trials at least.
+    assert [_settings(n_trials=n).startup() for n in (1, 2, 4, 6, 12, 15, 30, 100)] == [1, 2, 4, 4, 4, 5, 10, 10]
+    assert _settings(n_trials=12, startup_trials=2).startup() == 2
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_a_studys_first_trials_cover_the_range_one_in_each_part(tmp_path: Path, seed: int) -> None:
     # Four spread trials over 1e-4..1 (log): one learning rate in each decade, whatever the seed; two: one in each
