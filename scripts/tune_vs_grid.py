@@ -122,7 +122,10 @@ def main() -> None:
         print(f"confirmation: {extra} epochs; results.csv of the tuning sweep:")
         columns = ["norm", "optimizer.lr", "runs", "val_acc_mean", "test_acc_mean", "test_acc_std"]
         columns += ["gap_to_best", "p_vs_best", "test", "within_noise"]
-        print(confirmed[[c for c in columns if c in confirmed]].round(3).to_string(index=False))
+        shown = confirmed[[c for c in columns if c in confirmed]].round(3)
+        if "optimizer.lr" in shown:  # a learning rate of 0.00041 is not 0.0
+            shown["optimizer.lr"] = confirmed["optimizer.lr"].map(lambda lr: f"{lr:.3g}")
+        print(shown.to_string(index=False))
 
 
 if __name__ == "__main__":
