@@ -142,11 +142,8 @@ def _placed(dist: Any, u: float) -> Any:
         else:
             value = dist.low + math.floor(u * ((dist.high - dist.low) // dist.step + 1)) * dist.step
         return int(min(max(value, dist.low), dist.high))
-    if dist.log:
+    if dist.log:  # floats: distribution() makes them without a step
         value = math.exp(math.log(dist.low) + u * (math.log(dist.high) - math.log(dist.low)))
-    elif dist.step:
-        cells = round((dist.high - dist.low) / dist.step) + 1
-        value = dist.low + min(math.floor(u * cells), cells - 1) * dist.step
     else:
         value = dist.low + u * (dist.high - dist.low)
     return float(min(max(value, dist.low), dist.high))
@@ -192,7 +189,7 @@ class Settings:
         """Trials of a study spread over the space (spread()) before TPE models the results: four, one in each
         quarter of each key's range (all of a budget of four or fewer); a third of a budget over 12, at most 10.
         From fewer results TPE extrapolates: after a good low learning rate and a diverged high one, it proposed
-        lower ones still and never the decade between (digits, seed 3: every norm 4-15 points below the grid)."""
+        lower ones still and never the decade between (digits, seed 3: every norm 2-15 points below the grid)."""
         if self.startup_trials is not None:
             return self.startup_trials
         return min(self.n_trials, max(4, min(10, self.n_trials // 3)))
