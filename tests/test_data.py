@@ -274,6 +274,7 @@ def test_a_broken_user_data_set_is_explained(user_module: str, target: str, kwar
 def test_a_failed_download_says_so_and_leaves_no_empty_folders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing_root: bool
 ) -> None:
+    import socket
     import urllib.error
 
     import torchvision.datasets.mnist as tv_mnist
@@ -284,6 +285,12 @@ def test_a_failed_download_says_so_and_leaves_no_empty_folders(
         raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
 
     monkeypatch.setattr(tv_mnist, "download_and_extract_archive", refused)
+
+    def no_network(*args: object, **kwargs: object) -> None:  # whatever path torchvision takes, nothing leaves
+        raise AssertionError("the test opened a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     root = tmp_path / "data" if existing_root else tmp_path / "new" / "data"
     if existing_root:
         root.mkdir()
