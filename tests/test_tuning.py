@@ -30,6 +30,7 @@ from normsweep.sweep.studies import (
     one_coordinator,
     open_storage,
     optuna_module,
+    spread,
 )
 
 LR = "optimizer.lr=tag(log, interval(1e-4, 1))"
@@ -215,6 +216,48 @@ def test_a_studys_first_trials_cover_the_range_one_in_each_part(tmp_path: Path, 
         widths = sorted(p["model.hidden"] for p in params)  # integers: one below the range's middle, one above
         assert len(set(widths)) == count and 8 <= widths[0] <= 22 < widths[-1] <= 64, widths
         assert sorted(p["optimizer.warmup_epochs"] for p in params) == sorted([0, 1] * (count // 2))
+
+
+def test_a_study_resumed_with_a_larger_start_goes_on_with_the_same_spread(tmp_path: Path) -> None:
+    # Four trials run, then the same command with n_trials=8 startup_trials=8: trials 5-8 are the spread's next
+    # four points (which fill the decades' other halves), not TPE's random start (measured on Fashion-MNIST: four
+    # draws, all in 1e-2..1e-1). Asked once each: a third run with the same settings queues nothing again.
+    hidden = "model.hidden=tag(log, int(interval(8, 64)))"
+    the_plan = _plan("norm=bn", LR, hidden)
+    first = _studies(tmp_path, the_plan, n_trials=4, startup_trials=4, n_jobs=4)
+    _end(first, first.next_round())
+    again = _studies(tmp_path, the_plan, n_trials=8, startup_trials=8, n_jobs=4)
+    later = [job.params for job in again.next_round()]
+    assert later == spread(again.distributions, 8, seed=0)[4:]
+    halves = sorted(int((math.log10(p["optimizer.lr"]) + 4) * 2) for p in [*later, *spread(again.distributions, 4, 0)])
+    assert halves == list(range(8))  # the eight learning rates: one in each half-decade of 1e-4..1
+    _end(again, [])  # the coordinator stops with the four running; the next run resumes them, nothing more
+    third = _studies(tmp_path, the_plan, n_trials=8, startup_trials=8, n_jobs=4)
+    resumed = third.next_round()
+    assert [job.params for job in resumed] == later
+    _end(third, resumed)
+    assert third.next_round() == []
+    waiting = optuna.load_study(study_name="norm=bn", storage=open_storage(tmp_path)).get_trials(
+        states=(optuna.trial.TrialState.WAITING,)
+    )
+    assert waiting == []
+
+
+def test_a_study_stopped_with_spread_trials_still_queued_asks_each_once_on_resume(tmp_path: Path) -> None:
+    # Five trials, four spread: one ended and three still queued when the coordinator stopped. The next run asks
+    # those three and one of TPE's, and queues none of the three again (a second copy would be a trial that finds
+    # the first one's folder: a study of five with four settings).
+    the_plan = _plan("norm=bn", LR)
+    first = _studies(tmp_path, the_plan, n_trials=5, n_jobs=1)
+    _end(first, first.next_round())
+    again, asked = _studies(tmp_path, the_plan, n_trials=5, n_jobs=1), []
+    while jobs := again.next_round():
+        asked += [job.params["optimizer.lr"] for job in jobs]
+        _end(again, jobs)
+    assert len(asked) == 4 and len(set(asked)) == 4, asked
+    assert {p["optimizer.lr"] for p in spread(again.distributions, 4, seed=0)[1:]} <= set(asked)
+    study = optuna.load_study(study_name="norm=bn", storage=open_storage(tmp_path))
+    assert len(study.trials) == 5 and not study.get_trials(states=(optuna.trial.TrialState.WAITING,))
 
 
 def test_a_resumed_sweep_reruns_the_trials_left_running_and_counts_the_ended_ones(tmp_path: Path) -> None:

@@ -226,10 +226,22 @@ class Studies:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     self.studies[name].set_metric_names([facts["metric"]])
-            if settings.sampler == "tpe" and not self.studies[name].get_trials(deepcopy=False):
-                for params in spread(self.distributions, min(settings.startup(), settings.n_trials), facts["seed"]):
-                    self.studies[name].enqueue_trial(params)
+            if settings.sampler == "tpe":
+                self._spread(name, int(facts["seed"]))
         self._started = False  # whether the first round (which resumes stopped trials) was asked
+
+    def _spread(self, name: str, seed: int) -> None:
+        """Queue study `name`'s spread trials (spread()) that it has not had yet, as many as it has trials left:
+        all of them in a new study; on a resumed one given a larger start (`startup_trials`, or `n_trials` that
+        raises it), the next points of the same sequence, not TPE's own random start. A point the study has had
+        (at any state, queued included) is not queued again."""
+        study, settings, state = self.studies[name], self.settings, optuna_module().trial.TrialState
+        trials = study.get_trials(deepcopy=False)
+        had = [t.params or t.system_attrs.get("fixed_params", {}) for t in trials]  # a queued one's are its fixed
+        room = settings.n_trials - sum(t.state != state.FAIL for t in trials)  # a failed trial's retry is queued
+        points = spread(self.distributions, min(settings.startup(), settings.n_trials), seed)
+        for params in [p for p in points if p not in had][: max(0, room)]:
+            study.enqueue_trial(params)
 
     def _record(self, name: str, phase: str, number: int | None) -> dict[str, Any]:
         info = self.info[name]
