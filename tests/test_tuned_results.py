@@ -181,6 +181,25 @@ def test_a_study_left_unconfirmed_gets_a_row_without_a_result(tmp_path: Path) ->
     assert "confirmed with 3 seeds (seed 1-3)" in format_table(result)
 
 
+def test_a_confirmation_of_a_setting_a_resumed_study_has_since_beaten_leaves_the_table(tmp_path: Path) -> None:
+    # gn confirmed at lr 0.01, then resumed with more trials: 0.003 beats it. The table's gn row is not the old
+    # setting's fresh seeds (a second gn row, or the wrong rate under "the study's best"); runs.csv keeps them.
+    sweep = confirm(search(tmp_path), CONFIRMED)
+    trial(sweep, 8, "gn", 3e-3, 96.0, 95.0, number=4)
+    result = collect(sweep)
+    results = result.results.set_index("norm")
+    assert list(result.results["norm"]).count("gn") == 1
+    assert results.loc["gn", "status"] == "not confirmed" and results.loc["gn", "runs"] == 0
+    assert results.loc["bn", "runs"] == 3 and results.loc["bn", "optimizer.lr"] == BEST_LR["bn"]
+    for seed, test in enumerate([95.5, 96.0, 95.0], start=1):
+        trial(sweep, 200 + seed, "gn", 3e-3, test + 1, test, phase="confirm", number=None, seed=seed)
+    result = collect(sweep)
+    results = result.results.set_index("norm")
+    assert results.loc["gn", "optimizer.lr"] == 3e-3 and results.loc["gn", "runs"] == 3
+    assert results.loc["gn", "test_acc_mean"] == pytest.approx(95.5)
+    assert len(result.runs) == 8 + 1 + 6 + 3  # runs.csv: every job, the superseded confirmations too
+
+
 def test_a_diverged_or_stalled_trial_is_best_only_when_none_completed_and_a_pruned_one_never(tmp_path: Path) -> None:
     studies = {
         "bn": [(1e-3, 95.0, "completed"), (1e-2, 96.0, "pruned")],

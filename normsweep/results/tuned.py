@@ -60,7 +60,7 @@ def tuning(runs: pd.DataFrame, keys: list[str], searched: list[str], metric: str
     grid = [key for key in keys if key not in searched]
     studies = study_rows(runs, grid, searched, metric)
     confirmed = bool((runs["phase"] == CONFIRM).any())
-    return Tuning(searched, grid, studies, compared_runs(runs, studies, grid, confirmed), confirmed)
+    return Tuning(searched, grid, studies, compared_runs(runs, studies, grid, searched, confirmed), confirmed)
 
 
 def best_trial(trials: pd.DataFrame, metric: str) -> pd.Series | None:
@@ -97,12 +97,19 @@ def study_rows(runs: pd.DataFrame, grid: list[str], searched: list[str], metric:
     return studies
 
 
-def compared_runs(runs: pd.DataFrame, studies: pd.DataFrame, grid: list[str], confirmed: bool) -> pd.DataFrame:
-    """The runs results.csv compares: every confirmation run when any exists (the best setting of each study,
-    trained again with fresh seeds), else each study's best search trial; a study with none of them gets a row of
-    its grid values and no result, which says why (its status)."""
+def compared_runs(
+    runs: pd.DataFrame, studies: pd.DataFrame, grid: list[str], searched: list[str], confirmed: bool
+) -> pd.DataFrame:
+    """The runs results.csv compares: the confirmation runs of each study's best setting when any confirmation
+    exists (trained again with fresh seeds), else each study's best search trial; a study with none of them gets a
+    row of its grid values and no result, which says why (its status). A confirmation of a setting that is no
+    longer its study's best (the study was resumed with more trials and found a better one) stays in runs.csv and
+    out of the table."""
     if confirmed:
-        chosen = runs[runs["phase"] == CONFIRM]
+        confirms = runs[runs["phase"] == CONFIRM]
+        bests = studies[["study", *searched]].dropna(subset=searched, how="all")
+        chosen = confirms[["study", *searched]].reset_index().merge(bests, on=["study", *searched])["index"]
+        chosen = confirms.loc[sorted(chosen)]
     else:
         chosen = runs[runs["job"].isin(studies["job"].dropna())]
     missing = studies[~studies["study"].isin(chosen["study"])]
