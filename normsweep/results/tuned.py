@@ -106,10 +106,8 @@ def compared_runs(
     longer its study's best (the study was resumed with more trials and found a better one) stays in runs.csv and
     out of the table."""
     if confirmed:
-        confirms = runs[runs["phase"] == CONFIRM]
         bests = studies[["study", *searched]].dropna(subset=searched, how="all")
-        chosen = confirms[["study", *searched]].reset_index().merge(bests, on=["study", *searched])["index"]
-        chosen = confirms.loc[sorted(chosen)]
+        chosen = runs[runs["phase"] == CONFIRM].merge(bests, on=["study", *searched])  # in runs' order
     else:
         chosen = runs[runs["job"].isin(studies["job"].dropna())]
     missing = studies[~studies["study"].isin(chosen["study"])]
